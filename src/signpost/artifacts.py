@@ -1,0 +1,199 @@
+"""Artifacts are the contract between stages: a folder of files plus a ``manifest.json`` that records what made it.
+
+A folder's name is derived from the hash of everything that went into it (inputs, resolved config, code version),
+so the same inputs give the same folder and a stage can skip safely. A folder is built under a temporary name and
+renamed into place only when complete, with the manifest written last: a folder that has a manifest is whole.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import hashlib
+import importlib.metadata
+import json
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import signpost
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+SCHEMA_VERSION = 1
+_CHUNK = 1 << 20
+
+
+class ArtifactError(RuntimeError):
+    """An artifact folder that is missing, incomplete or does not match its manifest."""
+
+
+def sha256_file(path: Path) -> str:
+    """Hex SHA-256 of a file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def hash_json(obj: Any) -> str:
+    """Hex SHA-256 of a JSON-able object in canonical form (sorted keys, no whitespace)."""
+    text = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def code_version(*modules: str) -> str:
+    """Hash of the source files of the given modules (packages include every ``.py`` below them).
+
+    A stage keys its artifacts on the version of the code that makes them, so a change to that code makes a new
+    artifact instead of silently reusing one built by the old code.
+    """
+    digest = hashlib.sha256()
+    for name in sorted(modules):
+        spec = __import__(name, fromlist=["__file__"])
+        origin = Path(spec.__file__)
+        files = sorted(origin.parent.rglob("*.py")) if origin.name == "__init__.py" else [origin]
+        for file in files:
+            digest.update(file.name.encode())
+            digest.update(file.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def git_revision() -> str | None:
+    """The git commit of the working tree Signpost runs from, or None outside a checkout."""
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=Path(signpost.__file__).parent,
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=True,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
+
+
+def library_versions() -> dict[str, str]:
+    """Versions of the libraries that decide what an artifact contains."""
+    versions = {"python": platform.python_version(), "signpost": signpost.__version__}
+    for dist in ("torch", "numpy", "pillow", "safetensors", "pydantic"):
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+            versions[dist] = importlib.metadata.version(dist)
+    return versions
+
+
+def artifact_path(workdir: Path, stage: str, name: str, key: str) -> Path:
+    """Where the artifact of ``stage`` with input hash ``key`` lives: ``workdir/stage/name-key[:12]``."""
+    return Path(workdir) / stage / f"{name}-{key[:12]}"
+
+
+def is_complete(folder: Path) -> bool:
+    """True when ``folder`` holds a finished artifact (its manifest is written last)."""
+    return (Path(folder) / MANIFEST).is_file()
+
+
+@contextlib.contextmanager
+def atomic_dir(final: Path) -> Iterator[Path]:
+    """Yield a temporary folder beside ``final``; rename it to ``final`` when the block succeeds.
+
+    On any exception (KeyboardInterrupt included) the temporary folder is removed and ``final`` is untouched.
+    If another process finished ``final`` first, ours is discarded and theirs kept.
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.parent / f".tmp-{final.name}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        yield tmp
+        if final.exists() and not is_complete(final):
+            shutil.rmtree(final)  # leftovers of a crash that predates atomic writes
+        try:
+            os.rename(tmp, final)
+        except OSError:
+            if not is_complete(final):
+                raise
+            log.info("%s was completed by another process; keeping that one", final)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_manifest(
+    folder: Path,
+    *,
+    stage: str,
+    key: str,
+    inputs: dict[str, Any],
+    config: dict[str, Any],
+    code: str,
+    metrics: dict[str, Any] | None = None,
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Hash every file in ``folder`` and write the manifest last. Returns the manifest."""
+    folder = Path(folder)
+    files = {
+        p.relative_to(folder).as_posix(): sha256_file(p)
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.name != MANIFEST
+    }
+    manifest: dict[str, Any] = {
+        "schema": SCHEMA_VERSION,
+        "stage": stage,
+        "key": key,
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "inputs": inputs,
+        "config": config,
+        "code": {"version": code, "git": git_revision(), "signpost": signpost.__version__},
+        "libraries": library_versions(),
+        "files": files,
+        "metrics": metrics or {},
+    }
+    if extra:
+        manifest.update(extra)
+    (folder / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n", encoding="utf-8")
+    return manifest
+
+
+def read_manifest(folder: Path) -> dict[str, Any]:
+    """Read an artifact's manifest; a missing or unreadable one is an ``ArtifactError``."""
+    path = Path(folder) / MANIFEST
+    if not Path(folder).is_dir():
+        raise ArtifactError(f"artifact folder not found: {folder}")
+    if not path.is_file():
+        raise ArtifactError(f"{folder} is not a finished artifact: it has no {MANIFEST}")
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ArtifactError(f"{path}: unreadable manifest: {exc}") from exc
+    if not isinstance(manifest, dict) or "files" not in manifest:
+        raise ArtifactError(f"{path}: not a Signpost manifest")
+    return manifest
+
+
+def verify_artifact(folder: Path, names: list[str] | None = None) -> dict[str, Any]:
+    """Check files of an artifact (all, or ``names``) against the manifest's hashes. Returns the manifest."""
+    manifest = read_manifest(folder)
+    recorded: dict[str, str] = manifest["files"]
+    for name in names if names is not None else list(recorded):
+        if name not in recorded:
+            raise ArtifactError(f"{folder}: {name} is not listed in the manifest")
+        path = Path(folder) / name
+        if not path.is_file():
+            raise ArtifactError(f"{folder}: {name} is listed in the manifest but missing")
+        actual = sha256_file(path)
+        if actual != recorded[name]:
+            raise ArtifactError(
+                f"{folder}: {name} does not match its manifest (sha256 {actual[:12]}…, expected "
+                f"{recorded[name][:12]}…); the artifact was modified or corrupted"
+            )
+    return manifest

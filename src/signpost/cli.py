@@ -1,0 +1,147 @@
+"""The ``signpost`` command: one subcommand per stage, plus ``run`` for the whole chain.
+
+Every subcommand takes ``--config FILE`` and ``key=value`` overrides. The CLI is the only place that prints;
+errors the user can fix end in one line on stderr and a non-zero exit, without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from signpost import __version__
+from signpost.artifacts import ArtifactError
+from signpost.config import ConfigError, SignpostConfig, load_config
+
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``signpost`` console script."""
+    parser = _build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG
+        if getattr(args, "verbose", False)
+        else logging.WARNING
+        if getattr(args, "quiet", False)
+        else logging.INFO,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    if not hasattr(args, "handler"):
+        parser.print_help()
+        return EXIT_USAGE
+    try:
+        return args.handler(args)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("interrupted; nothing half-written was kept", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except (ArtifactError, OSError, ValueError, RuntimeError) as exc:
+        # Stage errors (LayoutError, PrepareError, DownloadError, ...) subclass these and carry a full message.
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="signpost",
+        description="Signpost: an image-classification dataset to a trained, optimized, served and monitored model.",
+    )
+    parser.add_argument("--version", action="version", version=f"signpost {__version__}")
+    sub = parser.add_subparsers(title="commands", metavar="COMMAND")
+
+    prepare = _stage_parser(sub, "prepare", "decode a raw dataset once into a versioned uint8 tensor cache", _prepare)
+    prepare.add_argument(
+        "--download", action="store_true", help="fetch the official GTSRB archives into data.root first"
+    )
+    prepare.add_argument("--data-root", type=Path, help="the raw dataset folder (same as data.root=...)")
+
+    synth = _stage_parser(sub, "synth", "write a synthetic dataset in the official GTSRB file layout", _synth)
+    synth.add_argument("--out", type=Path, required=True, help="folder to write the dataset into (must be empty)")
+
+    _stage_parser(sub, "run", "run the whole pipeline, skipping stages whose inputs are unchanged", _run)
+    return parser
+
+
+def _stage_parser(
+    sub: argparse._SubParsersAction, name: str, help_text: str, handler: Callable[[argparse.Namespace], int]
+) -> argparse.ArgumentParser:
+    p = sub.add_parser(name, help=help_text, description=help_text)
+    p.add_argument("--config", "-c", type=Path, help="experiment YAML (configs/demo.yaml, configs/gtsrb.yaml, ...)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. data.image_size=48")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    verbosity = p.add_mutually_exclusive_group()
+    verbosity.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    verbosity.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
+    p.set_defaults(handler=handler)
+    return p
+
+
+def _config(args: argparse.Namespace, extra: Sequence[str] = ()) -> SignpostConfig:
+    return load_config(args.config, [*args.overrides, *extra])
+
+
+def _prepare(args: argparse.Namespace) -> int:
+    from signpost.stages.prepare import prepare
+
+    extra = []
+    if args.download:
+        extra.append("data.source=download")
+    if args.data_root is not None:
+        extra.append(f"data.root={args.data_root}")
+    config = _config(args, extra)
+    result = prepare(config, progress=not args.no_progress)
+    _print_prepared(result.path, result.reused, result.manifest)
+    return 0
+
+
+def _print_prepared(path: Path, reused: bool, manifest: dict) -> None:
+    data = manifest.get("dataset", {})
+    metrics = manifest.get("metrics", {})
+    verb = "reused" if reused else "wrote"
+    print(f"prepare: {verb} {path} ({'inputs unchanged' if reused else 'new inputs'})")
+    print(
+        f"  {data.get('layout')} layout, {data.get('num_classes')} classes, "
+        f"train {metrics.get('train_images')} / val {metrics.get('val_images')} / test {metrics.get('test_images')} "
+        f"images at {data.get('image_size')}px"
+    )
+    skipped = manifest.get("skipped", [])
+    if skipped:
+        print(f"  skipped {len(skipped)} unreadable image(s), listed in {path / 'manifest.json'}")
+    timing = manifest.get("timing", {})
+    if not reused and timing:
+        print(f"  decoded {timing['images']} images in {timing['seconds']:.2f} s ({timing['images_per_s']:.0f}/s)")
+
+
+def _synth(args: argparse.Namespace) -> int:
+    from signpost.data.synthetic import generate_gtsrb
+
+    config = _config(args)
+    summary = generate_gtsrb(args.out, config.data.synthetic, progress=not args.no_progress)
+    print(
+        f"synth: wrote {summary.train_images} training and {summary.test_images} test images "
+        f"({len(summary.class_counts)} classes) in the GTSRB layout under {summary.root}"
+    )
+    return 0
+
+
+def _run(args: argparse.Namespace) -> int:
+    from signpost.stages.pipeline import run_pipeline
+
+    config = _config(args)
+    for outcome in run_pipeline(config, progress=not args.no_progress):
+        state = "skipped" if outcome.skipped else "ran"
+        print(f"{outcome.stage:>8}: {state:7} ({outcome.reason}) -> {outcome.path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

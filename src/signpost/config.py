@@ -1,0 +1,191 @@
+"""Experiment config: one YAML file, ``key=value`` overrides, validated once into typed models.
+
+Everything inside Signpost takes these models, never raw dicts. A bad key or value is a ``ConfigError`` that names
+the key, the file and what is allowed.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+LAYOUTS = ("auto", "gtsrb", "torchvision", "kaggle", "imagefolder")
+
+
+class ConfigError(ValueError):
+    """A config file or override that cannot be used; the message says what to change."""
+
+
+class StrictModel(BaseModel):
+    """Base for config sections: unknown keys are errors, values are validated on assignment too."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+
+
+class SyntheticConfig(StrictModel):
+    """The synthetic GTSRB-layout dataset used by tests and the offline demo."""
+
+    num_classes: int = Field(43, ge=2, le=43, description="classes drawn, the first N of GTSRB's 43")
+    min_tracks: int = Field(2, ge=1, description="training tracks of the rarest class")
+    max_tracks: int = Field(8, ge=1, description="training tracks of the most common class")
+    frames_per_track: int = Field(10, ge=1, le=60, description="frames per track (GTSRB has 30)")
+    test_tracks: int = Field(2, ge=1, description="test tracks per class")
+    min_size: int = Field(15, ge=15, description="smallest image side in pixels")
+    max_size: int = Field(250, le=250, description="largest image side in pixels")
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _ranges(self) -> SyntheticConfig:
+        if self.max_tracks < self.min_tracks:
+            raise ValueError(f"max_tracks ({self.max_tracks}) must be >= min_tracks ({self.min_tracks})")
+        if self.max_size < self.min_size:
+            raise ValueError(f"max_size ({self.max_size}) must be >= min_size ({self.min_size})")
+        return self
+
+
+class DataConfig(StrictModel):
+    """Where the raw dataset comes from and how ``prepare`` turns it into a tensor cache."""
+
+    source: Literal["local", "download", "synthetic"] = Field(
+        "local", description="read `root` as it is, download the official archives into `root`, or generate"
+    )
+    root: Path = Field(Path("data/gtsrb"), description="folder holding the raw dataset")
+    layout: Literal["auto", "gtsrb", "torchvision", "kaggle", "imagefolder"] = "auto"
+    image_size: int = Field(32, ge=8, le=512, description="side of the square images in the cache, pixels")
+    roi_margin: float = Field(
+        0.0, ge=0.0, le=1.0, description="context kept around the ROI, as a fraction of the ROI's size"
+    )
+    val_fraction: float = Field(0.15, gt=0.0, lt=1.0, description="share of training images held out, by track")
+    test_fraction: float = Field(
+        0.15, gt=0.0, lt=1.0, description="share held out for test when the layout has no test split"
+    )
+    max_bad_fraction: float = Field(
+        0.01, ge=0.0, le=1.0, description="prepare fails when more images than this are unreadable"
+    )
+    workers: int = Field(0, ge=0, description="decode processes; 0 means one per CPU core")
+    base_url: str = Field(
+        "https://sid.erda.dk/public/archives/daaeac0d7ce1152aea9b61d9f1e19370",
+        description="where the official GTSRB archives are downloaded from",
+    )
+    synthetic: SyntheticConfig = Field(default_factory=SyntheticConfig)
+
+
+class AugmentConfig(StrictModel):
+    """Whole-batch augmentation, done as tensor ops on the training device. No flips: they change a sign's meaning."""
+
+    enabled: bool = True
+    translate: float = Field(0.1, ge=0.0, le=0.5, description="largest shift, as a fraction of the image side")
+    scale_min: float = Field(0.9, gt=0.0, le=1.0, description="smallest zoom factor")
+    scale_max: float = Field(1.1, ge=1.0, le=2.0, description="largest zoom factor")
+    rotate_deg: float = Field(10.0, ge=0.0, le=45.0, description="largest rotation either way, degrees")
+    brightness: float = Field(0.3, ge=0.0, le=1.0, description="brightness factor drawn from 1 ± this")
+    contrast: float = Field(0.3, ge=0.0, le=1.0, description="contrast factor drawn from 1 ± this")
+    saturation: float = Field(0.3, ge=0.0, le=1.0, description="saturation factor drawn from 1 ± this")
+    blur_prob: float = Field(0.1, ge=0.0, le=1.0, description="share of images given a 3x3 Gaussian blur")
+
+
+class TrainConfig(StrictModel):
+    """Training settings (the loader's part for now)."""
+
+    batch_size: int = Field(256, ge=1, le=65536, description="images per optimizer step, across all ranks")
+    augment: AugmentConfig = Field(default_factory=AugmentConfig)
+
+
+class SignpostConfig(StrictModel):
+    """One experiment."""
+
+    name: str = Field("experiment", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    seed: int = 0
+    workdir: Path = Field(Path("artifacts"), description="where every stage writes its artifacts")
+    data: DataConfig = Field(default_factory=DataConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+
+
+def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> SignpostConfig:
+    """Read a YAML config (or the defaults when ``path`` is None), apply ``key=value`` overrides, validate."""
+    source = str(path) if path is not None else "<defaults>"
+    raw: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{p}: not valid YAML: {exc}") from exc
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{p}: the top level must be a mapping of keys, not {type(loaded).__name__}")
+        raw = loaded
+    for item in overrides:
+        _apply_override(raw, item, source)
+    try:
+        return SignpostConfig.model_validate(raw)
+    except ValidationError as exc:
+        from_overrides = {item.partition("=")[0].strip(): item for item in overrides}
+        raise ConfigError(_describe(exc, source, from_overrides)) from None
+
+
+def config_to_dict(config: BaseModel) -> dict[str, Any]:
+    """The resolved config as plain JSON-able data (paths as strings), for manifests and tracking."""
+    return config.model_dump(mode="json")
+
+
+def save_config(config: SignpostConfig, path: Path) -> None:
+    """Write the resolved config as YAML, loadable again with ``load_config``."""
+    path.write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False), encoding="utf-8")
+
+
+def _apply_override(raw: dict[str, Any], item: str, source: str) -> None:
+    key, sep, text = item.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ConfigError(f"override {item!r}: expected key=value, for example data.image_size=48")
+    parts = key.split(".")
+    node: Any = raw
+    for i, part in enumerate(parts[:-1]):
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            where = ".".join(parts[: i + 1])
+            raise ConfigError(f"override {item!r}: {where} is a value, not a section ({source})")
+        node = child
+    try:
+        value = yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError:
+        value = text
+    node[parts[-1]] = value
+
+
+def _describe(exc: ValidationError, source: str, from_overrides: dict[str, str]) -> str:
+    lines = [f"invalid config ({source}):"]
+    for err in exc.errors():
+        loc = [str(p) for p in err["loc"]]
+        key = ".".join(loc) or "<top level>"
+        if key in from_overrides:
+            key = f"{key} (from override {from_overrides[key]!r})"
+        if err["type"] == "extra_forbidden":
+            allowed = _allowed_keys(loc[:-1])
+            hint = difflib.get_close_matches(loc[-1], allowed, n=1)
+            guess = f"; did you mean {hint[0]!r}?" if hint else ""
+            lines.append(f"  {key}: unknown key{guess} Allowed here: {', '.join(allowed)}")
+        else:
+            lines.append(f"  {key}: {err['msg']} (got {err.get('input')!r})")
+    return "\n".join(lines)
+
+
+def _allowed_keys(section: list[str]) -> list[str]:
+    model: type[BaseModel] = SignpostConfig
+    for part in section:
+        field = model.model_fields.get(part)
+        annotation = getattr(field, "annotation", None)
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return []
+        model = annotation
+    return list(model.model_fields)

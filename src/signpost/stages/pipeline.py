@@ -1,0 +1,41 @@
+"""run: the whole chain from one config, each stage skipped when its inputs are unchanged.
+
+Stages meet only at artifacts; this module calls them in order and reports why each ran or was skipped. Later
+stages (train, evaluate, optimize, bench, package) join the chain as they land.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from signpost.config import SignpostConfig
+from signpost.stages.prepare import prepare
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class StageOutcome:
+    """What one stage of a run did."""
+
+    stage: str
+    path: Path
+    skipped: bool
+    reason: str
+
+
+def run_pipeline(config: SignpostConfig, *, progress: bool = True) -> list[StageOutcome]:
+    """Run every stage for ``config`` in order; return what each did."""
+    outcomes = []
+    data = prepare(config, progress=progress)
+    outcomes.append(
+        StageOutcome(
+            "prepare",
+            data.path,
+            data.reused,
+            "data, settings and code unchanged" if data.reused else "no cache for these inputs yet",
+        )
+    )
+    return outcomes

@@ -1,0 +1,345 @@
+"""prepare: raw dataset files → a versioned, content-hashed uint8 tensor cache.
+
+Read top to bottom: find the raw data (local folder, download, or synthetic), list its samples, look up content
+hashes, reuse the cache when its key is unchanged, otherwise decode every image once, split train/val by track,
+compute the reference statistics later drift checks compare against, and write the artifact atomically.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from signpost.artifacts import (
+    artifact_path,
+    atomic_dir,
+    code_version,
+    hash_json,
+    is_complete,
+    read_manifest,
+    write_manifest,
+)
+from signpost.config import SignpostConfig, config_to_dict
+from signpost.data.cache import CachedSplit, DecodedImages, decode_samples, save_split
+from signpost.data.download import download_gtsrb
+from signpost.data.layouts import RawDataset, Sample, read_dataset
+from signpost.data.split import split_by_track
+from signpost.data.stats import STAT_NAMES, image_stats, reference_summary
+from signpost.data.synthetic import generate_gtsrb
+
+log = logging.getLogger(__name__)
+
+STAGE = "data"
+SPLITS = ("train", "val", "test")
+_CODE = ("signpost.data.cache", "signpost.data.layouts", "signpost.data.split", "signpost.data.stats", __name__)
+
+
+class PrepareError(RuntimeError):
+    """The raw data cannot be turned into a cache; the message says why and what to change."""
+
+
+@dataclass
+class PrepareResult:
+    """Where the prepared data is, and whether an existing cache was reused."""
+
+    path: Path
+    reused: bool
+    manifest: dict[str, Any]
+
+
+def prepare(config: SignpostConfig, *, progress: bool = True) -> PrepareResult:
+    """Run the prepare stage for ``config``; reuse the cache when nothing that goes into it has changed."""
+    data = config.data
+    root = _raw_root(config, progress)
+    started = time.perf_counter()
+    raw = read_dataset(root, data.layout)
+    samples = raw.train + raw.test
+    if not samples:
+        raise PrepareError(f"{raw.root}: the dataset lists no images")
+    log.info("%s layout at %s: %d training and %d test images", raw.layout, raw.root, len(raw.train), len(raw.test))
+
+    index = _HashIndex(config.workdir / STAGE / ".index", raw.root)
+    digests = index.lookup(samples)
+    if digests is not None:
+        path = _artifact_folder(config, raw, samples, digests)
+        if is_complete(path):
+            return PrepareResult(path, True, read_manifest(path))
+
+    decoded = decode_samples(samples, data.image_size, data.roi_margin, workers=data.workers, progress=progress)
+    index.update(samples, decoded.digests)
+    path = _artifact_folder(config, raw, samples, decoded.digests)
+    if is_complete(path):
+        return PrepareResult(path, True, read_manifest(path))
+    _check_failures(raw, samples, decoded, data.max_bad_fraction)
+
+    splits, track_names = _make_splits(config, raw, decoded)
+    with atomic_dir(path) as tmp:
+        for name, split in splits.items():
+            save_split(split, tmp / f"{name}.safetensors")
+        _write_sources(tmp / "sources.jsonl", raw, samples, decoded)
+        (tmp / "tracks.json").write_text(json.dumps(track_names), encoding="utf-8")
+        _preview(splits["train"], len(raw.class_names)).save(tmp / "preview.png")
+        manifest = write_manifest(
+            tmp,
+            stage=STAGE,
+            key=path.name,
+            inputs=_inputs(raw, samples, decoded.digests),
+            config=config_to_dict(config.data) | {"seed": config.seed},
+            code=code_version(*_CODE),
+            metrics=_counts(splits),
+            extra=_describe(raw, splits, samples, decoded) | {"timing": _timing(len(samples), started)},
+        )
+    return PrepareResult(path, False, manifest)
+
+
+# --- where the raw data comes from ------------------------------------------------------------------------------
+
+
+def _raw_root(config: SignpostConfig, progress: bool) -> Path:
+    data = config.data
+    if data.source == "download":
+        return download_gtsrb(data.root, data.base_url, progress=progress)
+    if data.source == "synthetic":
+        key = hash_json({"synthetic": config_to_dict(data.synthetic), "code": code_version("signpost.data.synthetic")})
+        folder = artifact_path(config.workdir, "raw", "synthetic", key)
+        if not is_complete(folder):
+            log.info("generating synthetic GTSRB-layout data in %s", folder)
+            with atomic_dir(folder) as tmp:
+                summary = generate_gtsrb(tmp, data.synthetic, progress=progress)
+                write_manifest(
+                    tmp,
+                    stage="raw",
+                    key=key,
+                    inputs={},
+                    config=config_to_dict(data.synthetic),
+                    code=code_version("signpost.data.synthetic"),
+                    metrics={"train_images": summary.train_images, "test_images": summary.test_images},
+                )
+        return folder
+    if not data.root.exists():
+        raise PrepareError(
+            f"data.root {data.root} does not exist: point data.root at a GTSRB copy, or set data.source=download "
+            "(or pass --download) to fetch the official archives, or data.source=synthetic for generated data"
+        )
+    return data.root
+
+
+# --- content hashes and the cache key ---------------------------------------------------------------------------
+
+
+class _HashIndex:
+    """Remembers each file's (size, mtime) → sha256, so an unchanged dataset is not read again to find its key.
+
+    The same idea as DVC's state database: a file whose size and modification time are unchanged keeps its hash.
+    """
+
+    def __init__(self, folder: Path, root: Path) -> None:
+        self.root = root
+        self.path = folder / (hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:16] + ".json")
+        try:
+            self.entries: dict[str, list] = json.loads(self.path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            self.entries = {}
+
+    def lookup(self, samples: list[Sample]) -> list[str] | None:
+        digests = []
+        for sample in samples:
+            entry = self.entries.get(self._rel(sample.path))
+            stat = _stat(sample.path)
+            if entry is None or stat is None or entry[:2] != list(stat):
+                return None
+            digests.append(entry[2])
+        return digests
+
+    def update(self, samples: list[Sample], digests: list[str]) -> None:
+        for sample, digest in zip(samples, digests, strict=True):
+            stat = _stat(sample.path)
+            if digest and stat is not None:
+                self.entries[self._rel(sample.path)] = [*stat, digest]
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(self.entries), encoding="utf-8")
+        os.replace(tmp, self.path)
+
+    def _rel(self, path: Path) -> str:
+        return path.relative_to(self.root).as_posix()
+
+
+def _stat(path: Path) -> tuple[int, int] | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_size, st.st_mtime_ns
+
+
+def _sources_hash(raw: RawDataset, samples: list[Sample], digests: list[str]) -> str:
+    """One hash over every file's relative path, label, ROI, split and content."""
+    digest = hashlib.sha256()
+    n_train = len(raw.train)
+    for i, (sample, content) in enumerate(zip(samples, digests, strict=True)):
+        split = "train" if i < n_train else "test"
+        line = f"{sample.path.relative_to(raw.root).as_posix()}\t{split}\t{sample.label}\t{sample.roi}\t{content}\n"
+        digest.update(line.encode())
+    return digest.hexdigest()
+
+
+def _inputs(raw: RawDataset, samples: list[Sample], digests: list[str]) -> dict[str, Any]:
+    return {
+        "layout": raw.layout,
+        "root": str(raw.root),
+        "files": len(samples),
+        "sources_sha256": _sources_hash(raw, samples, digests),
+    }
+
+
+def _artifact_folder(config: SignpostConfig, raw: RawDataset, samples: list[Sample], digests: list[str]) -> Path:
+    data = config.data
+    key = hash_json(
+        {
+            "sources": _sources_hash(raw, samples, digests),
+            "settings": data.model_dump(mode="json", exclude={"source", "root", "workers", "base_url", "synthetic"}),
+            "seed": config.seed,
+            "code": code_version(*_CODE),
+        }
+    )
+    return artifact_path(config.workdir, STAGE, config.name, key)
+
+
+# --- decode results → splits ------------------------------------------------------------------------------------
+
+
+def _check_failures(raw: RawDataset, samples: list[Sample], decoded: DecodedImages, limit: float) -> None:
+    if not decoded.failures:
+        return
+    share = len(decoded.failures) / len(samples)
+    for i, reason in list(decoded.failures.items())[:10]:
+        log.warning("skipped %s: %s", samples[i].path, reason)
+    if share > limit:
+        examples = "; ".join(
+            f"{samples[i].path.relative_to(raw.root)}: {reason}" for i, reason in list(decoded.failures.items())[:5]
+        )
+        raise PrepareError(
+            f"{len(decoded.failures)} of {len(samples)} images ({share:.1%}) could not be read, more than "
+            f"data.max_bad_fraction={limit}. First ones: {examples}"
+        )
+
+
+def _make_splits(
+    config: SignpostConfig, raw: RawDataset, decoded: DecodedImages
+) -> tuple[dict[str, CachedSplit], list[str]]:
+    data = config.data
+    n_train = len(raw.train)
+    samples = raw.train + raw.test
+    ok = np.ones(len(samples), dtype=bool)
+    ok[list(decoded.failures)] = False
+    labels = np.array([s.label for s in samples], dtype=np.int64)
+    track_names = sorted({s.track for s in samples})
+    track_id = {name: i for i, name in enumerate(track_names)}
+    tracks = np.array([track_id[s.track] for s in samples], dtype=np.int64)
+
+    in_test = np.zeros(len(samples), dtype=bool)
+    in_test[n_train:] = True
+    if not raw.test:
+        log.info("the %s layout has no labelled test split: holding out %.0f%% by track", raw.layout,
+                 100 * data.test_fraction)
+        in_test[:n_train] = split_by_track(labels[:n_train], [samples[i].track for i in range(n_train)],
+                                           data.test_fraction, config.seed + 1)
+    pool = np.flatnonzero(~in_test)
+    in_val = np.zeros(len(samples), dtype=bool)
+    in_val[pool] = split_by_track(labels[pool], [samples[i].track for i in pool], data.val_fraction, config.seed)
+
+    images = torch.from_numpy(decoded.images).permute(0, 3, 1, 2)
+    masks = {"train": ~in_test & ~in_val & ok, "val": in_val & ok, "test": in_test & ok}
+    splits = {}
+    for name, mask in masks.items():
+        idx = torch.from_numpy(np.flatnonzero(mask))
+        split_images = images[idx].contiguous()
+        splits[name] = CachedSplit(
+            images=split_images,
+            labels=torch.from_numpy(labels)[idx],
+            tracks=torch.from_numpy(tracks)[idx],
+            sizes=torch.from_numpy(decoded.sizes)[idx],
+            stats=image_stats(split_images),
+        )
+    return splits, track_names
+
+
+def _timing(images: int, started: float) -> dict[str, float]:
+    """Wall time from listing the files to the finished splits (hashing and decoding included)."""
+    seconds = time.perf_counter() - started
+    return {"images": images, "seconds": round(seconds, 3), "images_per_s": round(images / seconds, 1)}
+
+
+def _counts(splits: dict[str, CachedSplit]) -> dict[str, int]:
+    return {f"{name}_images": len(split) for name, split in splits.items()}
+
+
+def _describe(
+    raw: RawDataset, splits: dict[str, CachedSplit], samples: list[Sample], decoded: DecodedImages
+) -> dict[str, Any]:
+    """What later stages and people need to know about the data, recorded in the manifest."""
+    train = splits["train"]
+    pixels = train.images.float().div_(255.0)
+    mean = pixels.mean((0, 2, 3)).tolist()
+    std = pixels.std((0, 2, 3)).tolist()
+    size_stats = torch.cat([train.stats, train.sizes.float()], dim=1)
+    return {
+        "dataset": {
+            "layout": raw.layout,
+            "num_classes": raw.num_classes,
+            "class_names": raw.class_names,
+            "image_size": int(train.images.shape[-1]),
+            "mean": mean,
+            "std": std,
+            "class_histogram": {
+                name: torch.bincount(split.labels, minlength=raw.num_classes).tolist()
+                for name, split in splits.items()
+            },
+            "tracks": {name: int(split.tracks.unique().numel()) for name, split in splits.items()},
+        },
+        "reference_stats": reference_summary(size_stats, (*STAT_NAMES, "width", "height")),
+        "skipped": [
+            {"path": samples[i].path.relative_to(raw.root).as_posix(), "reason": reason}
+            for i, reason in sorted(decoded.failures.items())
+        ],
+    }
+
+
+def _write_sources(path: Path, raw: RawDataset, samples: list[Sample], decoded: DecodedImages) -> None:
+    n_train = len(raw.train)
+    with open(path, "w", encoding="utf-8") as fh:
+        for i, sample in enumerate(samples):
+            record = {
+                "path": sample.path.relative_to(raw.root).as_posix(),
+                "sha256": decoded.digests[i],
+                "label": sample.label,
+                "track": sample.track,
+                "roi": sample.roi,
+                "origin": "train" if i < n_train else "test",
+            }
+            fh.write(json.dumps(record) + "\n")
+
+
+def _preview(split: CachedSplit, num_classes: int, tile: int = 48, columns: int = 11) -> Image.Image:
+    """One training image per class, enlarged: a look at what the model will see."""
+    rows = -(-num_classes // columns)
+    sheet = Image.new("RGB", (columns * tile, rows * tile), (40, 40, 40))
+    for label in range(num_classes):
+        hits = torch.nonzero(split.labels == label).flatten()
+        if hits.numel() == 0:
+            continue
+        array = split.images[int(hits[0])].permute(1, 2, 0).numpy()
+        image = Image.fromarray(array).resize((tile - 2, tile - 2), Image.Resampling.NEAREST)
+        sheet.paste(image, ((label % columns) * tile + 1, (label // columns) * tile + 1))
+    return sheet
