@@ -1,0 +1,503 @@
+"""Download and unpack the official GTSRB archives: resumable, checksum-verified, atomic, safe to extract.
+
+A download goes to ``<dest>.part`` and is renamed into place only once its checksum matches, so a file at
+``dest`` is always whole. An interrupted download resumes with an HTTP ``Range`` request. Extraction checks
+every entry before writing anything, unpacks into a temporary folder beside the destination and moves the
+result in only when the whole archive has unpacked cleanly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import http.client
+import logging
+import lzma
+import os
+import re
+import shutil
+import stat
+import sys
+import tarfile
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+import uuid
+import zipfile
+import zlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from tqdm import tqdm
+
+import signpost
+from signpost.artifacts import sha256_file
+
+log = logging.getLogger(__name__)
+
+_CHUNK = 1 << 20  # bytes per read: 1 MiB
+_USER_AGENT = f"signpost/{signpost.__version__} Python-urllib"
+_BACKOFF_S = 1.0  # first retry waits this long, then doubles; tests set it to 0
+_MAX_BACKOFF_S = 30.0
+# Zip-bomb guards. GTSRB unpacks to well under 1 GiB; refuse anything that declares more than this in total.
+_MAX_TOTAL_BYTES = 20 * 1024**3
+# Deflate tops out near 1032:1, so a larger ratio on a sizeable entry means some other (bomb-friendly) method.
+_MAX_RATIO = 1000
+_RATIO_MIN_BYTES = 1 << 20
+_HEX_LENGTHS = {"md5": 32, "sha256": 64}
+_CONTENT_RANGE = re.compile(r"bytes\s+(\d+)-(\d+)/(\d+|\*)")
+_DRIVE = re.compile(r"^[A-Za-z]:")
+# What reading a damaged archive raises, besides OSError.
+_CORRUPT = (zipfile.BadZipFile, zipfile.LargeZipFile, tarfile.TarError, EOFError, zlib.error, lzma.LZMAError)
+
+
+class DownloadError(RuntimeError):
+    """A download or extraction that failed; the message names the URL or file and what to do."""
+
+
+@dataclass(frozen=True)
+class RemoteArchive:
+    """An archive on the download server: its file name and expected checksum (``md5:…`` or ``sha256:…``)."""
+
+    filename: str
+    checksum: str
+
+
+GTSRB_ARCHIVES: tuple[RemoteArchive, ...] = (
+    RemoteArchive("GTSRB_Final_Training_Images.zip", "md5:f33fd80ac59bff73c82d25ab499e03a3"),
+    RemoteArchive("GTSRB_Final_Test_Images.zip", "md5:c7e4e6327067d32654124b0fe9e82185"),
+    RemoteArchive("GTSRB_Final_Test_GT.zip", "md5:fe31e9c9270bbcd7b84b7f21a9d9d9e5"),
+)
+
+
+class _TransientError(Exception):
+    """A failure worth retrying: dropped connection, short read, timeout, 5xx."""
+
+
+def _parse_checksum(checksum: str) -> tuple[str, str]:
+    """Split ``"md5:<hex>"`` / ``"sha256:<hex>"`` into (algorithm, lower-case hex); else a ValueError."""
+    algo, sep, digest = checksum.partition(":")
+    algo, digest = algo.strip().lower(), digest.strip().lower()
+    if not sep or algo not in _HEX_LENGTHS:
+        raise ValueError(f"checksum {checksum!r} must look like 'md5:<hex>' or 'sha256:<hex>'")
+    if len(digest) != _HEX_LENGTHS[algo] or not re.fullmatch(r"[0-9a-f]+", digest):
+        raise ValueError(f"checksum {checksum!r}: a {algo} digest is {_HEX_LENGTHS[algo]} hex digits")
+    return algo, digest
+
+
+def _file_digest(path: Path, algo: str) -> str:
+    if algo == "sha256":
+        return sha256_file(path)
+    digest = hashlib.new(algo)
+    with open(path, "rb") as fh:
+        while chunk := fh.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def download_file(
+    url: str,
+    dest: Path,
+    checksum: str,
+    *,
+    progress: bool = True,
+    timeout: float = 60.0,
+    retries: int = 3,
+) -> Path:
+    """Download url to dest, resuming a partial download, verifying the checksum, renaming into place.
+
+    ``checksum`` is ``"md5:<hex>"`` or ``"sha256:<hex>"``. A ``dest`` that already matches it is returned
+    without touching the network. ``timeout`` is per socket operation, in seconds; transient failures are
+    retried ``retries`` times, each retry resuming where the last one stopped.
+    """
+    dest = Path(dest)
+    algo, expected = _parse_checksum(checksum)
+    if urllib.parse.urlsplit(url).scheme not in ("http", "https"):
+        raise DownloadError(f"{url}: only http:// and https:// URLs are supported")
+    if dest.is_file():
+        if _file_digest(dest, algo) == expected:
+            log.info("%s is already downloaded and its %s matches", dest, algo)
+            return dest
+        log.warning("%s exists but its %s does not match %s; downloading it again", dest, algo, expected)
+    part = dest.with_name(dest.name + ".part")
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise DownloadError(f"cannot create {dest.parent} to download {url} into: {exc}") from exc
+
+    failures = 0
+    while True:
+        try:
+            complete = _fetch(url, part, progress=progress, timeout=timeout)
+        except _TransientError as exc:
+            failures += 1
+            if failures > retries:
+                raise DownloadError(
+                    f"{url}: download failed after {failures} attempts ({exc}); the {_size(part)} received "
+                    f"are kept in {part}, run again to resume"
+                ) from exc
+            delay = min(_BACKOFF_S * 2 ** (failures - 1), _MAX_BACKOFF_S)
+            log.warning("%s: %s; retry %d of %d in %.1f s", url, exc, failures, retries, delay)
+            time.sleep(delay)
+            continue
+        if complete:
+            break
+        # The server says the .part already covers the whole file (416); if it is wrong, start from scratch.
+        if _file_digest(part, algo) == expected:
+            break
+        log.warning("%s does not match the file at %s; downloading it again from the start", part, url)
+        part.unlink()
+
+    actual = _file_digest(part, algo)
+    if actual != expected:
+        part.unlink(missing_ok=True)
+        raise DownloadError(
+            f"{url}: checksum mismatch: expected {algo}:{expected}, got {algo}:{actual}; the downloaded file "
+            f"was removed. Check the URL (a proxy or error page?) and run again."
+        )
+    os.replace(part, dest)
+    log.info("downloaded %s (%s, %s verified)", dest, _size(dest), algo)
+    return dest
+
+
+def _size(path: Path) -> str:
+    n = path.stat().st_size if path.exists() else 0
+    return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n} bytes"
+
+
+def _fetch(url: str, part: Path, *, progress: bool, timeout: float) -> bool:
+    """One attempt: append the rest of ``url`` to ``part``. False when the server says none is left (416)."""
+    offset = part.stat().st_size if part.exists() else 0
+    headers = {"User-Agent": _USER_AGENT, "Accept-Encoding": "identity"}
+    if offset:
+        headers["Range"] = f"bytes={offset}-"
+        log.info("resuming %s from byte %d", url, offset)
+    else:
+        log.info("downloading %s", url)
+    request = urllib.request.Request(url, headers=headers)
+    try:
+        response = urllib.request.urlopen(request, timeout=timeout)
+    except urllib.error.HTTPError as exc:
+        exc.close()
+        if exc.code == 416 and offset:
+            return False
+        if exc.code >= 500 or exc.code in (408, 429):
+            raise _TransientError(f"HTTP {exc.code} {exc.reason}") from exc
+        raise DownloadError(
+            f"{url}: HTTP {exc.code} {exc.reason}; check the URL (base_url) and that the file is there"
+        ) from exc
+    except (OSError, http.client.HTTPException) as exc:  # URLError, refused, reset, timeout, bad status line
+        raise _TransientError(f"{type(exc).__name__}: {getattr(exc, 'reason', exc)}") from exc
+
+    with response:
+        length = response.headers.get("Content-Length")
+        expected_body = int(length) if length and length.isdigit() else None
+        if response.status == 206:
+            match = _CONTENT_RANGE.fullmatch(response.headers.get("Content-Range", "").strip())
+            if match is None or int(match.group(1)) != offset:
+                part.unlink(missing_ok=True)
+                raise _TransientError(
+                    f"server answered Range bytes={offset}- with Content-Range "
+                    f"{response.headers.get('Content-Range')!r}; starting over"
+                )
+            total = int(match.group(3)) if match.group(3) != "*" else None
+            mode = "ab"
+        elif response.status == 200:
+            if offset:
+                log.info("%s ignores Range requests; downloading from the start", url)
+                offset = 0
+            total = expected_body
+            mode = "wb"
+        else:
+            raise DownloadError(f"{url}: unexpected HTTP {response.status} {response.reason}")
+        if total is None and expected_body is not None:
+            total = offset + expected_body
+        _copy_body(response, part, mode, url, offset, total, expected_body, progress)
+    return True
+
+
+def _copy_body(
+    response: http.client.HTTPResponse,
+    part: Path,
+    mode: str,
+    url: str,
+    offset: int,
+    total: int | None,
+    expected_body: int | None,
+    progress: bool,
+) -> None:
+    received = 0
+    bar = tqdm(
+        total=total,
+        initial=offset,
+        unit="B",
+        unit_scale=True,
+        unit_divisor=1024,
+        desc=part.name.removesuffix(".part"),
+        file=sys.stderr,
+        disable=not progress,
+    )
+    try:
+        fh = open(part, mode)  # noqa: SIM115 - closed below, with write errors told apart from network errors
+    except OSError as exc:
+        bar.close()
+        raise DownloadError(f"cannot write {part}: {exc}") from exc
+    with bar, fh:
+        while True:
+            try:
+                chunk = response.read(_CHUNK)
+            except (OSError, http.client.HTTPException) as exc:  # reset, timeout, IncompleteRead (chunked)
+                raise _TransientError(f"{type(exc).__name__} after {offset + received} bytes: {exc}") from exc
+            if not chunk:
+                break
+            try:
+                fh.write(chunk)
+            except OSError as exc:
+                raise DownloadError(f"cannot write {part}: {exc}") from exc
+            received += len(chunk)
+            bar.update(len(chunk))
+    # http.client returns b"" at a premature end of a Content-Length body instead of raising, so count.
+    if expected_body is not None and received < expected_body:
+        got, want = offset + received, offset + expected_body
+        raise _TransientError(f"connection closed after {got} of {want} bytes")
+
+
+@dataclass(frozen=True)
+class _Entry:
+    parts: tuple[str, ...]  # path components below dest, never empty, never "." or ".."
+    is_dir: bool
+    member: zipfile.ZipInfo | tarfile.TarInfo
+
+
+def safe_extract(archive: Path, dest: Path) -> list[Path]:
+    """Extract a .zip or .tar(.gz/.bz2/.xz) archive into dest, refusing unsafe entries; all or nothing.
+
+    Every entry is checked before anything is written: absolute paths, drive letters, ``..``, links, devices
+    and implausible sizes are refused. The archive unpacks into a temporary folder beside ``dest`` and is then
+    merged into ``dest``, which may already hold other archives' files (same-named files are replaced).
+    Returns the paths of the extracted files.
+    """
+    archive = Path(archive)
+    dest = Path(dest).resolve()
+    if not archive.is_file():
+        raise DownloadError(f"{archive}: archive not found")
+    if dest.exists() and not dest.is_dir():
+        raise DownloadError(f"cannot extract {archive} into {dest}: it exists and is not a folder")
+    kind = _archive_kind(archive)
+    try:
+        with _open_archive(archive, kind) as handle:
+            entries = _check_entries(archive, handle)
+            created = _missing_ancestors(dest.parent)
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            tmp = dest.parent / f".{dest.name}.extract-{uuid.uuid4().hex[:8]}"
+            try:
+                tmp.mkdir()
+                files = _extract_entries(handle, entries, tmp)
+                _check_merge(tmp, dest, archive)
+                dest.mkdir(exist_ok=True)
+                _merge(tmp, dest)
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                for folder in created:  # deepest first; only folders this call made and left empty
+                    with contextlib.suppress(OSError):
+                        folder.rmdir()
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
+    except DownloadError:
+        raise
+    except _CORRUPT as exc:
+        raise DownloadError(f"{archive}: corrupt archive ({exc}); delete it and download it again") from exc
+    except OSError as exc:
+        raise DownloadError(f"cannot extract {archive} into {dest}: {exc}") from exc
+    log.info("extracted %d files from %s into %s", len(files), archive, dest)
+    return [dest.joinpath(*parts) for parts in files]
+
+
+def _archive_kind(archive: Path) -> str:
+    with open(archive, "rb") as fh:
+        magic = fh.read(4)
+    is_zip = zipfile.is_zipfile(archive)
+    if magic in (b"PK\x03\x04", b"PK\x05\x06"):
+        if not is_zip:
+            raise DownloadError(f"{archive}: corrupt zip (truncated?); delete it and download it again")
+        return "zip"
+    try:
+        is_tar = tarfile.is_tarfile(archive)
+    except (OSError, EOFError, zlib.error, lzma.LZMAError):
+        is_tar = False
+    if is_tar:
+        return "tar"
+    if is_zip:
+        return "zip"
+    raise DownloadError(f"{archive}: not a zip or tar archive; delete it and download it again")
+
+
+@contextlib.contextmanager
+def _open_archive(archive: Path, kind: str) -> Iterator[zipfile.ZipFile | tarfile.TarFile]:
+    if kind == "zip":
+        with zipfile.ZipFile(archive) as zf:
+            yield zf
+    else:
+        with tarfile.open(archive) as tf:
+            yield tf
+
+
+def _entry_parts(archive: Path, name: str) -> tuple[str, ...]:
+    """The components of an entry's path, or a DownloadError if it could land outside the destination."""
+    if not name or "\x00" in name:
+        raise DownloadError(f"{archive}: refusing entry with an empty or NUL-containing name {name!r}")
+    if name.startswith(("/", "\\")) or _DRIVE.match(name):
+        raise DownloadError(f"{archive}: refusing entry {name!r}: absolute path")
+    parts = tuple(p for p in re.split(r"[/\\]", name) if p not in ("", "."))
+    if ".." in parts:
+        raise DownloadError(f"{archive}: refusing entry {name!r}: '..' would leave the destination")
+    return parts
+
+
+def _check_entries(archive: Path, handle: zipfile.ZipFile | tarfile.TarFile) -> list[_Entry]:
+    """Validate every entry before anything is written; returns what to extract."""
+    entries: list[_Entry] = []
+    total = 0
+    if isinstance(handle, zipfile.ZipFile):
+        for info in handle.infolist():
+            name = info.filename
+            parts = _entry_parts(archive, name)
+            mode = info.external_attr >> 16
+            if stat.S_ISLNK(mode):
+                raise DownloadError(f"{archive}: refusing entry {name!r}: symbolic link")
+            if stat.S_IFMT(mode) and not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+                raise DownloadError(f"{archive}: refusing entry {name!r}: not a regular file or folder")
+            ratio = info.file_size / max(info.compress_size, 1)
+            if info.file_size > _RATIO_MIN_BYTES and ratio > _MAX_RATIO:
+                raise DownloadError(f"{archive}: refusing entry {name!r}: compression ratio {ratio:.0f}:1")
+            total += info.file_size
+            if parts:
+                entries.append(_Entry(parts, info.is_dir(), info))
+    else:
+        for member in handle.getmembers():
+            name = member.name
+            parts = _entry_parts(archive, name)
+            if member.issym() or member.islnk():
+                kind = "symbolic" if member.issym() else "hard"
+                raise DownloadError(f"{archive}: refusing entry {name!r}: {kind} link to {member.linkname!r}")
+            if not (member.isfile() or member.isdir()):
+                raise DownloadError(f"{archive}: refusing entry {name!r}: device, fifo or other special file")
+            total += member.size
+            if parts:
+                entries.append(_Entry(parts, member.isdir(), member))
+    if total > _MAX_TOTAL_BYTES:
+        raise DownloadError(
+            f"{archive}: refusing to extract {total / 2**30:.1f} GiB "
+            f"(limit {_MAX_TOTAL_BYTES / 2**30:.0f} GiB); not a GTSRB archive?"
+        )
+    # A path used both as a file and as a folder cannot be extracted; say so now rather than half-way.
+    files = {e.parts for e in entries if not e.is_dir}
+    for entry in entries:
+        for i in range(1, len(entry.parts)):
+            if entry.parts[:i] in files:
+                below, above = "/".join(entry.parts), "/".join(entry.parts[:i])
+                raise DownloadError(f"{archive}: entry {below!r} lies below {above!r}, a file")
+    return entries
+
+
+def _extract_entries(
+    handle: zipfile.ZipFile | tarfile.TarFile, entries: list[_Entry], tmp: Path
+) -> list[tuple[str, ...]]:
+    """Write checked entries below ``tmp`` (a fresh folder: nothing in it is a link). Returns file parts."""
+    files: dict[tuple[str, ...], None] = {}
+    root = tmp.resolve()
+    for entry in entries:
+        target = tmp.joinpath(*entry.parts)
+        if not target.resolve().is_relative_to(root):  # belt and braces: the names were checked already
+            raise DownloadError(f"refusing entry {'/'.join(entry.parts)!r}: it resolves outside {tmp}")
+        if entry.is_dir:
+            target.mkdir(parents=True, exist_ok=True)
+            continue
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if isinstance(handle, zipfile.ZipFile):
+            assert isinstance(entry.member, zipfile.ZipInfo)
+            source = handle.open(entry.member)  # raises BadZipFile on a bad CRC when read to the end
+        else:
+            assert isinstance(entry.member, tarfile.TarInfo)
+            source = handle.extractfile(entry.member)
+            if source is None:
+                raise DownloadError(f"cannot read entry {entry.member.name!r}")
+        with source, open(target, "wb") as out:
+            shutil.copyfileobj(source, out, _CHUNK)
+        files[entry.parts] = None
+    return list(files)
+
+
+def _missing_ancestors(folder: Path) -> list[Path]:
+    """``folder`` and its parents that do not exist yet, deepest first."""
+    missing = []
+    while not folder.exists() and folder != folder.parent:
+        missing.append(folder)
+        folder = folder.parent
+    return missing
+
+
+def _check_merge(src: Path, dest: Path, archive: Path) -> None:
+    """Refuse, before moving anything, what cannot merge into ``dest``: links there, file/folder clashes."""
+    for child in src.iterdir():
+        target = dest / child.name
+        if target.is_symlink():
+            raise DownloadError(
+                f"cannot extract {archive}: {target} is a symbolic link, which extraction does not follow or "
+                f"replace; remove it or extract somewhere else"
+            )
+        if not target.exists():
+            continue
+        if child.is_dir() and target.is_dir():
+            _check_merge(child, target, archive)
+        elif child.is_dir() or target.is_dir():
+            raise DownloadError(
+                f"cannot extract {archive}: {target} is a {'folder' if target.is_dir() else 'file'} in the "
+                f"way of a {'folder' if child.is_dir() else 'file'} from the archive; remove it and run again"
+            )
+
+
+def _merge(src: Path, dest: Path) -> None:
+    """Move the contents of ``src`` into ``dest``: new paths by one rename, existing folders recursively."""
+    for child in src.iterdir():
+        target = dest / child.name
+        if child.is_dir() and target.is_dir():
+            _merge(child, target)
+        else:
+            os.replace(child, target)
+
+
+def download_gtsrb(
+    root: Path,
+    base_url: str,
+    archives: Sequence[RemoteArchive] = GTSRB_ARCHIVES,
+    *,
+    progress: bool = True,
+) -> Path:
+    """Fetch and extract the official archives into ``root``; idempotent. Returns ``root``.
+
+    Archives are kept in ``root/downloads``; ``root/downloads/<archive>.extracted`` records an archive that
+    was extracted in full, so a second run does no work and an interrupted run picks up where it stopped.
+    """
+    root = Path(root)
+    downloads = root / "downloads"
+    for archive in archives:
+        if archive.filename in ("", ".", "..") or "/" in archive.filename or "\\" in archive.filename:
+            raise ValueError(f"archive filename {archive.filename!r} must be a plain file name")
+        _parse_checksum(archive.checksum)
+    for archive in archives:
+        marker = downloads / f"{archive.filename}.extracted"
+        if marker.is_file() and marker.read_text(encoding="utf-8").strip() == archive.checksum:
+            log.info("%s is already extracted into %s; skipping", archive.filename, root)
+            continue
+        url = f"{base_url.rstrip('/')}/{urllib.parse.quote(archive.filename)}"
+        path = download_file(url, downloads / archive.filename, archive.checksum, progress=progress)
+        log.info("extracting %s into %s", path.name, root)
+        safe_extract(path, root)
+        tmp = marker.with_name(marker.name + ".tmp")
+        tmp.write_text(archive.checksum + "\n", encoding="utf-8")
+        os.replace(tmp, marker)
+    log.info("GTSRB archives ready in %s", root)
+    return root

@@ -1,0 +1,588 @@
+"""Download and extraction against a local HTTP server on 127.0.0.1 that serves archives made by the tests."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import socket
+import stat
+import struct
+import tarfile
+import threading
+import zipfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from urllib.parse import unquote, urlsplit
+
+import pytest
+
+from signpost.data import download
+from signpost.data.download import (
+    GTSRB_ARCHIVES,
+    DownloadError,
+    RemoteArchive,
+    download_file,
+    download_gtsrb,
+    safe_extract,
+)
+
+PAYLOAD = bytes(range(256)) * 400  # 100 KiB, several read chunks' worth of distinct bytes
+
+
+@dataclass
+class Seen:
+    path: str
+    range: str | None
+    user_agent: str | None
+
+
+@dataclass
+class Behaviour:
+    """What the server does; the one-shot misbehaviours apply to the first request for a path, then clear."""
+
+    root: Path
+    drop_after: dict[str, int] = field(default_factory=dict)  # path -> body bytes sent before closing
+    reset: bool = False  # drop with a TCP reset instead of a clean close
+    fail_once: set[str] = field(default_factory=set)  # paths answered 500 once
+    fail_always: set[str] = field(default_factory=set)  # paths answered 500 every time
+    ignore_range: bool = False  # answer Range requests with 200 and the whole body
+    requests: list[Seen] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+class FileHandler(BaseHTTPRequestHandler):
+    """Serves files under ``Behaviour.root``, with byte ranges, and misbehaves on request."""
+
+    server: FileServer
+
+    def do_GET(self) -> None:
+        state = self.server.behaviour
+        path = unquote(urlsplit(self.path).path)
+        requested_range = self.headers.get("Range")
+        with state.lock:
+            state.requests.append(Seen(path, requested_range, self.headers.get("User-Agent")))
+            fail = path in state.fail_always or path in state.fail_once
+            state.fail_once.discard(path)
+            drop = state.drop_after.pop(path, None)
+        file = state.root / path.lstrip("/")
+        if not path.lstrip("/") or not file.is_file():
+            self.send_error(404, "Not Found")
+            return
+        if fail:
+            self.send_error(500, "Internal Server Error")
+            return
+        body = file.read_bytes()
+        start = 0
+        if requested_range and not state.ignore_range:
+            assert requested_range.startswith("bytes=") and requested_range.endswith("-"), requested_range
+            start = int(requested_range[len("bytes=") : -1])
+            if start >= len(body):
+                self.send_response(416)
+                self.send_header("Content-Range", f"bytes */{len(body)}")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
+            self.send_response(206)
+            self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
+        else:
+            self.send_response(200)
+        self.send_header("Content-Length", str(len(body) - start))
+        self.send_header("Content-Type", "application/octet-stream")
+        self.end_headers()
+        if drop is None:
+            self.wfile.write(body[start:])
+            return
+        self.wfile.write(body[start : start + drop])
+        self.wfile.flush()
+        self.close_connection = True
+        if state.reset:  # with SO_LINGER 0, close() sends a TCP reset instead of an orderly FIN
+            self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            self.connection.close()
+        else:
+            self.connection.shutdown(socket.SHUT_WR)
+
+    def log_message(self, format: str, *args: object) -> None:  # keep test output quiet
+        pass
+
+
+class FileServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self, behaviour: Behaviour) -> None:
+        super().__init__(("127.0.0.1", 0), FileHandler)
+        self.behaviour = behaviour
+
+    @property
+    def url(self) -> str:
+        host, port = self.server_address[:2]
+        return f"http://{host}:{port}"
+
+    @property
+    def requests(self) -> list[Seen]:
+        with self.behaviour.lock:
+            return list(self.behaviour.requests)
+
+    def put(self, name: str, data: bytes) -> str:
+        """Serve ``data`` as ``/name``; returns its sha256 checksum string."""
+        (self.behaviour.root / name).write_bytes(data)
+        return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[FileServer]:
+    served = tmp_path / "served"
+    served.mkdir()
+    httpd = FileServer(Behaviour(root=served))
+    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    try:
+        yield httpd
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+        thread.join(timeout=5)
+
+
+@pytest.fixture(autouse=True)
+def no_backoff(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(download, "_BACKOFF_S", 0.0)
+
+
+def md5(data: bytes) -> str:
+    return "md5:" + hashlib.md5(data).hexdigest()
+
+
+def make_zip(files: dict[str, bytes]) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
+        for name, data in files.items():
+            zf.writestr(name, data)
+    return buf.getvalue()
+
+
+def make_tar(members: list[tuple[tarfile.TarInfo, bytes]], mode: str = "w") -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode=mode) as tf:  # type: ignore[call-overload]
+        for info, data in members:
+            info.size = len(data) if info.isfile() else 0
+            tf.addfile(info, io.BytesIO(data) if info.isfile() else None)
+    return buf.getvalue()
+
+
+def tar_entry(name: str, kind: bytes = tarfile.REGTYPE, linkname: str = "") -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.type = kind
+    info.linkname = linkname
+    info.mode = 0o755 if kind == tarfile.DIRTYPE else 0o644
+    return info
+
+
+def tree(folder: Path) -> dict[str, bytes | None]:
+    """Every path below ``folder`` (links not followed) with file contents; folders map to None."""
+    return {
+        p.relative_to(folder).as_posix(): (p.read_bytes() if p.is_file() and not p.is_symlink() else None)
+        for p in sorted(folder.rglob("*"))
+    }
+
+
+# A tiny GTSRB in the official archives' layout: training, test images, and the test ground truth.
+FAKE_GTSRB = {
+    "GTSRB_Final_Training_Images.zip": {
+        "GTSRB/Readme-Images.txt": b"training readme",
+        "GTSRB/Final_Training/Images/00000/GT-00000.csv": b"Filename;ClassId\n00000_00000.ppm;0\n",
+        "GTSRB/Final_Training/Images/00000/00000_00000.ppm": b"P6 3 3 255\n" + bytes(27),
+        "GTSRB/Final_Training/Images/00001/00000_00000.ppm": b"P6 3 3 255\n" + bytes(range(27)),
+    },
+    "GTSRB_Final_Test_Images.zip": {
+        "GTSRB/Readme-Images-Final-test.txt": b"test readme",
+        "GTSRB/Final_Test/Images/00000.ppm": b"P6 3 3 255\n" + bytes([7] * 27),
+    },
+    "GTSRB_Final_Test_GT.zip": {
+        "GT-final_test.csv": b"Filename;Width;Height;ClassId\n00000.ppm;3;3;14\n",
+    },
+}
+
+
+def serve_fake_gtsrb(server: FileServer) -> list[RemoteArchive]:
+    archives = []
+    for name, files in FAKE_GTSRB.items():
+        data = make_zip(files)
+        server.put(name, data)
+        archives.append(RemoteArchive(name, md5(data)))
+    return archives
+
+
+def expected_gtsrb_tree() -> dict[str, bytes]:
+    return {name: data for files in FAKE_GTSRB.values() for name, data in files.items()}
+
+
+def test_official_archive_list() -> None:
+    assert [a.filename for a in GTSRB_ARCHIVES] == [
+        "GTSRB_Final_Training_Images.zip",
+        "GTSRB_Final_Test_Images.zip",
+        "GTSRB_Final_Test_GT.zip",
+    ]
+    for archive in GTSRB_ARCHIVES:
+        download._parse_checksum(archive.checksum)
+
+
+def test_download_gtsrb_merges_three_archives_and_is_idempotent(server: FileServer, tmp_path: Path) -> None:
+    archives = serve_fake_gtsrb(server)
+    root = tmp_path / "gtsrb"
+
+    assert download_gtsrb(root, server.url + "/", archives, progress=False) == root
+
+    files = {k: v for k, v in tree(root).items() if v is not None and not k.startswith("downloads/")}
+    assert files == expected_gtsrb_tree()
+    for archive in archives:
+        assert (root / "downloads" / archive.filename).is_file()
+        marker = root / "downloads" / f"{archive.filename}.extracted"
+        assert marker.read_text().strip() == archive.checksum
+    assert not list(root.rglob("*.part")) and not list(tmp_path.glob(".*extract*"))
+    assert [r.path for r in server.requests] == [f"/{a.filename}" for a in archives]
+    assert all(r.user_agent and r.user_agent.startswith("signpost/") for r in server.requests)
+
+    # The markers record finished work: with the archives gone, a second run has nothing to fetch or extract.
+    for archive in archives:
+        (root / "downloads" / archive.filename).unlink()
+    (root / "GT-final_test.csv").write_bytes(b"edited")
+    before = tree(root)
+    download_gtsrb(root, server.url, archives, progress=False)
+    assert len(server.requests) == 3
+    assert tree(root) == before
+
+
+def test_download_gtsrb_resumes_after_an_interrupted_run(server: FileServer, tmp_path: Path) -> None:
+    archives = serve_fake_gtsrb(server)
+    root = tmp_path / "gtsrb"
+    missing = server.behaviour.root / archives[1].filename
+    data = missing.read_bytes()
+    missing.unlink()
+
+    with pytest.raises(DownloadError, match="404"):
+        download_gtsrb(root, server.url, archives, progress=False)
+    assert (root / "downloads" / f"{archives[0].filename}.extracted").is_file()
+    assert not (root / "downloads" / f"{archives[1].filename}.extracted").exists()
+
+    missing.write_bytes(data)
+    download_gtsrb(root, server.url, archives, progress=False)
+    assert [r.path for r in server.requests] == [f"/{archives[i].filename}" for i in (0, 1, 1, 2)]
+    files = {k: v for k, v in tree(root).items() if v is not None and not k.startswith("downloads/")}
+    assert files == expected_gtsrb_tree()
+
+
+def test_checksum_mismatch_removes_download_and_extracts_nothing(server: FileServer, tmp_path: Path) -> None:
+    archives = serve_fake_gtsrb(server)
+    served = server.behaviour.root / archives[0].filename
+    corrupted = bytearray(served.read_bytes())
+    corrupted[100:110] = bytes(b ^ 0xFF for b in corrupted[100:110])
+    served.write_bytes(bytes(corrupted))
+    root = tmp_path / "gtsrb"
+
+    with pytest.raises(DownloadError, match="checksum mismatch") as info:
+        download_gtsrb(root, server.url, archives, progress=False)
+
+    assert archives[0].checksum.split(":")[1] in str(info.value)
+    assert "removed" in str(info.value)
+    assert tree(root) == {"downloads": None}  # no archive, no .part, nothing extracted
+
+
+def test_download_resumes_after_a_dropped_connection(server: FileServer, tmp_path: Path) -> None:
+    checksum = server.put("blob.bin", PAYLOAD)
+    server.behaviour.drop_after["/blob.bin"] = 30_000
+    dest = tmp_path / "out" / "blob.bin"
+
+    assert download_file(f"{server.url}/blob.bin", dest, checksum, progress=False, timeout=5) == dest
+
+    assert dest.read_bytes() == PAYLOAD
+    assert not dest.with_name("blob.bin.part").exists()
+    assert [r.range for r in server.requests] == [None, "bytes=30000-"]
+
+
+def test_download_recovers_from_a_connection_reset(server: FileServer, tmp_path: Path) -> None:
+    checksum = server.put("blob.bin", PAYLOAD)
+    server.behaviour.drop_after["/blob.bin"] = 30_000
+    server.behaviour.reset = True
+    dest = tmp_path / "blob.bin"
+
+    download_file(f"{server.url}/blob.bin", dest, checksum, progress=False, timeout=5)
+
+    # How much arrived before the reset depends on timing; only that the second request finished it does not.
+    assert dest.read_bytes() == PAYLOAD
+    assert len(server.requests) == 2
+
+
+def test_existing_part_is_resumed_with_a_range_request(server: FileServer, tmp_path: Path) -> None:
+    checksum = server.put("blob.bin", PAYLOAD)
+    dest = tmp_path / "blob.bin"
+    dest.with_name("blob.bin.part").write_bytes(PAYLOAD[:12_345])
+
+    download_file(f"{server.url}/blob.bin", dest, checksum, progress=False, timeout=5)
+
+    assert dest.read_bytes() == PAYLOAD
+    assert [r.range for r in server.requests] == ["bytes=12345-"]
+
+
+def test_server_that_ignores_range_gets_a_fresh_download(server: FileServer, tmp_path: Path) -> None:
+    checksum = server.put("blob.bin", PAYLOAD)
+    server.behaviour.ignore_range = True
+    dest = tmp_path / "blob.bin"
+    dest.with_name("blob.bin.part").write_bytes(b"stale bytes that must not be kept")
+
+    download_file(f"{server.url}/blob.bin", dest, checksum, progress=False, timeout=5)
+
+    assert dest.read_bytes() == PAYLOAD
+    assert [r.range for r in server.requests] == ["bytes=33-"]
+
+
+def test_complete_part_is_finished_without_a_body(server: FileServer, tmp_path: Path) -> None:
+    checksum = server.put("blob.bin", PAYLOAD)
+    dest = tmp_path / "blob.bin"
+    dest.with_name("blob.bin.part").write_bytes(PAYLOAD)
+
+    download_file(f"{server.url}/blob.bin", dest, checksum, progress=False, timeout=5)
+
+    assert dest.read_bytes() == PAYLOAD
+    assert [r.range for r in server.requests] == [f"bytes={len(PAYLOAD)}-"]  # answered 416
+
+
+def test_server_error_is_retried(server: FileServer, tmp_path: Path) -> None:
+    checksum = server.put("blob.bin", PAYLOAD)
+    server.behaviour.fail_once.add("/blob.bin")
+    dest = tmp_path / "blob.bin"
+
+    download_file(f"{server.url}/blob.bin", dest, checksum, progress=False, timeout=5)
+
+    assert dest.read_bytes() == PAYLOAD
+    assert len(server.requests) == 2
+
+
+def test_persistent_server_error_gives_up_after_the_retries(server: FileServer, tmp_path: Path) -> None:
+    checksum = server.put("blob.bin", PAYLOAD)
+    server.behaviour.fail_always.add("/blob.bin")
+    dest = tmp_path / "blob.bin"
+
+    with pytest.raises(DownloadError, match=r"blob\.bin: download failed after 3 attempts \(HTTP 500"):
+        download_file(f"{server.url}/blob.bin", dest, checksum, progress=False, timeout=5, retries=2)
+
+    assert len(server.requests) == 3
+    assert not dest.exists()
+
+
+def test_not_found_fails_at_once_and_leaves_nothing(server: FileServer, tmp_path: Path) -> None:
+    dest = tmp_path / "out" / "missing.zip"
+    url = f"{server.url}/missing.zip"
+
+    with pytest.raises(DownloadError, match="404") as info:
+        download_file(url, dest, "md5:" + "0" * 32, progress=False, timeout=5)
+
+    assert url in str(info.value)
+    assert len(server.requests) == 1
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_existing_file_with_the_right_checksum_is_not_downloaded(tmp_path: Path) -> None:
+    dest = tmp_path / "blob.bin"
+    dest.write_bytes(PAYLOAD)
+    # Port 9 on loopback has no listener: any request would fail.
+    assert download_file("http://127.0.0.1:9/blob.bin", dest, md5(PAYLOAD), progress=False) == dest
+
+
+def test_existing_file_with_a_wrong_checksum_is_replaced(server: FileServer, tmp_path: Path) -> None:
+    checksum = server.put("blob.bin", PAYLOAD)
+    dest = tmp_path / "blob.bin"
+    dest.write_bytes(b"old")
+
+    download_file(f"{server.url}/blob.bin", dest, checksum, progress=False, timeout=5)
+
+    assert dest.read_bytes() == PAYLOAD
+
+
+@pytest.mark.parametrize(
+    "checksum",
+    ["", "abc", "md5", "md5:", "crc32:00000000", "md5:" + "0" * 31, "sha256:" + "0" * 32, "md5:" + "g" * 32],
+)
+def test_malformed_checksum_is_a_value_error(checksum: str, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="checksum"):
+        download_file("http://127.0.0.1:9/x", tmp_path / "x", checksum, progress=False)
+
+
+def test_unsupported_url_scheme(tmp_path: Path) -> None:
+    with pytest.raises(DownloadError, match="http"):
+        download_file("ftp://127.0.0.1/x", tmp_path / "x", "md5:" + "0" * 32, progress=False)
+
+
+@pytest.mark.parametrize("mode", ["w", "w:gz", "w:bz2", "w:xz"])
+def test_safe_extract_tar(mode: str, tmp_path: Path) -> None:
+    archive = tmp_path / "a.tar"
+    archive.write_bytes(
+        make_tar([(tar_entry("top", tarfile.DIRTYPE), b""), (tar_entry("top/sub/f.txt"), b"hello")], mode)
+    )
+    dest = tmp_path / "dest"
+
+    assert safe_extract(archive, dest) == [dest.resolve() / "top" / "sub" / "f.txt"]
+    assert tree(dest) == {"top": None, "top/sub": None, "top/sub/f.txt": b"hello"}
+
+
+def test_safe_extract_merges_into_an_existing_folder(tmp_path: Path) -> None:
+    dest = tmp_path / "dest"
+    (dest / "top").mkdir(parents=True)
+    (dest / "top" / "mine.txt").write_bytes(b"keep me")
+    (dest / "top" / "shared.txt").write_bytes(b"old")
+    archive = tmp_path / "a.zip"
+    archive.write_bytes(make_zip({"top/shared.txt": b"new", "top/new/f.txt": b"f", "other.txt": b"o"}))
+
+    safe_extract(archive, dest)
+
+    assert tree(dest) == {
+        "other.txt": b"o",
+        "top": None,
+        "top/mine.txt": b"keep me",
+        "top/new": None,
+        "top/new/f.txt": b"f",
+        "top/shared.txt": b"new",
+    }
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.zip", "dest"]  # no temporary folder left
+
+
+def test_safe_extract_does_not_follow_a_symlink_in_dest(tmp_path: Path) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    (dest / "top").symlink_to(outside, target_is_directory=True)
+    archive = tmp_path / "a.zip"
+    archive.write_bytes(make_zip({"top/f.txt": b"f"}))
+
+    with pytest.raises(DownloadError, match="symbolic link"):
+        safe_extract(archive, dest)
+
+    assert list(outside.iterdir()) == []
+    assert (dest / "top").is_symlink()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.zip", "dest", "outside"]
+
+
+def zip_with_symlink() -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        zf.writestr("ok.txt", b"fine")
+        info = zipfile.ZipInfo("link")
+        info.create_system = 3  # Unix, so the mode bits in external_attr count
+        info.external_attr = (stat.S_IFLNK | 0o777) << 16
+        zf.writestr(info, "../outside")
+    return buf.getvalue()
+
+
+OK = (tar_entry("ok.txt"), b"fine")
+
+# name -> (archive bytes given the test's tmp_path, why it must be refused)
+MALICIOUS: dict[str, tuple[Callable[[Path], bytes], str]] = {
+    "zip-dotdot": (lambda tmp: make_zip({"ok.txt": b"fine", "../evil.txt": b"evil"}), "'..'"),
+    "zip-absolute": (lambda tmp: make_zip({"ok.txt": b"fine", f"{tmp}/evil.txt": b"evil"}), "absolute path"),
+    "zip-drive": (lambda tmp: make_zip({"ok.txt": b"fine", "C:/evil.txt": b"evil"}), "absolute path"),
+    "zip-backslash-dotdot": (lambda tmp: make_zip({"ok.txt": b"fine", "a\\..\\..\\evil.txt": b"e"}), "'..'"),
+    "zip-symlink": (lambda tmp: zip_with_symlink(), "symbolic link"),
+    "tar-dotdot": (lambda tmp: make_tar([OK, (tar_entry("a/../../evil.txt"), b"x")]), "'..'"),
+    "tar-absolute": (lambda tmp: make_tar([OK, (tar_entry(f"{tmp}/evil.txt"), b"x")]), "absolute path"),
+    "tar-symlink": (
+        lambda tmp: make_tar([OK, (tar_entry("s", tarfile.SYMTYPE, str(tmp)), b"")]),
+        "symbolic link",
+    ),
+    "tar-hardlink": (
+        lambda tmp: make_tar([OK, (tar_entry("h", tarfile.LNKTYPE, f"{tmp}/evil.txt"), b"")]),
+        "hard link",
+    ),
+    "tar-fifo": (lambda tmp: make_tar([OK, (tar_entry("pipe", tarfile.FIFOTYPE), b"")]), "fifo"),
+    "tar-device": (lambda tmp: make_tar([OK, (tar_entry("dev", tarfile.CHRTYPE), b"")]), "device"),
+}
+
+
+@pytest.mark.parametrize("dest_exists", [False, True], ids=["new-dest", "existing-dest"])
+@pytest.mark.parametrize("name", sorted(MALICIOUS))
+def test_malicious_archive_is_refused_and_leaves_nothing(
+    name: str, dest_exists: bool, tmp_path: Path
+) -> None:
+    make, reason = MALICIOUS[name]
+    work = tmp_path / "work"
+    work.mkdir()
+    archive = work / "archive.bin"
+    archive.write_bytes(make(tmp_path))
+    dest = work / "dest"
+    if dest_exists:
+        dest.mkdir()
+        (dest / "keep.txt").write_bytes(b"keep")
+    before = tree(tmp_path)
+
+    with pytest.raises(DownloadError, match="refusing entry") as info:
+        safe_extract(archive, dest)
+
+    assert reason in str(info.value)
+    # dest untouched (or never created), no temporary folder left, and no evil.txt written anywhere
+    assert tree(tmp_path) == before
+    assert not (tmp_path / "evil.txt").exists() and not (work / "evil.txt").exists()
+
+
+def test_zip_bomb_guard(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    archive = tmp_path / "bomb.zip"
+    archive.write_bytes(make_zip({"a.bin": bytes(2 << 20)}))  # 2 MiB of zeros: ratio ~1000:1
+    dest = tmp_path / "dest"
+
+    with pytest.raises(DownloadError, match="compression ratio"):
+        monkeypatch.setattr(download, "_MAX_RATIO", 100)
+        safe_extract(archive, dest)
+    monkeypatch.setattr(download, "_MAX_TOTAL_BYTES", 1 << 20)
+    monkeypatch.setattr(download, "_MAX_RATIO", 10_000)
+    with pytest.raises(DownloadError, match="GiB"):
+        safe_extract(archive, dest)
+    assert not dest.exists()
+
+
+def test_truncated_zip_is_refused(tmp_path: Path) -> None:
+    data = make_zip(FAKE_GTSRB["GTSRB_Final_Training_Images.zip"])
+    archive = tmp_path / "cut.zip"
+    archive.write_bytes(data[: len(data) // 2])
+
+    with pytest.raises(DownloadError, match="corrupt"):
+        safe_extract(archive, tmp_path / "dest")
+
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cut.zip"]
+
+
+def test_zip_with_a_bad_crc_is_refused_and_leaves_nothing(tmp_path: Path) -> None:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as zf:
+        zf.writestr("first.txt", b"A" * 1000)
+        zf.writestr("second.txt", b"B" * 1000)
+    data = bytearray(buf.getvalue())
+    at = data.index(b"B" * 1000) + 500
+    data[at] ^= 0xFF  # still a valid zip, but second.txt's bytes no longer match its CRC
+    archive = tmp_path / "bad.zip"
+    archive.write_bytes(bytes(data))
+
+    with pytest.raises(DownloadError, match="corrupt"):
+        safe_extract(archive, tmp_path / "new" / "dest")
+
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.zip"]  # not even the parent folder is left
+
+
+def test_truncated_tar_gz_is_refused(tmp_path: Path) -> None:
+    data = make_tar([(tar_entry(f"f{i}.bin"), bytes(range(256)) * 64) for i in range(8)], "w:gz")
+    archive = tmp_path / "cut.tar.gz"
+    archive.write_bytes(data[: len(data) // 2])
+
+    with pytest.raises(DownloadError, match="corrupt"):
+        safe_extract(archive, tmp_path / "dest")
+
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cut.tar.gz"]
+
+
+def test_plain_file_is_not_an_archive(tmp_path: Path) -> None:
+    archive = tmp_path / "notes.zip"
+    archive.write_text("this is not an archive\n" * 100)
+
+    with pytest.raises(DownloadError, match="not a zip or tar archive"):
+        safe_extract(archive, tmp_path / "dest")
+
+    assert not (tmp_path / "dest").exists()
