@@ -58,7 +58,7 @@ def test_verify_catches_a_modified_file(tmp_path: Path) -> None:
     _make(folder)
     verify_artifact(folder)
     (folder / "weights.bin").write_bytes(b"tampered")
-    with pytest.raises(ArtifactError, match="weights.bin does not match its manifest"):
+    with pytest.raises(ArtifactError, match=r"weights\.bin does not match its manifest"):
         verify_artifact(folder)
     verify_artifact(folder, ["sub/card.json"])  # other files still check out
 

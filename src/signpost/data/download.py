@@ -214,7 +214,7 @@ def _fetch(url: str, part: Path, *, progress: bool, timeout: float) -> bool:
             raise DownloadError(f"{url}: unexpected HTTP {response.status} {response.reason}")
         if total is None and expected_body is not None:
             total = offset + expected_body
-        _copy_body(response, part, mode, url, offset, total, expected_body, progress)
+        _copy_body(response, part, mode, offset, total, expected_body, progress)
     return True
 
 
@@ -222,7 +222,6 @@ def _copy_body(
     response: http.client.HTTPResponse,
     part: Path,
     mode: str,
-    url: str,
     offset: int,
     total: int | None,
     expected_body: int | None,
@@ -285,9 +284,8 @@ def safe_extract(archive: Path, dest: Path) -> list[Path]:
         raise DownloadError(f"{archive}: archive not found")
     if dest.exists() and not dest.is_dir():
         raise DownloadError(f"cannot extract {archive} into {dest}: it exists and is not a folder")
-    kind = _archive_kind(archive)
     try:
-        with _open_archive(archive, kind) as handle:
+        with _open_archive(archive, _archive_kind(archive)) as handle:
             entries = _check_entries(archive, handle)
             created = _missing_ancestors(dest.parent)
             dest.parent.mkdir(parents=True, exist_ok=True)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import csv
 import logging
+import os
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -24,7 +25,9 @@ from signpost.data.classes import GTSRB_CLASS_NAMES, NUM_GTSRB_CLASSES
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = frozenset({".ppm", ".pgm", ".pbm", ".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"})
+IMAGE_EXTENSIONS = frozenset(
+    {".ppm", ".pgm", ".pbm", ".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
+)
 GT_TEST_CSV = "gt-final_test.csv"  # compared case-insensitively: torchvision's docs spell it GT-Final_Test.csv
 GT_TEST_ARCHIVE = "GTSRB_Final_Test_GT.zip"
 
@@ -282,9 +285,11 @@ def _track_of(path: Path, label: int) -> str:
 
 
 def _find_file(folder: Path, name_lower: str) -> Path | None:
+    """``folder/name`` matched case-insensitively. Compares plain names: a class folder holds ~1,000 images."""
     if not folder.is_dir():
         return None
-    return next((p for p in sorted(folder.iterdir()) if p.name.lower() == name_lower and p.is_file()), None)
+    matches = sorted(name for name in os.listdir(folder) if name.lower() == name_lower)
+    return next((folder / name for name in matches if (folder / name).is_file()), None)
 
 
 def _image_files(folder: Path, recursive: bool = False) -> list[Path]:

@@ -68,36 +68,43 @@ def prepare(config: SignpostConfig, *, progress: bool = True) -> PrepareResult:
         raise PrepareError(f"{raw.root}: the dataset lists no images")
     log.info("%s layout at %s: %d training and %d test images", raw.layout, raw.root, len(raw.train), len(raw.test))
 
+    # Relative paths, computed once: per-sample pathlib calls would cost seconds on GTSRB's 51,839 files.
+    cut = len(str(raw.root)) + 1
+    files = [str(s.path) for s in samples]
+    rels = [f[cut:].replace(os.sep, "/") for f in files]
+    origins = ["train"] * len(raw.train) + ["test"] * len(raw.test)
+
     index = _HashIndex(config.workdir / STAGE / ".index", raw.root)
-    digests = index.lookup(samples)
+    digests = index.lookup(files, rels)
     if digests is not None:
-        path = _artifact_folder(config, raw, samples, digests)
+        path = _artifact_folder(config, samples, rels, origins, digests)
         if is_complete(path):
             return PrepareResult(path, True, read_manifest(path))
 
     decoded = decode_samples(samples, data.image_size, data.roi_margin, workers=data.workers, progress=progress)
-    index.update(samples, decoded.digests)
-    path = _artifact_folder(config, raw, samples, decoded.digests)
+    index.update(files, rels, decoded.digests)
+    sources = _sources_hash(samples, rels, origins, decoded.digests)
+    path = _artifact_folder(config, samples, rels, origins, decoded.digests)
     if is_complete(path):
         return PrepareResult(path, True, read_manifest(path))
-    _check_failures(raw, samples, decoded, data.max_bad_fraction)
+    _check_failures(rels, decoded, data.max_bad_fraction)
 
     splits, track_names = _make_splits(config, raw, decoded)
     with atomic_dir(path) as tmp:
         for name, split in splits.items():
             save_split(split, tmp / f"{name}.safetensors")
-        _write_sources(tmp / "sources.jsonl", raw, samples, decoded)
+        _write_sources(tmp / "sources.jsonl", samples, rels, origins, decoded)
         (tmp / "tracks.json").write_text(json.dumps(track_names), encoding="utf-8")
         _preview(splits["train"], len(raw.class_names)).save(tmp / "preview.png")
         manifest = write_manifest(
             tmp,
             stage=STAGE,
             key=path.name,
-            inputs=_inputs(raw, samples, decoded.digests),
+            inputs={"layout": raw.layout, "root": str(raw.root), "files": len(samples), "sources_sha256": sources},
             config=config_to_dict(config.data) | {"seed": config.seed},
             code=code_version(*_CODE),
             metrics=_counts(splits),
-            extra=_describe(raw, splits, samples, decoded) | {"timing": _timing(len(samples), started)},
+            extra=_describe(raw, splits, rels, decoded) | {"timing": _timing(len(samples), started)},
         )
     return PrepareResult(path, False, manifest)
 
@@ -144,70 +151,57 @@ class _HashIndex:
     """
 
     def __init__(self, folder: Path, root: Path) -> None:
-        self.root = root
         self.path = folder / (hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:16] + ".json")
         try:
             self.entries: dict[str, list] = json.loads(self.path.read_text(encoding="utf-8"))
         except (OSError, ValueError):
             self.entries = {}
 
-    def lookup(self, samples: list[Sample]) -> list[str] | None:
+    def lookup(self, files: list[str], rels: list[str]) -> list[str] | None:
+        """Every file's hash when all are known and unchanged, else None."""
         digests = []
-        for sample in samples:
-            entry = self.entries.get(self._rel(sample.path))
-            stat = _stat(sample.path)
-            if entry is None or stat is None or entry[:2] != list(stat):
+        for file, rel in zip(files, rels, strict=True):
+            entry = self.entries.get(rel)
+            if entry is None or entry[:2] != _stat(file):
                 return None
             digests.append(entry[2])
         return digests
 
-    def update(self, samples: list[Sample], digests: list[str]) -> None:
-        for sample, digest in zip(samples, digests, strict=True):
-            stat = _stat(sample.path)
+    def update(self, files: list[str], rels: list[str], digests: list[str]) -> None:
+        for file, rel, digest in zip(files, rels, digests, strict=True):
+            stat = _stat(file)
             if digest and stat is not None:
-                self.entries[self._rel(sample.path)] = [*stat, digest]
+                self.entries[rel] = [*stat, digest]
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_suffix(f".{os.getpid()}.tmp")
         tmp.write_text(json.dumps(self.entries), encoding="utf-8")
         os.replace(tmp, self.path)
 
-    def _rel(self, path: Path) -> str:
-        return path.relative_to(self.root).as_posix()
 
-
-def _stat(path: Path) -> tuple[int, int] | None:
+def _stat(file: str) -> list[int] | None:
     try:
-        st = path.stat()
+        st = os.stat(file)
     except OSError:
         return None
-    return st.st_size, st.st_mtime_ns
+    return [st.st_size, st.st_mtime_ns]
 
 
-def _sources_hash(raw: RawDataset, samples: list[Sample], digests: list[str]) -> str:
-    """One hash over every file's relative path, label, ROI, split and content."""
-    digest = hashlib.sha256()
-    n_train = len(raw.train)
-    for i, (sample, content) in enumerate(zip(samples, digests, strict=True)):
-        split = "train" if i < n_train else "test"
-        line = f"{sample.path.relative_to(raw.root).as_posix()}\t{split}\t{sample.label}\t{sample.roi}\t{content}\n"
-        digest.update(line.encode())
-    return digest.hexdigest()
+def _sources_hash(samples: list[Sample], rels: list[str], origins: list[str], digests: list[str]) -> str:
+    """One hash over every file's relative path, split of origin, label, ROI and content."""
+    lines = (
+        f"{rel}\t{origin}\t{s.label}\t{s.roi}\t{content}\n"
+        for s, rel, origin, content in zip(samples, rels, origins, digests, strict=True)
+    )
+    return hashlib.sha256("".join(lines).encode()).hexdigest()
 
 
-def _inputs(raw: RawDataset, samples: list[Sample], digests: list[str]) -> dict[str, Any]:
-    return {
-        "layout": raw.layout,
-        "root": str(raw.root),
-        "files": len(samples),
-        "sources_sha256": _sources_hash(raw, samples, digests),
-    }
-
-
-def _artifact_folder(config: SignpostConfig, raw: RawDataset, samples: list[Sample], digests: list[str]) -> Path:
+def _artifact_folder(
+    config: SignpostConfig, samples: list[Sample], rels: list[str], origins: list[str], digests: list[str]
+) -> Path:
     data = config.data
     key = hash_json(
         {
-            "sources": _sources_hash(raw, samples, digests),
+            "sources": _sources_hash(samples, rels, origins, digests),
             "settings": data.model_dump(mode="json", exclude={"source", "root", "workers", "base_url", "synthetic"}),
             "seed": config.seed,
             "code": code_version(*_CODE),
@@ -219,18 +213,16 @@ def _artifact_folder(config: SignpostConfig, raw: RawDataset, samples: list[Samp
 # --- decode results → splits ------------------------------------------------------------------------------------
 
 
-def _check_failures(raw: RawDataset, samples: list[Sample], decoded: DecodedImages, limit: float) -> None:
+def _check_failures(rels: list[str], decoded: DecodedImages, limit: float) -> None:
     if not decoded.failures:
         return
-    share = len(decoded.failures) / len(samples)
+    share = len(decoded.failures) / len(rels)
     for i, reason in list(decoded.failures.items())[:10]:
-        log.warning("skipped %s: %s", samples[i].path, reason)
+        log.warning("skipped %s: %s", rels[i], reason)
     if share > limit:
-        examples = "; ".join(
-            f"{samples[i].path.relative_to(raw.root)}: {reason}" for i, reason in list(decoded.failures.items())[:5]
-        )
+        examples = "; ".join(f"{rels[i]}: {reason}" for i, reason in list(decoded.failures.items())[:5])
         raise PrepareError(
-            f"{len(decoded.failures)} of {len(samples)} images ({share:.1%}) could not be read, more than "
+            f"{len(decoded.failures)} of {len(rels)} images ({share:.1%}) could not be read, more than "
             f"data.max_bad_fraction={limit}. First ones: {examples}"
         )
 
@@ -286,7 +278,7 @@ def _counts(splits: dict[str, CachedSplit]) -> dict[str, int]:
 
 
 def _describe(
-    raw: RawDataset, splits: dict[str, CachedSplit], samples: list[Sample], decoded: DecodedImages
+    raw: RawDataset, splits: dict[str, CachedSplit], rels: list[str], decoded: DecodedImages
 ) -> dict[str, Any]:
     """What later stages and people need to know about the data, recorded in the manifest."""
     train = splits["train"]
@@ -310,36 +302,31 @@ def _describe(
         },
         "reference_stats": reference_summary(size_stats, (*STAT_NAMES, "width", "height")),
         "skipped": [
-            {"path": samples[i].path.relative_to(raw.root).as_posix(), "reason": reason}
+            {"path": rels[i], "reason": reason}
             for i, reason in sorted(decoded.failures.items())
         ],
     }
 
 
-def _write_sources(path: Path, raw: RawDataset, samples: list[Sample], decoded: DecodedImages) -> None:
-    n_train = len(raw.train)
-    with open(path, "w", encoding="utf-8") as fh:
-        for i, sample in enumerate(samples):
-            record = {
-                "path": sample.path.relative_to(raw.root).as_posix(),
-                "sha256": decoded.digests[i],
-                "label": sample.label,
-                "track": sample.track,
-                "roi": sample.roi,
-                "origin": "train" if i < n_train else "test",
-            }
-            fh.write(json.dumps(record) + "\n")
+def _write_sources(
+    path: Path, samples: list[Sample], rels: list[str], origins: list[str], decoded: DecodedImages
+) -> None:
+    """One JSON line per source file: where it is, its hash, label, track, ROI and split of origin."""
+    encode = json.JSONEncoder().encode
+    lines = (
+        encode({"path": rel, "sha256": digest, "label": s.label, "track": s.track, "roi": s.roi, "origin": origin})
+        for s, rel, origin, digest in zip(samples, rels, origins, decoded.digests, strict=True)
+    )
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
 def _preview(split: CachedSplit, num_classes: int, tile: int = 48, columns: int = 11) -> Image.Image:
     """One training image per class, enlarged: a look at what the model will see."""
     rows = -(-num_classes // columns)
     sheet = Image.new("RGB", (columns * tile, rows * tile), (40, 40, 40))
-    for label in range(num_classes):
-        hits = torch.nonzero(split.labels == label).flatten()
-        if hits.numel() == 0:
-            continue
-        array = split.images[int(hits[0])].permute(1, 2, 0).numpy()
+    labels, first = np.unique(split.labels.numpy(), return_index=True)
+    for label, index in zip(labels.tolist(), first.tolist(), strict=True):
+        array = split.images[index].permute(1, 2, 0).numpy()
         image = Image.fromarray(array).resize((tile - 2, tile - 2), Image.Resampling.NEAREST)
         sheet.paste(image, ((label % columns) * tile + 1, (label // columns) * tile + 1))
     return sheet

@@ -1,0 +1,141 @@
+"""Data-path throughput: Signpost's prepare and augmented batch stream against the per-image reference loader.
+
+The reference is what the tutorial this project grew from does: a PyTorch Dataset that opens each image with PIL,
+crops, resizes and normalizes it, inside a DataLoader at batch size 1, decoded again every epoch. Everything is
+measured in this one run on the same files, and printed as ratios.
+
+    .venv/bin/python benchmarks/data_throughput.py                  # synthetic GTSRB-layout data, ~10,000 images
+    .venv/bin/python benchmarks/data_throughput.py --frames 30 --tracks 28   # about the size of real GTSRB
+    .venv/bin/python benchmarks/data_throughput.py --data-root data/gtsrb   # a real GTSRB copy, any layout
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+from signpost.config import AugmentConfig, SyntheticConfig, load_config
+from signpost.data.cache import load_split
+from signpost.data.layouts import Sample, read_dataset
+from signpost.data.loader import BatchLoader
+from signpost.data.synthetic import generate_gtsrb
+from signpost.stages.prepare import prepare
+
+
+class ReferenceDataset(Dataset):
+    """Per-image loading as the tutorial does it: open, crop, resize, to tensor, normalize — every epoch."""
+
+    def __init__(self, samples: list[Sample], size: int) -> None:
+        self.samples, self.size = samples, size
+        self.mean = torch.tensor([0.5, 0.5, 0.5]).view(3, 1, 1)
+        self.std = torch.tensor([0.25, 0.25, 0.25]).view(3, 1, 1)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        sample = self.samples[i]
+        image = Image.open(sample.path).convert("RGB")
+        if sample.roi is not None:
+            x1, y1, x2, y2 = sample.roi
+            image = image.crop((x1, y1, x2 + 1, y2 + 1))
+        image = image.resize((self.size, self.size), Image.Resampling.BILINEAR)
+        x = torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1).float().div(255)
+        return (x - self.mean) / self.std, sample.label
+
+
+def reference_images_per_s(samples: list[Sample], size: int, limit: int, seconds: float) -> float:
+    """Images/s of the reference loader over at most ``limit`` images or ``seconds`` of work."""
+    loader = DataLoader(ReferenceDataset(samples[:limit], size), batch_size=1, shuffle=True, num_workers=0)
+    count, start = 0, time.perf_counter()
+    for x, _ in loader:
+        count += x.shape[0]
+        if time.perf_counter() - start > seconds:
+            break
+    return count / (time.perf_counter() - start)
+
+
+def stream_images_per_s(path: Path, batch_size: int, epochs: int) -> list[float]:
+    """Images/s of Signpost's augmented batch stream from the cache, one figure per epoch after a warm-up."""
+    train = load_split(path / "train.safetensors")
+    loader = BatchLoader(
+        train.images, train.labels, batch_size, mean=[0.5] * 3, std=[0.25] * 3, augment=AugmentConfig(), seed=0
+    )
+    rates = []
+    for epoch in range(epochs + 1):
+        loader.set_epoch(epoch)
+        start, count = time.perf_counter(), 0
+        for x, _ in loader:
+            count += x.shape[0]
+        if epoch > 0:  # epoch 0 is warm-up: first-touch allocations and kernel selection
+            rates.append(count / (time.perf_counter() - start))
+    return rates
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data-root", type=Path, help="a real dataset instead of generated data")
+    parser.add_argument("--tracks", type=int, default=12, help="most training tracks per class (synthetic)")
+    parser.add_argument("--frames", type=int, default=30, help="frames per track (synthetic)")
+    parser.add_argument("--repeats", type=int, default=3, help="cold prepare runs (median reported)")
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--reference-seconds", type=float, default=10.0, help="time budget of the reference loader")
+    args = parser.parse_args()
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+    with tempfile.TemporaryDirectory(prefix="signpost-bench-") as tmp:
+        work = Path(tmp)
+        root = args.data_root
+        if root is None:
+            root = work / "raw"
+            synthetic = SyntheticConfig(min_tracks=max(1, args.tracks // 4), max_tracks=args.tracks,
+                                        frames_per_track=args.frames, test_tracks=2)
+            print(f"generating synthetic GTSRB-layout data ({synthetic.min_tracks}-{synthetic.max_tracks} tracks "
+                  f"x {synthetic.frames_per_track} frames per class) ...", flush=True)
+            generate_gtsrb(root, synthetic)
+        raw = read_dataset(root)
+        samples = raw.train + raw.test
+        print(f"{len(samples)} images ({raw.layout} layout), {torch.get_num_threads()} threads, "
+              f"{os.cpu_count()} CPUs\n", flush=True)
+
+        # Cold prepare: a fresh workdir each time, so every file is read, hashed and decoded.
+        prepare_rates, path = [], None
+        for i in range(args.repeats):
+            config = load_config(None, ["data.source=local", f"data.root={root}", f"workdir={work / f'w{i}'}",
+                                        "name=bench"])
+            start = time.perf_counter()
+            result = prepare(config, progress=False)
+            prepare_rates.append(len(samples) / (time.perf_counter() - start))
+            path = result.path
+        assert path is not None
+        warm_start = time.perf_counter()
+        assert prepare(config, progress=False).reused
+        warm_seconds = time.perf_counter() - warm_start
+
+        reference = reference_images_per_s(samples, 32, limit=len(samples), seconds=args.reference_seconds)
+        stream = stream_images_per_s(path, args.batch_size, epochs=3)
+
+    prep = statistics.median(prepare_rates)
+    aug = statistics.median(stream)
+    print("| path | images/s (median) | spread | vs reference |")
+    print("|---|---|---|---|")
+    print(f"| reference: PIL open+crop+resize+normalize, DataLoader batch 1 | {reference:,.0f} | one run | 1.0x |")
+    print(f"| prepare, cold (list + hash + decode + crop + resize + split + stats + write) | {prep:,.0f} | "
+          f"{min(prepare_rates):,.0f}-{max(prepare_rates):,.0f} | {prep / reference:.1f}x |")
+    print(f"| augmented batch stream from the cache (batch {args.batch_size}) | {aug:,.0f} | "
+          f"{min(stream):,.0f}-{max(stream):,.0f} | {aug / reference:.1f}x |")
+    print(f"\nprepare, warm (unchanged inputs, cache reused): {warm_seconds * 1000:.0f} ms for {len(samples)} files")
+    print(f"full GTSRB (51,839 images) at the cold prepare rate: {51839 / prep:.2f} s")
+
+
+if __name__ == "__main__":
+    main()
