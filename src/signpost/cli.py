@@ -77,12 +77,17 @@ def _stage_parser(
     p = sub.add_parser(name, help=help_text, description=help_text)
     p.add_argument("--config", "-c", type=Path, help="experiment YAML (configs/demo.yaml, configs/gtsrb.yaml, ...)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. data.image_size=48")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars (they show only on a terminal)")
     verbosity = p.add_mutually_exclusive_group()
     verbosity.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     verbosity.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
     p.set_defaults(handler=handler)
     return p
+
+
+def _progress(args: argparse.Namespace) -> bool:
+    """Progress bars on a terminal only: in CI logs every redraw would become a line."""
+    return not args.no_progress and sys.stderr.isatty()
 
 
 def _config(args: argparse.Namespace, extra: Sequence[str] = ()) -> SignpostConfig:
@@ -98,7 +103,7 @@ def _prepare(args: argparse.Namespace) -> int:
     if args.data_root is not None:
         extra.append(f"data.root={args.data_root}")
     config = _config(args, extra)
-    result = prepare(config, progress=not args.no_progress)
+    result = prepare(config, progress=_progress(args))
     _print_prepared(result.path, result.reused, result.manifest)
     return 0
 
@@ -125,7 +130,7 @@ def _synth(args: argparse.Namespace) -> int:
     from signpost.data.synthetic import generate_gtsrb
 
     config = _config(args)
-    summary = generate_gtsrb(args.out, config.data.synthetic, progress=not args.no_progress)
+    summary = generate_gtsrb(args.out, config.data.synthetic, progress=_progress(args))
     print(
         f"synth: wrote {summary.train_images} training and {summary.test_images} test images "
         f"({len(summary.class_counts)} classes) in the GTSRB layout under {summary.root}"
@@ -137,7 +142,7 @@ def _run(args: argparse.Namespace) -> int:
     from signpost.stages.pipeline import run_pipeline
 
     config = _config(args)
-    for outcome in run_pipeline(config, progress=not args.no_progress):
+    for outcome in run_pipeline(config, progress=_progress(args)):
         state = "skipped" if outcome.skipped else "ran"
         print(f"{outcome.stage:>8}: {state:7} ({outcome.reason}) -> {outcome.path}")
     return 0

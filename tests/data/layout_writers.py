@@ -175,9 +175,7 @@ def encode(pixels: np.ndarray, suffix: str, mode: str) -> bytes:
     return out.getvalue()
 
 
-def write_csv(
-    path: Path, header: Sequence[str], rows: Sequence[Sequence[object]], sep: str, newline: str
-) -> None:
+def write_csv(path: Path, header: Sequence[str], rows: Sequence[Sequence[object]], sep: str, newline: str) -> None:
     lines = [sep.join(header), *(sep.join(str(v) for v in row) for row in rows)]
     path.write_bytes((newline.join(lines) + newline).encode("utf-8"))
 

@@ -46,9 +46,7 @@ def _all_images(root: Path) -> list[tuple[Path, list[int], int]]:
         for row in _train_rows(root, int(folder.name)):
             out.append((folder / row[0], [int(v) for v in row[1:7]], int(row[7])))
     for row in _read_csv(root / "GT-final_test.csv")[1]:
-        out.append(
-            (root / "GTSRB" / "Final_Test" / "Images" / row[0], [int(v) for v in row[1:7]], int(row[7]))
-        )
+        out.append((root / "GTSRB" / "Final_Test" / "Images" / row[0], [int(v) for v in row[1:7]], int(row[7])))
     return out
 
 

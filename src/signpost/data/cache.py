@@ -78,10 +78,20 @@ def open_image(data: bytes) -> Image.Image:
         raise CorruptImageError("not an image format Pillow can read") from None
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise CorruptImageError(f"cannot decode: {exc}") from None
-    if image.mode != "RGB":
-        # Palette and RGBA images are composited on black the way PIL converts them; grayscale is replicated.
-        image = image.convert("RGB")
-    return image
+    return _to_rgb(image)
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    """RGB with 8 bits per channel: 16-bit grey scaled down, transparency composited on black, grey replicated."""
+    if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
+        # PIL's convert() clips 16-bit values at 255 (a mid-grey 16-bit PNG would turn white): scale instead.
+        values = np.asarray(image, dtype=np.float32)
+        scale = 257.0 if image.mode != "F" and values.max(initial=0) > 255 else 1.0
+        image = Image.fromarray(np.clip(values / scale + 0.5, 0, 255).astype(np.uint8), "L")
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        image = Image.alpha_composite(Image.new("RGBA", rgba.size, (0, 0, 0, 255)), rgba)
+    return image if image.mode == "RGB" else image.convert("RGB")
 
 
 def preprocess(image: Image.Image, size: int, roi: Roi | None = None, margin: float = 0.0) -> np.ndarray:

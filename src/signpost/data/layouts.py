@@ -219,19 +219,26 @@ def _detect_imagefolder(root: Path) -> Path | None:
 def read_imagefolder(base: Path) -> RawDataset:
     """One folder per class; ``train/`` and ``test/`` subfolders are used as splits when present."""
     split_train, split_test = base / "train", base / "test"
-    train_root = split_train if split_train.is_dir() and _class_dirs(split_train) else base
-    class_names = [p.name for p in _class_dirs(train_root)]
+    has_splits = split_train.is_dir() and bool(_class_dirs(split_train))
+    has_test = split_test.is_dir() and bool(_class_dirs(split_test))
+    train_root = split_train if has_splits else base
+    # <class>/ folders beside a test/<class>/ tree: "test" is the test split, not a class.
+    class_dirs = [d for d in _class_dirs(train_root) if has_splits or not (has_test and d.name == "test")]
+    for name in ("val", "valid", "validation"):
+        if has_splits and (base / name).is_dir():
+            log.warning("ignoring %s: Signpost holds out its own validation split, by track", base / name)
+    class_names = [p.name for p in class_dirs]
     # Numbered folders ("0", "1", …, "10") sort by number, not as text, so label i is folder i.
     if all(name.isdigit() for name in class_names):
         class_names.sort(key=int)
     index = {name: i for i, name in enumerate(class_names)}
     train = [
         Sample(path, index[d.name], f"{d.name}/{path.relative_to(d)}")
-        for d in _class_dirs(train_root)
+        for d in class_dirs
         for path in _image_files(d, recursive=True)
     ]
     test: list[Sample] = []
-    if train_root is split_train and split_test.is_dir():
+    if has_test:
         for d in _class_dirs(split_test):
             if d.name not in index:
                 raise LayoutError(f"{d}: class {d.name!r} is in test/ but not in train/ ({', '.join(class_names)})")
@@ -299,7 +306,10 @@ def _image_files(folder: Path, recursive: bool = False) -> list[Path]:
 
 def _read_csv(path: Path, required: tuple[str, ...]) -> list[tuple[dict[str, str], int]]:
     """Rows of a GTSRB-style CSV (``;``-separated officially, ``,`` on Kaggle) with their line numbers."""
-    text = path.read_text(encoding="utf-8-sig")
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise LayoutError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     header = text.split("\n", 1)[0]
     delimiter = ";" if header.count(";") >= header.count(",") else ","
     reader = csv.DictReader(text.splitlines(), delimiter=delimiter)
@@ -308,10 +318,10 @@ def _read_csv(path: Path, required: tuple[str, ...]) -> list[tuple[dict[str, str
     if missing:
         raise LayoutError(f"{path}: missing column(s) {', '.join(missing)}; found {', '.join(columns) or 'none'}")
     rows = []
-    for line, row in enumerate(reader, start=2):
+    for row in reader:
         clean = {k.strip(): (v or "").strip() for k, v in row.items() if k is not None}
         if any(clean.values()):
-            rows.append((clean, line))
+            rows.append((clean, reader.line_num))  # line_num counts the blank lines DictReader skips
     return rows
 
 

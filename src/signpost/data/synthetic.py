@@ -115,9 +115,7 @@ def generate_gtsrb(root: Path, cfg: SyntheticConfig, *, progress: bool = False) 
     n_train = sum(tracks) * cfg.frames_per_track
     n_test = cfg.num_classes * cfg.test_tracks * len(test_frames)
     seed = cfg.seed % (1 << 64)  # SeedSequence wants non-negative entropy; distinct seeds stay distinct
-    bar = tqdm(
-        total=n_train + n_test, desc="synthetic GTSRB", unit="img", disable=not progress, file=sys.stderr
-    )
+    bar = tqdm(total=n_train + n_test, desc="synthetic GTSRB", unit="img", disable=not progress, file=sys.stderr)
     with bar:
         _write_train(gtsrb / "Final_Training" / "Images", cfg, seed, tracks, bar)
         _write_test(root, gtsrb / "Final_Test" / "Images", cfg, seed, test_frames, bar)
@@ -206,25 +204,21 @@ class _Glyph:
     arcs: tuple[int, ...]
 
     def ids(self) -> frozenset[str]:
-        return frozenset(
-            [f"s{i}" for i in self.segments] + [f"d{i}" for i in self.dots] + [f"a{i}" for i in self.arcs]
-        )
+        return frozenset([f"s{i}" for i in self.segments] + [f"d{i}" for i in self.dots] + [f"a{i}" for i in self.arcs])
 
 
 @lru_cache(maxsize=1)
 def _glyphs() -> tuple[_Glyph, ...]:
     """One glyph per GTSRB class, drawn from a fixed seed so a class looks the same whatever ``cfg.seed`` is.
 
-    Drawn one class after another, and redrawn while it shares all but two primitives with an earlier one, so
-    every pair of glyphs differs in at least three strokes.
+    Drawn one class after another, each redrawn until it differs from every earlier glyph in at least three
+    primitives, so no two classes of a family look alike.
     """
     rng = np.random.default_rng(20110)  # fixed: a glyph belongs to a class, not to a dataset's seed
     glyphs: list[_Glyph] = []
     while len(glyphs) < NUM_GTSRB_CLASSES:
         glyph = _Glyph(
-            segments=tuple(
-                sorted(rng.choice(len(_SEGMENTS), size=int(rng.integers(2, 4)), replace=False).tolist())
-            ),
+            segments=tuple(sorted(rng.choice(len(_SEGMENTS), size=int(rng.integers(2, 4)), replace=False).tolist())),
             dots=tuple(rng.choice(len(_DOTS), size=int(rng.integers(0, 2)), replace=False).tolist()),
             arcs=tuple(rng.choice(len(_ARCS), size=int(rng.integers(0, 2)), replace=False).tolist()),
         )
@@ -250,7 +244,7 @@ def _draw_glyph(draw: ImageDraw.ImageDraw, glyph: _Glyph, spot: _GlyphSpot, rng:
     jitter = rng.normal(0.0, 0.04, size=(len(_DOTS), 2))
 
     def point(x: float, y: float) -> tuple[float, float]:
-        jx, jy = jitter[_DOTS.index((x, y))] if (x, y) in _DOTS else (0.0, 0.0)
+        jx, jy = jitter[_DOTS.index((x, y))]
         return _px(spot.cx + (x + jx) * spot.step, spot.cy + (y + jy) * spot.step)
 
     def disc(x: float, y: float, radius: float) -> None:
@@ -306,9 +300,7 @@ def _inset(points: list[tuple[float, float]], border: float) -> list[tuple[float
         if n == 3
         else sum(p[1] for p in points) / n
     )
-    area = abs(
-        sum(points[i][0] * points[(i + 1) % n][1] - points[(i + 1) % n][0] * points[i][1] for i in range(n))
-    )
+    area = abs(sum(points[i][0] * points[(i + 1) % n][1] - points[(i + 1) % n][0] * points[i][1] for i in range(n)))
     inradius = area / perimeter  # area / semi-perimeter, with `area` above being twice the area
     k = (inradius - border) / inradius
     return [(cx + (x - cx) * k, cy + (y - cy) * k) for x, y in points]
@@ -560,8 +552,8 @@ def _render_track(
     backdrop = _background(rng)
     look = _look(rng)
     sides = _track_sides(rng, cfg)
+    clip = cfg.min_size, cfg.max_size
     for i in frames:
-        clip = cfg.min_size, cfg.max_size
         w = int(np.clip(round(sides[i] * look.aspect) + rng.integers(-1, 2), *clip))
         h = int(np.clip(sides[i] + rng.integers(-1, 2), *clip))
         mx, my = _margin(w), _margin(h)
@@ -572,9 +564,7 @@ def _render_track(
 
         # Zoom into the backdrop as the car approaches, with a little camera shake.
         crop = (0.9 - 0.35 * i / max(1, cfg.frames_per_track - 1)) * _BG_SIDE
-        left, top = (
-            np.clip(p * (_BG_SIDE - crop) + rng.normal(0.0, 1.0), 0, _BG_SIDE - crop) for p in look.pan
-        )
+        left, top = (float(np.clip(p * (_BG_SIDE - crop) + rng.normal(0.0, 1.0), 0, _BG_SIDE - crop)) for p in look.pan)
         image = backdrop.resize((w, h), Image.Resampling.BILINEAR, box=(left, top, left + crop, top + crop))
         if look.pole:
             pw = max(1, round(0.08 * sw))
