@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from signpost.config import AugmentConfig
+from signpost.data import loader as loader_module
 from signpost.data.loader import BatchLoader, augment_batch, normalize
 
 MEAN = [0.4, 0.5, 0.6]
@@ -242,6 +243,43 @@ def test_translation_moves_a_bright_dot() -> None:
     torch.testing.assert_close(out.sum(dim=(1, 2, 3)), x.sum(dim=(1, 2, 3)), rtol=1e-3, atol=1e-3)
 
 
+def test_warp_geometry_with_chosen_parameters() -> None:
+    # Parameters at the top of their ranges: the dot moves by +translate * side on x, half that on y ...
+    x = torch.zeros(1, 3, 32, 32)
+    x[:, :, 15:17, 15:17] = 1.0
+    u = torch.full((1, 8), 0.5)
+    u[0, loader_module._TX], u[0, loader_module._TY] = 1.0, 0.75
+    out = loader_module._warp(x, only(translate=0.1), u)
+    torch.testing.assert_close(centroid(out) - centroid(x), torch.tensor([[3.2, 1.6]]), rtol=0, atol=1e-3)
+    # ... and a zoom of 1.5 makes a centred square 1.5^2 times larger.
+    x = torch.zeros(1, 3, 32, 32)
+    x[:, :, 8:24, 8:24] = 1.0
+    u = torch.full((1, 8), 0.5)
+    u[0, loader_module._SCALE] = 1.0
+    out = loader_module._warp(x, only(scale_max=1.5), u)
+    torch.testing.assert_close(out.sum() / x.sum(), torch.tensor(2.25), rtol=1e-3, atol=0)
+
+
+def test_fused_color_jitter_equals_the_three_steps_in_turn() -> None:
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(64, 3, 8, 8, generator=g) * 0.4 + 0.3  # mid-range, so no intermediate value is clamped
+    u = torch.rand(64, 8, generator=g)
+    cfg = only(brightness=0.3, contrast=0.3, saturation=0.3)
+
+    def factor(column: int) -> torch.Tensor:
+        return (1 + 0.3 * (2 * u[:, column] - 1)).view(-1, 1, 1, 1)
+
+    def gray(y: torch.Tensor) -> torch.Tensor:
+        return (0.299 * y[:, 0] + 0.587 * y[:, 1] + 0.114 * y[:, 2]).unsqueeze(1)
+
+    y = x * factor(loader_module._BRIGHT)
+    c = factor(loader_module._CONTRAST)
+    y = c * y + (1 - c) * gray(y).mean(dim=(1, 2, 3), keepdim=True)
+    s = factor(loader_module._SAT)
+    y = s * y + (1 - s) * gray(y)
+    torch.testing.assert_close(loader_module._color_jitter(x, cfg, u), y.clamp(0, 1), rtol=1e-5, atol=1e-5)
+
+
 def test_brightness_only_scales_each_image() -> None:
     g = torch.Generator().manual_seed(2)
     x = torch.rand(32, 3, 8, 8, generator=g) * 0.5 + 0.1  # far enough from 0 and 1 that nothing is clamped
@@ -277,7 +315,9 @@ def test_no_flips_the_bright_left_half_stays_left_and_the_top_stays_up() -> None
 def test_blur_removes_the_high_frequencies_of_a_checkerboard() -> None:
     yy, xx = torch.meshgrid(torch.arange(16), torch.arange(16), indexing="ij")
     board = ((yy + xx) % 2).float().expand(8, 3, 16, 16).contiguous()
+    before = board.clone()
     blurred = augment_batch(board, only(blur_prob=1.0), torch.Generator().manual_seed(0))
+    assert torch.equal(board, before)  # the input is left alone
     assert torch.all(high_freq_energy(blurred) < 0.1 * high_freq_energy(board))
     assert torch.all(blurred >= 0) and torch.all(blurred <= 1)
     untouched = augment_batch(board, only(blur_prob=0.0), torch.Generator().manual_seed(0))
@@ -367,7 +407,11 @@ def test_on_cuda_batches_stay_on_the_device_and_are_deterministic() -> None:
         assert xa.is_contiguous(memory_format=torch.channels_last)
         assert torch.equal(xa, xb) and torch.equal(ya, yb)
     assert sorted(torch.cat([y for _, y in first]).tolist()) == list(range(300))
-    # A CPU generator can drive augmentation of a CUDA batch (its parameters are copied over).
-    x = torch.rand(8, 3, 16, 16, device="cuda")
-    out = augment_batch(x, AugmentConfig(), torch.Generator().manual_seed(0))
-    assert out.is_cuda and out.shape == x.shape
+    # A CPU generator can drive augmentation of a CUDA batch (its parameters are copied over), and then the GPU
+    # path (blur by torch.where) gives what the CPU path (blur of the chosen images only) gives.
+    x = torch.rand(64, 3, 16, 16)
+    cfg = AugmentConfig(blur_prob=0.5)
+    on_cpu = augment_batch(x, cfg, torch.Generator().manual_seed(0))
+    on_gpu = augment_batch(x.cuda(), cfg, torch.Generator().manual_seed(0))
+    assert on_gpu.is_cuda
+    torch.testing.assert_close(on_gpu.cpu(), on_cpu, rtol=1e-4, atol=1e-4)

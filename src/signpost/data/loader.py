@@ -54,10 +54,7 @@ def augment_batch(
     if cfg.brightness > 0 or cfg.contrast > 0 or cfg.saturation > 0:
         out = _color_jitter(out, cfg, u)
     if cfg.blur_prob > 0:
-        # Blur the whole batch and pick per image with torch.where: blurring only the chosen images would need
-        # their count on the host (a sync on a GPU), and the blur is cheap next to the warp.
-        chosen = (u[:, _BLUR] < cfg.blur_prob).view(-1, 1, 1, 1)
-        out = torch.where(chosen, _blur(out), out)
+        out = _blur_some(out, u[:, _BLUR] < cfg.blur_prob, inplace=out is not x)
     return out
 
 
@@ -184,7 +181,7 @@ class BatchLoader:
         n = self.images.shape[0]
         if self.shuffle:
             # A CPU generator: every rank draws the same permutation, whatever its device.
-            gen = torch.Generator().manual_seed(self.seed)
+            gen = torch.Generator().manual_seed(_mix(self.seed, self.epoch))
             order = torch.randperm(n, generator=gen)
         else:
             order = torch.arange(n)
@@ -280,6 +277,20 @@ def _blur(x: torch.Tensor) -> torch.Tensor:
     p = F.pad(x, (1, 1, 1, 1), mode="replicate")
     rows = torch.add(p[..., :, :-2], p[..., :, 2:]).add_(p[..., :, 1:-1], alpha=2)
     return torch.add(rows[..., :-2, :], rows[..., 2:, :]).add_(rows[..., 1:-1, :], alpha=2).mul_(1 / 16)
+
+
+def _blur_some(x: torch.Tensor, chosen: torch.Tensor, inplace: bool) -> torch.Tensor:
+    """Blur the images where ``chosen`` [B] is true; in x itself when ``inplace`` (and on the CPU)."""
+    if x.device.type == "cpu":
+        # On the CPU there is no device to wait for, so gather just the chosen images (a tenth of the batch by
+        # default): blurring the whole batch and selecting with torch.where made a default-augmented epoch
+        # ~1.3-1.5x slower on a 2-core CPU.
+        idx = chosen.nonzero().squeeze(1)
+        blurred = _blur(x.index_select(0, idx))
+        return x.index_copy_(0, idx, blurred) if inplace else x.index_copy(0, idx, blurred)
+    # On a GPU the size of the chosen subset would have to come to the host (a sync that stalls the stream);
+    # blurring the whole batch and picking per image with torch.where keeps it asynchronous, and costs little there.
+    return torch.where(chosen.view(-1, 1, 1, 1), _blur(x), x)
 
 
 def _check_stats(mean: Sequence[float], std: Sequence[float]) -> None:
