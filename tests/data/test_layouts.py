@@ -474,7 +474,7 @@ def test_roi_is_inclusive_and_margin_is_a_fraction_of_it(tmp_path: Path, margin:
     path = tmp_path / "noise.ppm"
     path.write_bytes(lw.ppm_bytes(noise))
     x1, y1, x2, y2 = box
-    decoded = decode_samples([Sample(path, 0, "t", (5, 7, 20, 22))], x2 - x1, margin, workers=1)
+    decoded = decode_samples([Sample(str(path), 0, "t", (5, 7, 20, 22))], x2 - x1, margin, workers=1)
     assert decoded.failures == {}
     np.testing.assert_array_equal(decoded.images[0], noise[y1:y2, x1:x2])
 

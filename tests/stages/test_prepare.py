@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
@@ -26,7 +25,9 @@ def test_prepare_writes_a_complete_verified_cache(synthetic_root: Path, tmp_path
     manifest = verify_artifact(result.path)
     splits = _splits(result.path)
 
-    sources = [json.loads(line) for line in (result.path / "sources.jsonl").read_text().splitlines()]
+    header, *rows = (result.path / "sources.tsv").read_text().splitlines()
+    assert header.split("\t") == ["path", "sha256", "label", "track", "roi", "origin"]
+    sources = [dict(zip(header.split("\t"), row.split("\t"), strict=True)) for row in rows]
     assert len(sources) == sum(len(s) for s in splits.values())
     assert all(len(s["sha256"]) == 64 for s in sources)
     assert manifest["inputs"]["layout"] == "gtsrb"

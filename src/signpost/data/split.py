@@ -14,17 +14,17 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 
-def split_by_track(labels: np.ndarray, tracks: Sequence[str], fraction: float, seed: int) -> np.ndarray:
+def split_by_track(labels: np.ndarray, tracks: Sequence[str] | np.ndarray, fraction: float, seed: int) -> np.ndarray:
     """Boolean mask of the images held out: about ``fraction`` of each class, whole tracks only, seeded.
 
     Each class keeps at least one track on the training side; a class with a single track is not held out.
     """
     labels = np.asarray(labels)
-    track_arr = np.asarray(tracks, dtype=object)
+    track_arr = np.asarray(tracks)
     held = np.zeros(len(labels), dtype=bool)
     for label in np.unique(labels):
         in_class = np.flatnonzero(labels == label)
-        names, inverse, sizes = np.unique(track_arr[in_class].astype(str), return_inverse=True, return_counts=True)
+        names, inverse, sizes = np.unique(track_arr[in_class], return_inverse=True, return_counts=True)
         if len(names) < 2:
             log.warning("class %d has a single track: none of it is held out", label)
             continue

@@ -70,21 +70,21 @@ def prepare(config: SignpostConfig, *, progress: bool = True) -> PrepareResult:
 
     # Relative paths, computed once: per-sample pathlib calls would cost seconds on GTSRB's 51,839 files.
     cut = len(str(raw.root)) + 1
-    files = [str(s.path) for s in samples]
+    files = [s.file for s in samples]
     rels = [f[cut:].replace(os.sep, "/") for f in files]
     origins = ["train"] * len(raw.train) + ["test"] * len(raw.test)
 
     index = _HashIndex(config.workdir / STAGE / ".index", raw.root)
     digests = index.lookup(files, rels)
     if digests is not None:
-        path = _artifact_folder(config, samples, rels, origins, digests)
+        path = _artifact_folder(config, _sources_hash(samples, rels, origins, digests))
         if is_complete(path):
             return PrepareResult(path, True, read_manifest(path))
 
     decoded = decode_samples(samples, data.image_size, data.roi_margin, workers=data.workers, progress=progress)
-    index.update(files, rels, decoded.digests)
+    index.update(rels, decoded.digests, decoded.file_stats)
     sources = _sources_hash(samples, rels, origins, decoded.digests)
-    path = _artifact_folder(config, samples, rels, origins, decoded.digests)
+    path = _artifact_folder(config, sources)
     if is_complete(path):
         return PrepareResult(path, True, read_manifest(path))
     _check_failures(rels, decoded, data.max_bad_fraction)
@@ -93,7 +93,7 @@ def prepare(config: SignpostConfig, *, progress: bool = True) -> PrepareResult:
     with atomic_dir(path) as tmp:
         for name, split in splits.items():
             save_split(split, tmp / f"{name}.safetensors")
-        _write_sources(tmp / "sources.jsonl", samples, rels, origins, decoded)
+        _write_sources(tmp / "sources.tsv", samples, rels, origins, decoded)
         (tmp / "tracks.json").write_text(json.dumps(track_names), encoding="utf-8")
         _preview(splits["train"], len(raw.class_names)).save(tmp / "preview.png")
         manifest = write_manifest(
@@ -148,14 +148,19 @@ class _HashIndex:
     """Remembers each file's (size, mtime) → sha256, so an unchanged dataset is not read again to find its key.
 
     The same idea as DVC's state database: a file whose size and modification time are unchanged keeps its hash.
+    Stored as tab-separated lines (path, size, mtime in ns, sha256): a cache, safe to delete.
     """
 
     def __init__(self, folder: Path, root: Path) -> None:
-        self.path = folder / (hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:16] + ".json")
+        self.path = folder / (hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:16] + ".tsv")
+        self.entries: dict[str, list] = {}
         try:
-            self.entries: dict[str, list] = json.loads(self.path.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            self.entries = {}
+            lines = self.path.read_text(encoding="utf-8").splitlines()
+        except OSError:
+            return
+        for line in lines:
+            rel, size, mtime, digest = line.rsplit("\t", 3)
+            self.entries[rel] = [int(size), int(mtime), digest]
 
     def lookup(self, files: list[str], rels: list[str]) -> list[str] | None:
         """Every file's hash when all are known and unchanged, else None."""
@@ -167,14 +172,15 @@ class _HashIndex:
             digests.append(entry[2])
         return digests
 
-    def update(self, files: list[str], rels: list[str], digests: list[str]) -> None:
-        for file, rel, digest in zip(files, rels, digests, strict=True):
-            stat = _stat(file)
-            if digest and stat is not None:
-                self.entries[rel] = [*stat, digest]
+    def update(self, rels: list[str], digests: list[str], file_stats: np.ndarray) -> None:
+        """Record the hashes of the files just read, with the size and mtime they had when read."""
+        for rel, digest, (size, mtime) in zip(rels, digests, file_stats.tolist(), strict=True):
+            if digest:
+                self.entries[rel] = [size, mtime, digest]
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(self.entries), encoding="utf-8")
+        text = "".join(f"{rel}\t{size}\t{mtime}\t{digest}\n" for rel, (size, mtime, digest) in self.entries.items())
+        tmp.write_text(text, encoding="utf-8")
         os.replace(tmp, self.path)
 
 
@@ -195,13 +201,12 @@ def _sources_hash(samples: list[Sample], rels: list[str], origins: list[str], di
     return hashlib.sha256("".join(lines).encode()).hexdigest()
 
 
-def _artifact_folder(
-    config: SignpostConfig, samples: list[Sample], rels: list[str], origins: list[str], digests: list[str]
-) -> Path:
+def _artifact_folder(config: SignpostConfig, sources: str) -> Path:
+    """The cache's folder: named after the hash of the sources, the settings that shape it, and the code."""
     data = config.data
     key = hash_json(
         {
-            "sources": _sources_hash(samples, rels, origins, digests),
+            "sources": sources,
             "settings": data.model_dump(mode="json", exclude={"source", "root", "workers", "base_url", "synthetic"}),
             "seed": config.seed,
             "code": code_version(*_CODE),
@@ -236,20 +241,18 @@ def _make_splits(
     ok = np.ones(len(samples), dtype=bool)
     ok[list(decoded.failures)] = False
     labels = np.array([s.label for s in samples], dtype=np.int64)
-    track_names = sorted({s.track for s in samples})
-    track_id = {name: i for i, name in enumerate(track_names)}
-    tracks = np.array([track_id[s.track] for s in samples], dtype=np.int64)
+    names, tracks = np.unique(np.array([s.track for s in samples]), return_inverse=True)
+    track_names = names.tolist()
 
     in_test = np.zeros(len(samples), dtype=bool)
     in_test[n_train:] = True
     if not raw.test:
         log.info("the %s layout has no labelled test split: holding out %.0f%% by track", raw.layout,
                  100 * data.test_fraction)
-        in_test[:n_train] = split_by_track(labels[:n_train], [samples[i].track for i in range(n_train)],
-                                           data.test_fraction, config.seed + 1)
+        in_test[:n_train] = split_by_track(labels[:n_train], tracks[:n_train], data.test_fraction, config.seed + 1)
     pool = np.flatnonzero(~in_test)
     in_val = np.zeros(len(samples), dtype=bool)
-    in_val[pool] = split_by_track(labels[pool], [samples[i].track for i in pool], data.val_fraction, config.seed)
+    in_val[pool] = split_by_track(labels[pool], tracks[pool], data.val_fraction, config.seed)
 
     images = torch.from_numpy(decoded.images).permute(0, 3, 1, 2)
     masks = {"train": ~in_test & ~in_val & ok, "val": in_val & ok, "test": in_test & ok}
@@ -260,7 +263,7 @@ def _make_splits(
         splits[name] = CachedSplit(
             images=split_images,
             labels=torch.from_numpy(labels)[idx],
-            tracks=torch.from_numpy(tracks)[idx],
+            tracks=torch.from_numpy(tracks.astype(np.int64))[idx],
             sizes=torch.from_numpy(decoded.sizes)[idx],
             stats=image_stats(split_images),
         )
@@ -282,9 +285,7 @@ def _describe(
 ) -> dict[str, Any]:
     """What later stages and people need to know about the data, recorded in the manifest."""
     train = splits["train"]
-    pixels = train.images.float().div_(255.0)
-    mean = pixels.mean((0, 2, 3)).tolist()
-    std = pixels.std((0, 2, 3)).tolist()
+    mean, std = _channel_mean_std(train.images)
     size_stats = torch.cat([train.stats, train.sizes.float()], dim=1)
     return {
         "dataset": {
@@ -308,16 +309,27 @@ def _describe(
     }
 
 
+def _channel_mean_std(images: torch.Tensor) -> tuple[list[float], list[float]]:
+    """Exact per-channel mean and std (0..1 units) from a histogram of the uint8 values: no float copy of the set."""
+    values = torch.arange(256, dtype=torch.float64) / 255.0
+    mean, std = [], []
+    for channel in range(images.shape[1]):
+        counts = torch.bincount(images[:, channel].reshape(-1), minlength=256).double()
+        m = float((counts * values).sum() / counts.sum())
+        mean.append(m)
+        std.append(float(((counts * (values - m) ** 2).sum() / counts.sum()).sqrt()))
+    return mean, std
+
+
 def _write_sources(
     path: Path, samples: list[Sample], rels: list[str], origins: list[str], decoded: DecodedImages
 ) -> None:
-    """One JSON line per source file: where it is, its hash, label, track, ROI and split of origin."""
-    encode = json.JSONEncoder().encode
+    """One tab-separated line per source file: path, sha256, label, track, ROI (x1,y1,x2,y2) and split of origin."""
     lines = (
-        encode({"path": rel, "sha256": digest, "label": s.label, "track": s.track, "roi": s.roi, "origin": origin})
+        f"{rel}\t{digest}\t{s.label}\t{s.track}\t{','.join(map(str, s.roi)) if s.roi else ''}\t{origin}\n"
         for s, rel, origin, digest in zip(samples, rels, origins, decoded.digests, strict=True)
     )
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    path.write_text("path\tsha256\tlabel\ttrack\troi\torigin\n" + "".join(lines), encoding="utf-8")
 
 
 def _preview(split: CachedSplit, num_classes: int, tile: int = 48, columns: int = 11) -> Image.Image:
