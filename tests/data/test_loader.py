@@ -249,14 +249,14 @@ def test_warp_geometry_with_chosen_parameters() -> None:
     x[:, :, 15:17, 15:17] = 1.0
     u = torch.full((1, 8), 0.5)
     u[0, loader_module._TX], u[0, loader_module._TY] = 1.0, 0.75
-    out = loader_module._warp(x, only(translate=0.1), u)
+    out = loader_module._warp(x, only(translate=0.1), loader_module._params(u, only(translate=0.1)))
     torch.testing.assert_close(centroid(out) - centroid(x), torch.tensor([[3.2, 1.6]]), rtol=0, atol=1e-3)
     # ... and a zoom of 1.5 makes a centred square 1.5^2 times larger.
     x = torch.zeros(1, 3, 32, 32)
     x[:, :, 8:24, 8:24] = 1.0
     u = torch.full((1, 8), 0.5)
     u[0, loader_module._SCALE] = 1.0
-    out = loader_module._warp(x, only(scale_max=1.5), u)
+    out = loader_module._warp(x, only(scale_max=1.5), loader_module._params(u, only(scale_max=1.5)))
     torch.testing.assert_close(out.sum() / x.sum(), torch.tensor(2.25), rtol=1e-3, atol=0)
 
 
@@ -277,7 +277,8 @@ def test_fused_color_jitter_equals_the_three_steps_in_turn() -> None:
     y = c * y + (1 - c) * gray(y).mean(dim=(1, 2, 3), keepdim=True)
     s = factor(loader_module._SAT)
     y = s * y + (1 - s) * gray(y)
-    torch.testing.assert_close(loader_module._color_jitter(x, cfg, u), y.clamp(0, 1), rtol=1e-5, atol=1e-5)
+    jittered = loader_module._color_jitter(x, cfg, loader_module._params(u, cfg))
+    torch.testing.assert_close(jittered, y.clamp(0, 1), rtol=1e-5, atol=1e-5)
 
 
 def test_brightness_only_scales_each_image() -> None:

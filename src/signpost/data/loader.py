@@ -14,6 +14,7 @@ right"), so a flip would teach the model wrong labels.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from collections.abc import Iterator, Sequence
@@ -47,14 +48,14 @@ def augment_batch(
         raise ValueError(f"augment_batch expects a float tensor [B, 3, H, W], got {x.dtype} {tuple(x.shape)}")
     if not cfg.enabled or x.shape[0] == 0:
         return x
-    u = _uniform((x.shape[0], _NUM_PARAMS), generator, x.device, x.dtype)
+    p = _params(_uniform((x.shape[0], _NUM_PARAMS), generator, x.device, x.dtype), cfg)
     out = x
     if cfg.translate > 0 or cfg.rotate_deg > 0 or cfg.scale_min != 1 or cfg.scale_max != 1:
-        out = _warp(out, cfg, u)
+        out = _warp(out, cfg, p)
     if cfg.brightness > 0 or cfg.contrast > 0 or cfg.saturation > 0:
-        out = _color_jitter(out, cfg, u)
+        out = _color_jitter(out, cfg, p)
     if cfg.blur_prob > 0:
-        out = _blur_some(out, u[:, _BLUR] < cfg.blur_prob, inplace=out is not x)
+        out = _blur_some(out, p[:, _BLUR] < cfg.blur_prob, inplace=out is not x)
     return out
 
 
@@ -134,11 +135,11 @@ class BatchLoader:
         self.epoch = 0
         self.samples_per_rank = math.ceil(self.images.shape[0] / world_size)
 
-        self._mean = torch.tensor(list(mean), dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
-        self._std = torch.tensor(list(std), dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
-        # Without augmentation, uint8 -> normalized float is one multiply-add: x * 1/(255 std) - mean/std.
-        self._u8_scale = 1.0 / (255.0 * self._std)
-        self._u8_shift = -self._mean / self._std
+        mean_t = torch.tensor(list(mean), dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
+        std_t = torch.tensor(list(std), dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
+        self._mean, self._std = mean_t, std_t
+        # Without augmentation, uint8 -> normalized float is one multiply-add: x / (255 std) - mean / std.
+        self._u8_scale, self._u8_shift = 1.0 / (255.0 * std_t), -mean_t / std_t
         log.debug(
             "BatchLoader: %d images %s on %s, batch %d per rank, rank %d of %d, %d batches per epoch, augment %s",
             self.images.shape[0], tuple(self.images.shape[1:]), self.device, batch_size, rank, world_size,
@@ -168,10 +169,10 @@ class BatchLoader:
             raw = self.images.index_select(0, idx)
             y = self.labels.index_select(0, idx)
             if self.augment is None:
-                x = raw.to(torch.float32).mul_(self._u8_scale).add_(self._u8_shift)
+                x = torch.addcmul(self._u8_shift, raw.to(torch.float32), self._u8_scale)
             else:
                 x = augment_batch(raw.to(torch.float32).div_(255.0), self.augment, aug_gen)
-                x = x.sub_(self._mean).div_(self._std)
+                x = x.sub_(self._mean).div_(self._std)  # in place: cheaper here than a broadcasting addcmul
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             yield x, y
@@ -214,6 +215,32 @@ def _uniform(
     return u.to(device, non_blocking=True)
 
 
+def _params(u: torch.Tensor, cfg: AugmentConfig) -> torch.Tensor:
+    """Every op's per-image parameter from uniform draws [B, 8], in one multiply-add: column k is uniform in
+    [low_k, low_k + span_k]. Translations are in affine_grid's normalized units (the side spans 2), rotations in
+    radians, the jitter factors around 1, and the blur column stays uniform in [0, 1) to compare with blur_prob.
+    """
+    low, span = _ranges(
+        (cfg.translate, cfg.scale_min, cfg.scale_max, cfg.rotate_deg, cfg.brightness, cfg.contrast, cfg.saturation),
+        u.device,
+        u.dtype,
+    )
+    return torch.addcmul(low, u, span)
+
+
+@functools.lru_cache(maxsize=16)
+def _ranges(
+    strengths: tuple[float, ...], device: torch.device, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The low ends and spans of the 8 parameter columns; cached, so a GPU gets them once, not every batch."""
+    translate, scale_min, scale_max, rotate_deg, brightness, contrast, saturation = strengths
+    rot = math.radians(rotate_deg)
+    low = [-2 * translate, -2 * translate, scale_min, -rot, 1 - brightness, 1 - contrast, 1 - saturation, 0.0]
+    span = [4 * translate, 4 * translate, scale_max - scale_min, 2 * rot, 2 * brightness, 2 * contrast,
+            2 * saturation, 1.0]  # fmt: skip
+    return torch.tensor(low, device=device, dtype=dtype), torch.tensor(span, device=device, dtype=dtype)
+
+
 def _per_image(v: torch.Tensor) -> torch.Tensor:
     return v.view(-1, 1, 1, 1)
 
@@ -225,28 +252,36 @@ def _grayscale(x: torch.Tensor) -> torch.Tensor:
     return r.mul(w[0]).add_(g, alpha=w[1]).add_(b, alpha=w[2]).unsqueeze(1)
 
 
-def _warp(x: torch.Tensor, cfg: AugmentConfig, u: torch.Tensor) -> torch.Tensor:
-    """One bilinear affine warp for the whole batch: per-image translation, scale and rotation."""
+def _warp(x: torch.Tensor, cfg: AugmentConfig, p: torch.Tensor) -> torch.Tensor:
+    """One bilinear affine warp for the whole batch: per-image translation, scale and rotation (``p`` from
+    ``_params``; in normalized coordinates the image side spans 2, so a shift of f * side is 2 f)."""
     n, _, h, w = x.shape
-    angle = math.radians(cfg.rotate_deg) * (2 * u[:, _ROT] - 1)
-    scale = cfg.scale_min + (cfg.scale_max - cfg.scale_min) * u[:, _SCALE]
-    # In affine_grid's normalized coordinates the image side spans 2, so a shift of f * side is 2 f.
-    tx = 2 * cfg.translate * (2 * u[:, _TX] - 1)
-    ty = 2 * cfg.translate * (2 * u[:, _TY] - 1)
+    angle, scale, tx, ty = p[:, _ROT], p[:, _SCALE], p[:, _TX], p[:, _TY]
     # affine_grid maps output to input coordinates, so theta inverts "rotate by angle, zoom by scale, move by t":
     # A = R(-angle) / scale (the h/w factors keep the rotation rigid in normalized coordinates when h != w), and
     # the offset is -A t.
     cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
-    a11, a12, a21, a22 = cos, sin * (h / w), -sin * (w / h), cos
-    theta = torch.stack([a11, a12, -(a11 * tx + a12 * ty), a21, a22, -(a21 * tx + a22 * ty)], dim=1)
-    grid = F.affine_grid(theta.view(n, 2, 3), [n, 3, h, w], align_corners=False)
+    a11, a12, a21, a22 = (v.view(n, 1, 1) for v in (cos, sin * (h / w), -sin * (w / h), cos))
+    tx, ty = tx.view(n, 1, 1), ty.view(n, 1, 1)
+    # The sampling grid affine_grid would build, as broadcast multiply-adds over the pixel centres: affine_grid's
+    # [B, H, W, 3] base grid and batched 3x2 matmul cost ~3x more on a 2-core CPU.
+    xs = _pixel_centres(w, x.device, x.dtype).view(1, 1, w)
+    ys = _pixel_centres(h, x.device, x.dtype).view(1, h, 1)
+    dx, dy = xs - tx, ys - ty
+    # Built as [B, 2, H, W] and viewed as the [B, H, W, 2] grid_sample wants: interleaving with stack costs more.
+    grid = torch.cat([a11 * dx + a12 * dy, a21 * dx + a22 * dy], dim=1).view(n, 2, h, w).permute(0, 2, 3, 1)
     # "border" repeats the edge pixels (the sign's background) into the uncovered corners. "reflection" would
     # mirror the sign's own edge into view, a partial flip of the kind we refuse to train on; "zeros" would add
     # black corners that real crops never have.
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
-def _color_jitter(x: torch.Tensor, cfg: AugmentConfig, u: torch.Tensor) -> torch.Tensor:
+def _pixel_centres(n: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """Normalized coordinates of n pixel centres, as affine_grid uses them with align_corners=False."""
+    return torch.linspace(-1 + 1 / n, 1 - 1 / n, n, device=device, dtype=dtype)
+
+
+def _color_jitter(x: torch.Tensor, cfg: AugmentConfig, p: torch.Tensor) -> torch.Tensor:
     """Brightness, then contrast, then saturation, each with a per-image factor drawn from 1 ± its strength.
 
     Brightness multiplies by b; contrast blends with the image's mean gray level m (y -> c y + (1 - c) m);
@@ -255,9 +290,7 @@ def _color_jitter(x: torch.Tensor, cfg: AugmentConfig, u: torch.Tensor) -> torch
     pass over the batch instead of three, clamped once at the end (torchvision clamps after each step; the
     results differ only where an intermediate value left [0, 1]). A strength of 0 gives a factor of 1.
     """
-    bright = 1 + cfg.brightness * (2 * u[:, _BRIGHT] - 1)
-    contrast = 1 + cfg.contrast * (2 * u[:, _CONTRAST] - 1)
-    sat = 1 + cfg.saturation * (2 * u[:, _SAT] - 1)
+    bright, contrast, sat = p[:, _BRIGHT], p[:, _CONTRAST], p[:, _SAT]
     scale = _per_image(bright * contrast * sat)
     if cfg.contrast == 0 and cfg.saturation == 0:
         return (x * scale).clamp_(0, 1)
