@@ -1,7 +1,7 @@
 """Per-image statistics respond to what they claim to measure."""
 
-import torch
-import torch.nn.functional as F
+import numpy as np
+import pytest
 
 from signpost.data.stats import STAT_NAMES, image_stats, reference_summary
 
@@ -11,31 +11,49 @@ def _col(name: str) -> int:
 
 
 def test_brightness_contrast_colour() -> None:
-    dark = torch.full((1, 3, 8, 8), 20, dtype=torch.uint8)
-    bright = torch.full((1, 3, 8, 8), 220, dtype=torch.uint8)
-    red = torch.zeros(1, 3, 8, 8, dtype=torch.uint8)
+    dark = np.full((1, 3, 8, 8), 20, dtype=np.uint8)
+    bright = np.full((1, 3, 8, 8), 220, dtype=np.uint8)
+    red = np.zeros((1, 3, 8, 8), dtype=np.uint8)
     red[:, 0] = 255
-    stats = image_stats(torch.cat([dark, bright, red]))
-    assert stats[0, _col("brightness")] < stats[1, _col("brightness")]
-    assert torch.allclose(stats[:2, _col("contrast")], torch.zeros(2), atol=1e-6)
+    black = np.zeros((1, 3, 8, 8), dtype=np.uint8)
+    stats = image_stats(np.concatenate([dark, bright, red, black]))
+    assert stats.dtype == np.float32 and stats.shape == (4, len(STAT_NAMES))
+    assert stats[0, _col("brightness")] == pytest.approx(20 / 255, abs=1e-5)
+    assert stats[1, _col("brightness")] == pytest.approx(220 / 255, abs=1e-5)
+    assert np.allclose(stats[:2, _col("contrast")], 0, atol=1e-6)
     assert stats[2, _col("red")] == 1.0 and stats[2, _col("green")] == 0.0
     assert stats[2, _col("saturation")] == 1.0 and stats[1, _col("saturation")] == 0.0
+    assert stats[3, _col("saturation")] == 0.0  # black pixels are defined as unsaturated
+
+
+def test_contrast_is_the_std_of_luma() -> None:
+    half = np.zeros((1, 3, 8, 8), dtype=np.uint8)
+    half[..., 4:] = 255
+    assert image_stats(half)[0, _col("contrast")] == pytest.approx(0.5, abs=1e-5)
 
 
 def test_blur_lowers_sharpness() -> None:
-    checker = ((torch.arange(16).view(1, -1) + torch.arange(16).view(-1, 1)) % 2 * 255).to(torch.uint8)
-    sharp = checker.expand(1, 3, 16, 16).contiguous()
-    kernel = torch.full((3, 1, 3, 3), 1 / 9)
-    blurred = F.conv2d(sharp.float(), kernel, padding=1, groups=3).round().to(torch.uint8)
-    stats = image_stats(torch.cat([sharp, blurred]))
+    checker = ((np.arange(16)[None, :] + np.arange(16)[:, None]) % 2 * 255).astype(np.uint8)
+    sharp = np.broadcast_to(checker, (1, 3, 16, 16)).copy()
+    blurred = np.full_like(sharp, 128)
+    blurred[..., ::2, :] = 100
+    stats = image_stats(np.concatenate([sharp, blurred]))
     assert stats[0, _col("sharpness")] > 10 * stats[1, _col("sharpness")]
 
 
+def test_bad_input_is_refused() -> None:
+    with pytest.raises(ValueError, match="uint8 images"):
+        image_stats(np.zeros((2, 8, 8, 3), dtype=np.uint8))
+    with pytest.raises(ValueError, match="uint8 images"):
+        image_stats(np.zeros((2, 3, 8, 8), dtype=np.float32))
+
+
 def test_reference_summary_shape() -> None:
-    values = torch.rand(500, 2)
+    values = np.random.default_rng(0).random((500, 2))
     summary = reference_summary(values, ("a", "b"), bins=10)
     assert set(summary) == {"a", "b"}
     assert sum(summary["a"]["histogram"]["counts"]) == 500
     assert len(summary["a"]["histogram"]["edges"]) == 11
     q = summary["b"]["quantiles"]
     assert q["p1"] <= q["p50"] <= q["p99"]
+    assert summary["a"]["mean"] == pytest.approx(values[:, 0].mean())

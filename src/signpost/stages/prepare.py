@@ -34,7 +34,7 @@ from signpost.data.cache import CachedSplit, DecodedImages, decode_samples, save
 from signpost.data.download import download_gtsrb
 from signpost.data.layouts import RawDataset, Sample, read_dataset
 from signpost.data.split import split_by_track
-from signpost.data.stats import STAT_NAMES, image_stats, reference_summary
+from signpost.data.stats import STAT_NAMES, reference_summary
 from signpost.data.synthetic import generate_gtsrb
 
 log = logging.getLogger(__name__)
@@ -254,18 +254,18 @@ def _make_splits(
     in_val = np.zeros(len(samples), dtype=bool)
     in_val[pool] = split_by_track(labels[pool], tracks[pool], data.val_fraction, config.seed)
 
-    images = torch.from_numpy(decoded.images).permute(0, 3, 1, 2)
+    images = torch.from_numpy(decoded.images)
+    stats = torch.from_numpy(decoded.stats)
     masks = {"train": ~in_test & ~in_val & ok, "val": in_val & ok, "test": in_test & ok}
     splits = {}
     for name, mask in masks.items():
         idx = torch.from_numpy(np.flatnonzero(mask))
-        split_images = images[idx].contiguous()
         splits[name] = CachedSplit(
-            images=split_images,
+            images=images[idx],
             labels=torch.from_numpy(labels)[idx],
             tracks=torch.from_numpy(tracks.astype(np.int64))[idx],
             sizes=torch.from_numpy(decoded.sizes)[idx],
-            stats=image_stats(split_images),
+            stats=stats[idx],
         )
     return splits, track_names
 
@@ -286,7 +286,7 @@ def _describe(
     """What later stages and people need to know about the data, recorded in the manifest."""
     train = splits["train"]
     mean, std = _channel_mean_std(train.images)
-    size_stats = torch.cat([train.stats, train.sizes.float()], dim=1)
+    size_stats = np.concatenate([train.stats.numpy(), train.sizes.numpy()], axis=1)
     return {
         "dataset": {
             "layout": raw.layout,
