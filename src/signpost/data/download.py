@@ -470,17 +470,18 @@ def _merge(src: Path, dest: Path) -> None:
 def download_gtsrb(
     root: Path,
     base_url: str,
-    archives: Sequence[RemoteArchive] = GTSRB_ARCHIVES,
+    archives: Sequence[RemoteArchive] | None = None,
     *,
     progress: bool = True,
 ) -> Path:
-    """Fetch and extract the official archives into ``root``; idempotent. Returns ``root``.
+    """Fetch and extract the official archives (``GTSRB_ARCHIVES`` unless given) into ``root``; idempotent.
 
     Archives are kept in ``root/downloads``; ``root/downloads/<archive>.extracted`` records an archive that
     was extracted in full, so a second run does no work and an interrupted run picks up where it stopped.
     """
     root = Path(root)
     downloads = root / "downloads"
+    archives = GTSRB_ARCHIVES if archives is None else archives
     for archive in archives:
         if archive.filename in ("", ".", "..") or "/" in archive.filename or "\\" in archive.filename:
             raise ValueError(f"archive filename {archive.filename!r} must be a plain file name")
