@@ -15,26 +15,29 @@ QUANTILES: tuple[float, ...] = (0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99)
 def image_stats(images: np.ndarray) -> np.ndarray:
     """Statistics of uint8 images ``[N, 3, H, W]`` as float32 ``[N, len(STAT_NAMES)]``, in 0..1 units.
 
-    brightness: mean luma; contrast: std of luma; sharpness: variance of the luma Laplacian (blur lowers it);
+    brightness: mean luma (BT.601); contrast: std of luma; sharpness: variance of the luma Laplacian (blur lowers it);
     red/green/blue: channel means; saturation: mean of (max - min) / max over channels, 0 for black pixels.
     """
     images = np.asarray(images)
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1] != 3:
         raise ValueError(f"expected uint8 images [N, 3, H, W], got {images.dtype} {images.shape}")
-    # Pixel units (0..255) throughout, scaled once at the end.
-    x = images.astype(np.float32)
-    r, g, b = x[:, 0], x[:, 1], x[:, 2]
-    luma = 0.299 * r + 0.587 * g + 0.114 * b
+    n = images.shape[0]
+    r, g, b = images[:, 0], images[:, 1], images[:, 2]
+    # BT.601 luma in fixed point (77, 150, 29 / 256) on uint16, and max/min on uint8: each ~3-8x cheaper than the
+    # same in float32 on this CPU. numpy scalars, so that the products widen to uint16 instead of wrapping at 255.
+    luma = (r * np.uint16(77) + g * np.uint16(150) + b * np.uint16(29)).astype(np.float32) * (1 / 256)
     lap = luma[:, :-2, 1:-1] + luma[:, 2:, 1:-1] + luma[:, 1:-1, :-2] + luma[:, 1:-1, 2:] - 4 * luma[:, 1:-1, 1:-1]
+    brightness, contrast = _mean_std(luma.reshape(n, -1))
+    _, lap_std = _mean_std(lap.reshape(n, -1))
     top = np.maximum(np.maximum(r, g), b)
     bottom = np.minimum(np.minimum(r, g), b)
-    saturation = ((top - bottom) / np.maximum(top, 1.0)).mean(axis=(1, 2))
-    channels = x.mean(axis=(2, 3)) / 255.0
+    saturation = ((top - bottom).astype(np.float32) / np.maximum(top, 1)).reshape(n, -1).mean(axis=1)
+    channels = images.reshape(n, 3, -1).mean(axis=-1, dtype=np.float32) / 255.0
     return np.stack(
         [
-            luma.mean(axis=(1, 2)) / 255.0,
-            luma.std(axis=(1, 2)) / 255.0,
-            lap.var(axis=(1, 2)) / 255.0**2,
+            brightness / 255.0,
+            contrast / 255.0,
+            lap_std**2 / 255.0**2,
             channels[:, 0],
             channels[:, 1],
             channels[:, 2],
@@ -42,6 +45,13 @@ def image_stats(images: np.ndarray) -> np.ndarray:
         ],
         axis=1,
     ).astype(np.float32)
+
+
+def _mean_std(v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Row means and population standard deviations of ``v`` [N, M], as E[v²] - E[v]² (one pass each)."""
+    mean = v.mean(axis=1)
+    mean_sq = np.einsum("ij,ij->i", v, v) / v.shape[1]
+    return mean, np.sqrt(np.maximum(mean_sq - mean * mean, 0.0))
 
 
 def reference_summary(values: np.ndarray, names: tuple[str, ...], bins: int = 20) -> dict[str, dict]:
