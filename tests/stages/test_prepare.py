@@ -147,3 +147,13 @@ def test_synthetic_source_generates_once(tmp_path: Path) -> None:
     assert len(raw) == 1 and (raw[0] / "manifest.json").is_file()
     assert prepare(config, progress=False).reused
     assert first.manifest["dataset"]["num_classes"] == SMALL_SYNTHETIC.num_classes
+
+
+def test_dataset_root_given_as_the_current_folder(
+    synthetic_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(synthetic_root / "GTSRB")
+    result = prepare(local_config(Path("."), tmp_path), progress=False)
+    _header, first, *_ = (result.path / "sources.tsv").read_text().splitlines()
+    assert first.startswith("Final_Training/Images/00000/")
+    assert len(result.manifest["key"]) == 64 and result.path.name == f"t-{result.manifest['key'][:12]}"

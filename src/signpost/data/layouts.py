@@ -72,7 +72,8 @@ class RawDataset:
 
 def read_dataset(root: Path, layout: str = "auto") -> RawDataset:
     """Read the dataset under ``root`` in ``layout`` ("auto" tries each layout in turn)."""
-    root = Path(root)
+    # Absolute, so that every sample's path starts with the dataset root's (pathlib drops a leading "./").
+    root = Path(root).absolute()
     if not root.exists():
         raise LayoutError(f"dataset folder not found: {root}")
     if not root.is_dir():

@@ -40,7 +40,6 @@ from signpost.data.synthetic import generate_gtsrb
 log = logging.getLogger(__name__)
 
 STAGE = "data"
-SPLITS = ("train", "val", "test")
 _CODE = ("signpost.data.cache", "signpost.data.layouts", "signpost.data.split", "signpost.data.stats", __name__)
 
 
@@ -77,14 +76,16 @@ def prepare(config: SignpostConfig, *, progress: bool = True) -> PrepareResult:
     index = _HashIndex(config.workdir / STAGE / ".index", raw.root)
     digests = index.lookup(files, rels)
     if digests is not None:
-        path = _artifact_folder(config, _sources_hash(samples, rels, origins, digests))
+        key = _cache_key(config, _sources_hash(samples, rels, origins, digests))
+        path = artifact_path(config.workdir, STAGE, config.name, key)
         if is_complete(path):
             return PrepareResult(path, True, read_manifest(path))
 
     decoded = decode_samples(samples, data.image_size, data.roi_margin, workers=data.workers, progress=progress)
     index.update(rels, decoded.digests, decoded.file_stats)
     sources = _sources_hash(samples, rels, origins, decoded.digests)
-    path = _artifact_folder(config, sources)
+    key = _cache_key(config, sources)
+    path = artifact_path(config.workdir, STAGE, config.name, key)
     if is_complete(path):
         return PrepareResult(path, True, read_manifest(path))
     _check_failures(rels, decoded, data.max_bad_fraction)
@@ -99,7 +100,7 @@ def prepare(config: SignpostConfig, *, progress: bool = True) -> PrepareResult:
         manifest = write_manifest(
             tmp,
             stage=STAGE,
-            key=path.name,
+            key=key,
             inputs={"layout": raw.layout, "root": str(raw.root), "files": len(samples), "sources_sha256": sources},
             config=config_to_dict(config.data) | {"seed": config.seed},
             code=code_version(*_CODE),
@@ -201,10 +202,10 @@ def _sources_hash(samples: list[Sample], rels: list[str], origins: list[str], di
     return hashlib.sha256("".join(lines).encode()).hexdigest()
 
 
-def _artifact_folder(config: SignpostConfig, sources: str) -> Path:
-    """The cache's folder: named after the hash of the sources, the settings that shape it, and the code."""
+def _cache_key(config: SignpostConfig, sources: str) -> str:
+    """The hash that names the cache: the sources, the settings that shape the cache, and the code that makes it."""
     data = config.data
-    key = hash_json(
+    return hash_json(
         {
             "sources": sources,
             "settings": data.model_dump(mode="json", exclude={"source", "root", "workers", "base_url", "synthetic"}),
@@ -212,7 +213,6 @@ def _artifact_folder(config: SignpostConfig, sources: str) -> Path:
             "code": code_version(*_CODE),
         }
     )
-    return artifact_path(config.workdir, STAGE, config.name, key)
 
 
 # --- decode results → splits ------------------------------------------------------------------------------------
