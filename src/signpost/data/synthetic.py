@@ -107,7 +107,7 @@ def generate_gtsrb(root: Path, cfg: SyntheticConfig, *, progress: bool = False) 
     if gtsrb.exists() and (not gtsrb.is_dir() or any(gtsrb.iterdir())):
         raise ValueError(
             f"{gtsrb} already exists and is not empty; refusing to write a synthetic dataset over it. "
-            "Pick another data.root or delete that folder."
+            "Choose another folder or delete that one."
         )
     start = time.perf_counter()
     tracks = _track_counts(cfg)
