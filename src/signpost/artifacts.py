@@ -35,9 +35,9 @@ class ArtifactError(RuntimeError):
     """An artifact folder that is missing, incomplete or does not match its manifest."""
 
 
-def sha256_file(path: Path) -> str:
-    """Hex SHA-256 of a file's bytes."""
-    digest = hashlib.sha256()
+def hash_file(path: Path, algo: str = "sha256") -> str:
+    """Hex digest of a file's bytes: SHA-256, or another ``hashlib`` algorithm such as md5 for a published checksum."""
+    digest = hashlib.new(algo)
     with open(path, "rb") as fh:
         while chunk := fh.read(_CHUNK):
             digest.update(chunk)
@@ -142,7 +142,7 @@ def write_manifest(
     """Hash every file in ``folder`` and write the manifest last. Returns the manifest."""
     folder = Path(folder)
     files = {
-        p.relative_to(folder).as_posix(): sha256_file(p)
+        p.relative_to(folder).as_posix(): hash_file(p)
         for p in sorted(folder.rglob("*"))
         if p.is_file() and p.name != MANIFEST
     }
@@ -190,7 +190,7 @@ def verify_artifact(folder: Path, names: list[str] | None = None) -> dict[str, A
         path = Path(folder) / name
         if not path.is_file():
             raise ArtifactError(f"{folder}: {name} is listed in the manifest but missing")
-        actual = sha256_file(path)
+        actual = hash_file(path)
         if actual != recorded[name]:
             raise ArtifactError(
                 f"{folder}: {name} does not match its manifest (sha256 {actual[:12]}…, expected "

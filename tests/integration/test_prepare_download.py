@@ -58,6 +58,20 @@ def _official_archives(dataset: Path) -> dict[str, bytes]:
     }
 
 
+def _publish(dataset: Path, served: Path, monkeypatch: pytest.MonkeyPatch, corrupt: bool = False) -> dict[str, bytes]:
+    """Serve the dataset as the three official archives, with their checksums as the official ones."""
+    archives = _official_archives(dataset)
+    monkeypatch.setattr(
+        download,
+        "GTSRB_ARCHIVES",
+        tuple(RemoteArchive(name, f"md5:{hashlib.md5(data).hexdigest()}") for name, data in archives.items()),
+    )
+    for name, data in archives.items():
+        # A corrupted copy has the right size and the wrong bytes, as after a transfer error.
+        (served / name).write_bytes(data[:-100] + b"\0" * 100 if corrupt else data)
+    return archives
+
+
 def test_prepare_download_fetches_verifies_extracts_and_prepares(
     synthetic_root: Path,
     archive_server: tuple[str, Path],
@@ -66,14 +80,7 @@ def test_prepare_download_fetches_verifies_extracts_and_prepares(
     capsys: pytest.CaptureFixture,
 ) -> None:
     base_url, served = archive_server
-    archives = _official_archives(synthetic_root)
-    for name, data in archives.items():
-        (served / name).write_bytes(data)
-    monkeypatch.setattr(
-        download,
-        "GTSRB_ARCHIVES",
-        tuple(RemoteArchive(name, f"md5:{hashlib.md5(data).hexdigest()}") for name, data in archives.items()),
-    )
+    archives = _publish(synthetic_root, served, monkeypatch)
     root = tmp_path / "gtsrb"
     args = ["prepare", "--download", "--no-progress", f"data.root={root}", f"data.base_url={base_url}",
             f"workdir={tmp_path / 'work'}", "name=dl"]  # fmt: skip
@@ -100,14 +107,7 @@ def test_a_corrupted_download_fails_cleanly(
     capsys: pytest.CaptureFixture,
 ) -> None:
     base_url, served = archive_server
-    archives = _official_archives(synthetic_root)
-    monkeypatch.setattr(
-        download,
-        "GTSRB_ARCHIVES",
-        tuple(RemoteArchive(name, f"md5:{hashlib.md5(data).hexdigest()}") for name, data in archives.items()),
-    )
-    for name, data in archives.items():
-        (served / name).write_bytes(data[:-100] + b"\0" * 100)  # corrupted in transit
+    _publish(synthetic_root, served, monkeypatch, corrupt=True)
     root = tmp_path / "gtsrb"
     code = main(["prepare", "--download", "--no-progress", f"data.root={root}", f"data.base_url={base_url}",
                  f"workdir={tmp_path / 'work'}"])  # fmt: skip

@@ -9,7 +9,6 @@ result in only when the whole archive has unpacked cleanly.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import http.client
 import logging
 import lzma
@@ -33,7 +32,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 import signpost
-from signpost.artifacts import sha256_file
+from signpost.artifacts import hash_file
 
 log = logging.getLogger(__name__)
 
@@ -87,16 +86,6 @@ def _parse_checksum(checksum: str) -> tuple[str, str]:
     return algo, digest
 
 
-def _file_digest(path: Path, algo: str) -> str:
-    if algo == "sha256":
-        return sha256_file(path)
-    digest = hashlib.new(algo)
-    with open(path, "rb") as fh:
-        while chunk := fh.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def download_file(
     url: str,
     dest: Path,
@@ -117,7 +106,7 @@ def download_file(
     if urllib.parse.urlsplit(url).scheme not in ("http", "https"):
         raise DownloadError(f"{url}: only http:// and https:// URLs are supported")
     if dest.is_file():
-        if _file_digest(dest, algo) == expected:
+        if hash_file(dest, algo) == expected:
             log.info("%s is already downloaded and its %s matches", dest, algo)
             return dest
         log.warning("%s exists but its %s does not match %s; downloading it again", dest, algo, expected)
@@ -145,12 +134,12 @@ def download_file(
         if complete:
             break
         # The server says the .part already covers the whole file (416); if it is wrong, start from scratch.
-        if _file_digest(part, algo) == expected:
+        if hash_file(part, algo) == expected:
             break
         log.warning("%s does not match the file at %s; downloading it again from the start", part, url)
         part.unlink()
 
-    actual = _file_digest(part, algo)
+    actual = hash_file(part, algo)
     if actual != expected:
         part.unlink(missing_ok=True)
         raise DownloadError(
