@@ -89,10 +89,45 @@ class AugmentConfig(StrictModel):
 
 
 class TrainConfig(StrictModel):
-    """Training settings (the loader's part for now)."""
+    """The training recipe."""
 
+    model: Literal["signnet", "traffic_sign_net"] = Field("signnet", description="architecture, by name")
+    epochs: int = Field(12, ge=1, le=1000)
     batch_size: int = Field(256, ge=1, le=65536, description="images per optimizer step, across all ranks")
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    lr: float = Field(3e-3, gt=0.0, le=10.0, description="peak learning rate")
+    weight_decay: float = Field(5e-4, ge=0.0, le=1.0)
+    momentum: float = Field(0.9, ge=0.0, lt=1.0, description="SGD momentum (Nesterov)")
+    schedule: Literal["cosine", "onecycle"] = Field("cosine", description="after a linear warm-up")
+    warmup_epochs: float = Field(1.0, ge=0.0, description="linear warm-up length, in epochs")
+    label_smoothing: float = Field(0.1, ge=0.0, lt=1.0)
+    grad_clip: float = Field(1.0, ge=0.0, description="max global gradient norm; 0 turns clipping off")
+    bf16: Literal["auto", "on", "off"] = Field("auto", description="bf16 autocast: auto = where it is fast")
+    channels_last: bool = True
+    compile: bool = Field(False, description="torch.compile the model (pays off on GPUs, not on small CPUs)")
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    threads: int = Field(0, ge=0, description="CPU threads for torch; 0 keeps torch's default")
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
+
+
+class EvaluateConfig(StrictModel):
+    """The evaluation gate: a model that fails any rule is not registered or promoted."""
+
+    min_accuracy: float = Field(0.9, ge=0.0, le=1.0, description="minimum top-1 test accuracy")
+    min_class_accuracy: float = Field(0.5, ge=0.0, le=1.0, description="minimum recall of every class")
+    max_drop: float = Field(0.005, ge=0.0, le=1.0, description="largest top-1 drop allowed against the champion")
+    calibration_bins: int = Field(15, ge=2, le=100, description="bins of the reliability diagram and ECE")
+
+
+class TrackingConfig(StrictModel):
+    """Experiment tracking and the model registry."""
+
+    backend: Literal["mlflow", "none"] = Field("mlflow", description="none: manifests only, no tracking server")
+    uri: str | None = Field(
+        None, description="tracking URI; default: MLFLOW_TRACKING_URI, else a SQLite store in the workdir"
+    )
+    experiment: str | None = Field(None, description="experiment name; default: the config's name")
+    registered_model: str = Field("signpost-gtsrb", description="registry name the gated models are versions of")
 
 
 class SignpostConfig(StrictModel):
@@ -103,6 +138,8 @@ class SignpostConfig(StrictModel):
     workdir: Path = Field(Path("artifacts"), description="where every stage writes its artifacts")
     data: DataConfig = Field(default_factory=DataConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
 
 def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> SignpostConfig:
