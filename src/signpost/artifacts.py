@@ -97,6 +97,12 @@ def artifact_path(workdir: Path, stage: str, name: str, key: str) -> Path:
     return Path(workdir) / stage / f"{name}-{key[:12]}"
 
 
+def latest_artifact(workdir: Path, stage: str, name: str) -> Path | None:
+    """The most recently finished artifact of ``stage`` made for the config ``name``, or None."""
+    done = [p for p in (Path(workdir) / stage).glob(f"{name}-*") if is_complete(p)]
+    return max(done, key=lambda p: (p / MANIFEST).stat().st_mtime_ns, default=None)
+
+
 def is_complete(folder: Path) -> bool:
     """True when ``folder`` holds a finished artifact (its manifest is written last)."""
     return (Path(folder) / MANIFEST).is_file()

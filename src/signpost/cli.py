@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from signpost import __version__
-from signpost.artifacts import ArtifactError
+from signpost.artifacts import ArtifactError, latest_artifact
 from signpost.config import ConfigError, SignpostConfig, load_config
 
 EXIT_FAILURE = 1
@@ -63,6 +63,10 @@ def _build_parser() -> argparse.ArgumentParser:
         "--download", action="store_true", help="fetch the official GTSRB archives into data.root first"
     )
     prepare.add_argument("--data-root", type=Path, help="the raw dataset folder (same as data.root=...)")
+
+    train = _stage_parser(sub, "train", "train a model on prepared data (also under torchrun)", _train)
+    train.add_argument("--data", type=Path, help="prepared data folder (default: the newest for this config)")
+    train.add_argument("--resume", action="store_true", help="continue an interrupted run from its checkpoint")
 
     synth = _stage_parser(sub, "synth", "write a synthetic dataset in the official GTSRB file layout", _synth)
     synth.add_argument("--out", type=Path, required=True, help="folder to write the dataset into (must be empty)")
@@ -124,6 +128,32 @@ def _print_prepared(path: Path, reused: bool, manifest: dict) -> None:
     timing = manifest.get("timing", {})
     if not reused and timing:
         print(f"  decoded {timing['images']} images in {timing['seconds']:.2f} s ({timing['images_per_s']:.0f}/s)")
+
+
+def _train(args: argparse.Namespace) -> int:
+    from signpost.stages.train import TrainingInterrupted, train
+
+    config = _config(args)
+    data = args.data or _newest(config, "data", "signpost prepare")
+    try:
+        result = train(config, data_dir=data, resume=args.resume, progress=_progress(args))
+    except TrainingInterrupted as exc:
+        print(f"train: {exc}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    if not result.manifest:  # a torchrun rank other than 0: rank 0 reports
+        return 0
+    metrics = result.manifest["metrics"]
+    verb = "reused" if result.reused else "wrote"
+    print(f"train: {verb} {result.path}")
+    print(f"  best val accuracy {metrics['val_acc']:.4f} at epoch {metrics['best_epoch']:.0f}")
+    return 0
+
+
+def _newest(config: SignpostConfig, stage: str, command: str) -> Path:
+    found = latest_artifact(config.workdir, stage, config.name)
+    if found is None:
+        raise ArtifactError(f"no {stage} artifact for {config.name!r} in {config.workdir}: run `{command}` first")
+    return found
 
 
 def _synth(args: argparse.Namespace) -> int:

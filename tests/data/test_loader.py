@@ -416,3 +416,20 @@ def test_on_cuda_batches_stay_on_the_device_and_are_deterministic() -> None:
     on_gpu = augment_batch(x.cuda(), cfg, torch.Generator().manual_seed(0))
     assert on_gpu.is_cuda
     torch.testing.assert_close(on_gpu.cpu(), on_cpu, rtol=1e-4, atol=1e-4)
+
+
+def test_iterate_resumes_mid_epoch_exactly() -> None:
+    images = torch.randint(0, 256, (50, 3, 8, 8), dtype=torch.uint8)
+    labels = torch.arange(50) % 5
+    loader = BatchLoader(images, labels, 8, mean=[0.5] * 3, std=[0.25] * 3, augment=AugmentConfig(), seed=3)
+    loader.set_epoch(2)
+    full = list(loader)
+    head = loader.iterate()
+    first = [next(head) for _ in range(3)]
+    state = loader.generator.get_state()
+    rest = list(loader.iterate(start=3, generator_state=state))
+    for (x, y), (x2, y2) in zip(full, first + rest, strict=True):
+        torch.testing.assert_close(x, x2, rtol=0, atol=0)
+        assert torch.equal(y, y2)
+    with pytest.raises(ValueError, match="start must be"):
+        next(loader.iterate(start=len(loader) + 1))

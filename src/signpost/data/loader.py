@@ -133,6 +133,7 @@ class BatchLoader:
         self.world_size = world_size
         self.channels_last = channels_last
         self.epoch = 0
+        self.generator: torch.Generator | None = None  # the augmentation generator of the current iteration
         self.samples_per_rank = math.ceil(self.images.shape[0] / world_size)
 
         mean_t = torch.tensor(list(mean), dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
@@ -160,10 +161,23 @@ class BatchLoader:
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Yield (x float32 normalized [B,3,H,W], y int64 [B]), both on the device, for this rank's shard."""
+        return self.iterate()
+
+    def iterate(
+        self, start: int = 0, generator_state: torch.Tensor | None = None
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The epoch's batches from batch ``start`` on; to resume mid-epoch exactly, pass the augmentation
+        generator's state saved (``generator.get_state()``) after batch ``start - 1``.
+        """
+        if not 0 <= start <= len(self):
+            raise ValueError(f"start must be in 0..{len(self)}, got {start}")
         indices = self._shard_indices()
         # A fresh generator per iteration: two iterations of one epoch give the same batches.
-        aug_gen = self._augment_generator() if self.augment is not None else None
-        for b in range(len(self)):
+        self.generator = self._augment_generator() if self.augment is not None else None
+        if generator_state is not None and self.generator is not None:
+            self.generator.set_state(generator_state)
+        aug_gen = self.generator
+        for b in range(start, len(self)):
             # Slicing and gathering stay on the device: no host-device sync in this loop.
             idx = indices[b * self.batch_size : (b + 1) * self.batch_size]
             raw = self.images.index_select(0, idx)

@@ -1,0 +1,159 @@
+"""The pictures stages draw: confusion matrix, reliability diagram, image grids and training curves, as PNG files.
+
+Each function draws on its own ``matplotlib.figure.Figure`` with an Agg canvas and never touches pyplot, so nothing
+here changes matplotlib's global backend or state, opens a window, or keeps figures alive after it returns.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.colors import PowerNorm
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+
+DPI = 110
+_ANNOTATE_UP_TO = 20  # classes (or bins) up to which every cell (or bar) gets its number written on it
+
+
+def _figure(width_in: float, height_in: float) -> Figure:
+    fig = Figure(figsize=(width_in, height_in), dpi=DPI, layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def confusion_matrix_png(matrix: np.ndarray, class_ids: Sequence[int | str], path: Path, title: str) -> None:
+    """Draw a confusion matrix of counts (rows: true class, columns: predicted), each row normalized to shares.
+
+    The colour scale is a square root, so the few-percent confusions that matter stay visible next to a bright
+    diagonal. Cells carry their share as text up to 20 classes; beyond that the colour bar reads them.
+    """
+    counts = np.asarray(matrix, dtype=np.float64)
+    n = len(class_ids)
+    if counts.shape != (n, n):
+        raise ValueError(f"confusion matrix of shape {counts.shape} does not fit {n} class ids")
+    support = counts.sum(axis=1, keepdims=True)
+    share = np.divide(counts, support, out=np.zeros_like(counts), where=support > 0)
+
+    side = min(11.0, max(4.5, 1.5 + 0.22 * n))  # inches: about 24 px per cell for GTSRB's 43 classes
+    fig = _figure(side + 1.3, side)
+    ax = fig.add_subplot()
+    image = ax.imshow(share, cmap="Blues", norm=PowerNorm(0.5, vmin=0.0, vmax=1.0), interpolation="nearest")
+    labels = [str(c) for c in class_ids]
+    tick_font = 10 if n <= _ANNOTATE_UP_TO else 7
+    ax.set_xticks(range(n), labels, fontsize=tick_font)
+    ax.set_yticks(range(n), labels, fontsize=tick_font)
+    ax.set_xlabel("predicted class", fontsize=11)
+    ax.set_ylabel("true class", fontsize=11)
+    ax.set_title(title, fontsize=12)
+    if n <= _ANNOTATE_UP_TO:
+        for (row, col), value in np.ndenumerate(share):
+            if counts[row, col] > 0:
+                colour = "white" if value > 0.5 else "black"
+                ax.text(col, row, f"{value:.2f}", ha="center", va="center", fontsize=8, color=colour)
+    fig.colorbar(image, ax=ax, shrink=0.8).set_label("share of the true class", fontsize=10)
+    fig.savefig(path, dpi=DPI)
+
+
+def reliability_png(bins: Sequence[Mapping[str, Any]], ece: float, path: Path) -> None:
+    """Draw a reliability diagram: accuracy per confidence bin against the diagonal, and the images per bin.
+
+    ``bins`` are the rows of the calibration table: ``lower``, ``upper``, ``confidence``, ``accuracy`` (None for an
+    empty bin) and ``count``.
+    """
+    lower = np.array([b["lower"] for b in bins], dtype=np.float64)
+    width = np.array([b["upper"] for b in bins], dtype=np.float64) - lower
+    accuracy = np.array([b["accuracy"] if b["count"] else 0.0 for b in bins], dtype=np.float64)
+    confidence = np.array([b["confidence"] if b["count"] else np.nan for b in bins], dtype=np.float64)
+    counts = np.array([b["count"] for b in bins], dtype=np.int64)
+
+    fig = _figure(6.4, 6.4)
+    top, bottom = fig.subplots(2, 1, sharex=True, height_ratios=[3, 1.2])
+    top.bar(lower, accuracy, width=width, align="edge", color="#4c72b0", edgecolor="white", label="accuracy")
+    top.plot(lower + width / 2, confidence, "o", color="#dd8452", markersize=4, label="mean confidence")
+    top.plot([0, 1], [0, 1], "--", color="grey", linewidth=1, label="perfect calibration")
+    top.set(xlim=(0, 1), ylim=(0, 1))
+    top.set_ylabel("accuracy", fontsize=11)
+    top.set_title(f"Reliability diagram — ECE {ece:.3f}", fontsize=12)
+    top.legend(loc="upper left", fontsize=9)
+    top.grid(alpha=0.3)
+
+    bottom.bar(lower, counts, width=width, align="edge", color="#8c8c8c", edgecolor="white")
+    if counts.max(initial=0) > 0:
+        bottom.set_yscale("log")  # a good model puts most images in the top bin; a linear axis hides the rest
+        bottom.set_ylim(0.8, counts.max() * 4)
+    if len(bins) <= _ANNOTATE_UP_TO:
+        for x, w, c in zip(lower, width, counts, strict=True):
+            if c:
+                bottom.text(x + w / 2, c, str(c), ha="center", va="bottom", fontsize=7)
+    bottom.set_xlabel("confidence (top-1 probability)", fontsize=11)
+    bottom.set_ylabel("images", fontsize=11)
+    fig.savefig(path, dpi=DPI)
+
+
+def image_grid_png(
+    images: np.ndarray, captions: Sequence[str], path: Path, columns: int = 8, empty_message: str = "no images"
+) -> None:
+    """Draw uint8 images ``[N, 3, H, W]`` in a grid, enlarged with nearest-neighbour, each with its caption.
+
+    With no images it writes a small placeholder picture saying ``empty_message``, so a report that links the file
+    always finds one (an evaluation without mistakes is a good outcome, not an error).
+    """
+    images = np.asarray(images)
+    if images.ndim != 4 or images.shape[1] != 3 or images.dtype != np.uint8:
+        raise ValueError(f"image_grid_png expects uint8 images [N, 3, H, W], got {images.dtype} {images.shape}")
+    if len(captions) != len(images):
+        raise ValueError(f"{len(images)} images but {len(captions)} captions")
+    if columns < 1:
+        raise ValueError(f"columns must be at least 1, got {columns}")
+    if len(images) == 0:
+        fig = _figure(4.0, 1.2)
+        fig.text(0.5, 0.5, empty_message, ha="center", va="center", fontsize=12)
+        fig.savefig(path, dpi=DPI)
+        return
+
+    cols = min(columns, len(images))
+    rows = math.ceil(len(images) / cols)
+    lines = max(caption.count("\n") + 1 for caption in captions)
+    fig = _figure(1.6 * cols, (1.5 + 0.16 * lines) * rows)  # inches: a 1.5 in tile plus the caption's lines
+    axes = fig.subplots(rows, cols, squeeze=False)
+    for ax in axes.flat:
+        ax.set_axis_off()
+    for ax, image, caption in zip(axes.flat, images, captions, strict=False):
+        ax.imshow(image.transpose(1, 2, 0), interpolation="nearest")
+        ax.set_title(caption, fontsize=8)
+    fig.savefig(path, dpi=DPI)
+
+
+def training_curves_png(history: Sequence[Mapping[str, Any]], path: Path) -> None:
+    """Draw loss, accuracy and learning rate per epoch from the train stage's history.
+
+    Each entry of ``history`` is one epoch: ``epoch``, ``train_loss``, ``train_acc``, ``val_loss``, ``val_acc``,
+    ``lr``. A value that is missing or None (an epoch without validation) leaves a gap in its line.
+    """
+    if not history:
+        raise ValueError("training_curves_png needs at least one epoch of history")
+    epochs = [h["epoch"] for h in history]
+
+    def series(key: str) -> list[float]:
+        return [math.nan if h.get(key) is None else float(h[key]) for h in history]
+
+    fig = _figure(13.0, 3.8)
+    loss_ax, acc_ax, lr_ax = fig.subplots(1, 3)
+    for ax, metric, name in ((loss_ax, "loss", "loss"), (acc_ax, "acc", "accuracy")):
+        for split, marker in (("train", "o"), ("val", "s")):
+            ax.plot(epochs, series(f"{split}_{metric}"), marker=marker, markersize=3, label=split)
+        ax.set_title(name, fontsize=12)
+        ax.legend(fontsize=9)
+    lr_ax.plot(epochs, series("lr"), marker="o", markersize=3, color="#55a868")
+    lr_ax.set_title("learning rate", fontsize=12)
+    for ax in (loss_ax, acc_ax, lr_ax):
+        ax.set_xlabel("epoch", fontsize=11)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+    fig.savefig(path, dpi=DPI)

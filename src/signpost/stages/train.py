@@ -1,0 +1,512 @@
+"""train: prepared data → a trained model artifact (safetensors weights + model card), resumable and distributed.
+
+One recipe, read top to bottom: ``Recipe.__init__`` checks the config and the data, ``setup`` builds the model,
+optimizer and loaders, ``run`` trains with validation every epoch, and ``finish`` writes the artifact. The same
+code runs in one process or under ``torchrun --nproc-per-node N`` (DistributedDataParallel: gloo on CPU, NCCL on
+GPU), where rank 0 alone writes files.
+
+Checkpoints hold everything needed to continue bit for bit on the same machine: weights, optimizer state, the
+step within the epoch, the augmentation generator of every rank, the global RNG, the running sums of the epoch
+and the history. They are written at the end of every epoch and when SIGINT or SIGTERM arrives; ``resume=True``
+continues from the last one, also after a SIGKILL. Nothing is pickled: tensors go to safetensors, the rest to JSON.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+from tqdm import tqdm
+
+from signpost.artifacts import (
+    artifact_path,
+    atomic_dir,
+    code_version,
+    git_revision,
+    hash_json,
+    is_complete,
+    library_versions,
+    read_manifest,
+    verify_artifact,
+    write_manifest,
+)
+from signpost.config import SignpostConfig, config_to_dict
+from signpost.data.cache import load_split
+from signpost.data.loader import BatchLoader
+from signpost.models import build_model
+from signpost.models.artifact import ModelCard, save_model, unwrap
+
+log = logging.getLogger(__name__)
+
+STAGE = "train"
+_CODE = ("signpost.stages.train", "signpost.models", "signpost.data.loader")
+CHECKPOINT_TENSORS, CHECKPOINT_STATE = "checkpoint.safetensors", "checkpoint.json"
+
+
+class TrainingInterrupted(RuntimeError):
+    """SIGINT or SIGTERM stopped training after a checkpoint was saved; ``resume=True`` continues."""
+
+
+@dataclass
+class TrainResult:
+    """Where the model artifact is, and whether an existing one was reused."""
+
+    path: Path
+    reused: bool
+    manifest: dict[str, Any]
+
+
+EpochCallback = Callable[[dict[str, float], int], None]
+
+
+def train(
+    config: SignpostConfig,
+    *,
+    data_dir: Path,
+    resume: bool = False,
+    progress: bool = True,
+    on_epoch: EpochCallback | None = None,
+) -> TrainResult:
+    """Train ``config.train.model`` on the prepared data in ``data_dir``; reuse the artifact when inputs match."""
+    recipe = Recipe(config, data_dir, progress=progress, on_epoch=on_epoch)
+    try:
+        if is_complete(recipe.path):
+            return TrainResult(recipe.path, True, read_manifest(recipe.path))
+        recipe.setup(resume=resume)
+        recipe.run()
+        return recipe.finish()
+    finally:
+        recipe.cleanup()
+
+
+class Recipe:
+    """The training recipe: config and data checked up front, then setup → run → finish."""
+
+    def __init__(
+        self, config: SignpostConfig, data_dir: Path, *, progress: bool = True, on_epoch: EpochCallback | None = None
+    ) -> None:
+        self.config, self.cfg = config, config.train
+        self.data_dir = Path(data_dir)
+        self.data_manifest = verify_artifact(self.data_dir, ["train.safetensors", "val.safetensors"])
+        if self.data_manifest.get("stage") != "data":
+            raise ValueError(f"{self.data_dir} is a {self.data_manifest.get('stage')!r} artifact, not prepared data")
+        self.dataset = self.data_manifest["dataset"]
+        self.rank, self.world_size, local_rank = _init_distributed(self.cfg.device)
+        self.device = _pick_device(self.cfg.device, local_rank)
+        if self.cfg.batch_size % self.world_size:
+            raise ValueError(
+                f"train.batch_size={self.cfg.batch_size} does not divide over {self.world_size} processes: "
+                "choose a multiple of --nproc-per-node"
+            )
+        self.bf16 = _use_bf16(self.cfg.bf16, self.device)
+        self.key = hash_json(
+            {
+                "data": self.data_manifest["key"],
+                "train": config_to_dict(self.cfg),
+                "seed": config.seed,
+                "world_size": self.world_size,
+                "code": code_version(*_CODE),
+            }
+        )
+        self.path = artifact_path(config.workdir, STAGE, config.name, self.key)
+        self.checkpoint_dir = config.workdir / STAGE / ".checkpoints" / self.path.name
+        self.progress = progress and self.rank == 0
+        self.on_epoch = on_epoch if self.rank == 0 else None
+        self._stop_signal: int | None = None
+
+    # --- setup ---------------------------------------------------------------------------------------------------
+
+    def setup(self, *, resume: bool) -> None:
+        """Model, optimizer and loaders; with ``resume``, the state of the last checkpoint."""
+        cfg = self.cfg
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        torch.manual_seed(self.config.seed)  # the same initial weights on every rank and every run
+        train_split = load_split(self.data_dir / "train.safetensors")
+        self.val = load_split(self.data_dir / "val.safetensors")
+        model = build_model(cfg.model, self.dataset["num_classes"], self.dataset["image_size"]).to(self.device)
+        if cfg.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        self.model = model
+        self.optimizer = _optimizer(model, cfg)
+        self.net: nn.Module = model
+        if self.world_size > 1:
+            device_ids = [self.device.index] if self.device.type == "cuda" else None
+            self.net = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+        if cfg.compile:
+            self.net = torch.compile(self.net)
+        self.loader = BatchLoader(
+            train_split.images, train_split.labels, cfg.batch_size // self.world_size,
+            mean=self.dataset["mean"], std=self.dataset["std"], augment=cfg.augment, shuffle=True, drop_last=True,
+            seed=self.config.seed, rank=self.rank, world_size=self.world_size, device=self.device,
+            channels_last=cfg.channels_last,
+        )
+        if len(self.loader) == 0:
+            raise ValueError(
+                f"train.batch_size={cfg.batch_size} is larger than the training split "
+                f"({len(train_split)} images): lower it"
+            )
+        self.steps_per_epoch = len(self.loader)
+        self.total_steps = cfg.epochs * self.steps_per_epoch
+        self.epoch, self.batch, self.history = 0, 0, []
+        # Loss sum, correct and seen images of the epoch so far; float64 except on MPS, which has none.
+        self.sums = torch.zeros(3, dtype=torch.float32 if self.device.type == "mps" else torch.float64,
+                                device=self.device)
+        self.best = {"val_acc": -1.0, "epoch": -1}
+        self.aug_states: list[torch.Tensor] | None = None
+        if resume:
+            self._load_checkpoint()
+        elif (self.checkpoint_dir / CHECKPOINT_STATE).is_file():
+            log.warning("%s holds a checkpoint of this run; starting over (pass --resume to continue)",
+                        self.checkpoint_dir)
+
+    # --- the loop --------------------------------------------------------------------------------------------------
+
+    def run(self) -> None:
+        """Train the remaining epochs, validating after each; a stop signal saves a checkpoint and raises."""
+        with _stop_signals(self._on_signal):
+            while self.epoch < self.cfg.epochs:
+                self._train_epoch()
+                if self._should_stop():
+                    self._save_checkpoint()
+                    raise TrainingInterrupted(
+                        f"stopped by signal {self._stop_signal} in epoch {self.epoch + 1}, batch {self.batch}; "
+                        f"checkpoint in {self.checkpoint_dir}: run again with --resume to continue"
+                    )
+                self._end_epoch()
+
+    def _train_epoch(self) -> None:
+        self.net.train()
+        self.loader.set_epoch(self.epoch)
+        aug_state = self.aug_states[self.rank] if self.aug_states is not None else None
+        self.aug_states = None
+        batches = self.loader.iterate(start=self.batch, generator_state=aug_state)
+        bar = tqdm(total=self.steps_per_epoch, initial=self.batch, desc=f"epoch {self.epoch + 1}/{self.cfg.epochs}",
+                   unit="step", disable=not self.progress, file=sys.stderr, leave=False)
+        started, seen_before = time.perf_counter(), self.sums[2].item()
+        with bar:
+            for x, y in batches:
+                self._set_lr(self.epoch * self.steps_per_epoch + self.batch)
+                with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+                    logits = self.net(x)
+                    loss = F.cross_entropy(logits.float(), y, label_smoothing=self.cfg.label_smoothing)
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if self.cfg.grad_clip > 0:
+                    nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+                self.optimizer.step()
+                with torch.no_grad():
+                    n = torch.tensor(float(y.numel()), device=self.device)
+                    step_sums = torch.stack([loss.detach().float() * n, (logits.argmax(1) == y).sum().float(), n])
+                    self.sums += step_sums.to(self.sums.dtype)
+                self.batch += 1
+                if self.progress and (self.batch % 10 == 0 or self.batch == self.steps_per_epoch):
+                    # .item() is a host-device sync: only every 10 steps, for the progress bar.
+                    loss_sum, correct, seen = self.sums.tolist()
+                    rate = (seen - seen_before) * self.world_size / (time.perf_counter() - started)
+                    bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}", img_s=f"{rate:,.0f}")
+                bar.update(1)
+                if self._should_stop():
+                    return
+
+    def _end_epoch(self) -> None:
+        sums = self.sums.clone()
+        if self.world_size > 1:
+            dist.all_reduce(sums)
+        loss_sum, correct, seen = sums.tolist()
+        val_loss, val_acc = self._validate()
+        record = {
+            "epoch": self.epoch + 1,
+            "train_loss": loss_sum / seen,
+            "train_acc": correct / seen,
+            "val_loss": val_loss,
+            "val_acc": val_acc,
+            "lr": self.optimizer.param_groups[0]["lr"],
+        }
+        self.history.append(record)
+        log.info("epoch %d: train loss %.4f acc %.4f, val loss %.4f acc %.4f", record["epoch"],
+                 record["train_loss"], record["train_acc"], val_loss, val_acc)
+        if val_acc > self.best["val_acc"] and self.rank == 0:
+            self.best = {"val_acc": val_acc, "epoch": self.epoch + 1}
+            self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+            _save_atomic(self._weights(), self.checkpoint_dir / "best.safetensors")
+        if self.on_epoch is not None:
+            self.on_epoch({k: v for k, v in record.items() if k != "epoch"}, self.epoch + 1)
+        self.epoch, self.batch = self.epoch + 1, 0
+        self.sums.zero_()
+        self._save_checkpoint()
+
+    @torch.inference_mode()
+    def _validate(self) -> tuple[float, float]:
+        """Loss and accuracy on the whole validation split, computed the same way on every rank."""
+        self.model.eval()
+        loader = BatchLoader(
+            self.val.images, self.val.labels, 512, mean=self.dataset["mean"], std=self.dataset["std"],
+            shuffle=False, device=self.device, channels_last=self.cfg.channels_last,
+        )
+        loss_sum = correct = 0.0
+        for x, y in loader:
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+                logits = self.model(x).float()
+            loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
+            correct += (logits.argmax(1) == y).sum().item()
+        return loss_sum / len(self.val), correct / len(self.val)
+
+    def _set_lr(self, step: int) -> None:
+        """Linear warm-up, then cosine decay to zero or the one-cycle shape; a pure function of the step, so a
+        resumed run needs no scheduler state."""
+        # cosine: from 0 up to the peak, then down to 0. one-cycle (as torch's OneCycleLR with its defaults): from
+        # peak/25 up to the peak, then down to peak/250,000.
+        start, end = (1 / 25, 1 / 250_000) if self.cfg.schedule == "onecycle" else (0.0, 0.0)
+        warmup = round(self.cfg.warmup_epochs * self.steps_per_epoch)
+        if step < warmup:
+            factor = start + (1 - start) * (step + 1) / warmup
+        else:
+            progress = min(1.0, (step - warmup) / max(1, self.total_steps - warmup))
+            factor = end + (1 - end) * 0.5 * (1 + math.cos(math.pi * progress))
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.cfg.lr * factor
+
+    # --- signals and checkpoints -----------------------------------------------------------------------------------
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        self._stop_signal = signum  # acted on after the current step, where the state is consistent
+
+    def _should_stop(self) -> bool:
+        stop = torch.tensor([1.0 if self._stop_signal is not None else 0.0])
+        if self.world_size > 1:
+            dist.all_reduce(stop)  # all ranks stop at the same step, or a checkpoint would mix steps
+        if stop.item() and self._stop_signal is None:
+            self._stop_signal = signal.SIGTERM  # another rank was signalled
+        return bool(stop.item())
+
+    def _weights(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().to("cpu").contiguous() for k, v in unwrap(self.model).state_dict().items()}
+
+    def _save_checkpoint(self) -> None:
+        """Write the checkpoint (rank 0), tensors first and the JSON state last, each atomically."""
+        aug_states = self._gather_aug_states()
+        if self.rank != 0:
+            return
+        tensors = {f"model.{k}": v for k, v in self._weights().items()}
+        opt_tensors, opt_meta = _flatten_optimizer(self.optimizer.state_dict())
+        tensors |= opt_tensors
+        tensors["rng.cpu"] = torch.get_rng_state()
+        if torch.cuda.is_available() and self.device.type == "cuda":
+            tensors["rng.cuda"] = torch.cuda.get_rng_state(self.device)
+        for r, state in enumerate(aug_states or []):
+            tensors[f"rng.augment.{r}"] = state
+        tensors["sums"] = self.sums.cpu()
+        self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        _save_atomic(tensors, self.checkpoint_dir / CHECKPOINT_TENSORS)
+        state = {
+            "key": self.key,
+            "epoch": self.epoch,
+            "batch": self.batch,
+            "history": self.history,
+            "best": self.best,
+            "optimizer": opt_meta,
+        }
+        tmp = self.checkpoint_dir / (CHECKPOINT_STATE + ".tmp")
+        tmp.write_text(json.dumps(state, indent=1), encoding="utf-8")
+        os.replace(tmp, self.checkpoint_dir / CHECKPOINT_STATE)
+        log.info("checkpoint: epoch %d, batch %d in %s", self.epoch, self.batch, self.checkpoint_dir)
+
+    def _gather_aug_states(self) -> list[torch.Tensor] | None:
+        """Every rank's augmentation generator state, mid-epoch (at an epoch boundary they restart seeded)."""
+        generator = self.loader.generator
+        if self.batch == 0 or generator is None:
+            return None
+        state = generator.get_state()
+        if self.world_size == 1:
+            return [state]
+        # NCCL gathers device tensors only, gloo CPU ones: gather on the training device, keep CPU copies.
+        local = state.to(self.device)
+        gathered = [torch.empty_like(local) for _ in range(self.world_size)]
+        dist.all_gather(gathered, local)
+        return [g.cpu() for g in gathered]
+
+    def _load_checkpoint(self) -> None:
+        state_path = self.checkpoint_dir / CHECKPOINT_STATE
+        if not state_path.is_file():
+            raise FileNotFoundError(
+                f"--resume: no checkpoint for this run in {self.checkpoint_dir} (the run's settings or data may "
+                "differ from the interrupted one); run without --resume to start over"
+            )
+        state = json.loads(state_path.read_text(encoding="utf-8"))
+        if state.get("key") != self.key:
+            raise ValueError(f"{state_path} belongs to another run (key {state.get('key')}), not {self.key}")
+        tensors = load_file(str(self.checkpoint_dir / CHECKPOINT_TENSORS))
+        unwrap(self.model).load_state_dict(
+            {k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")}
+        )
+        self.optimizer.load_state_dict(_unflatten_optimizer(tensors, state["optimizer"], self.device))
+        torch.set_rng_state(tensors["rng.cpu"])
+        if "rng.cuda" in tensors and self.device.type == "cuda":
+            torch.cuda.set_rng_state(tensors["rng.cuda"], self.device)
+        augment = sorted((k for k in tensors if k.startswith("rng.augment.")), key=lambda k: int(k.rsplit(".", 1)[1]))
+        self.aug_states = [tensors[k] for k in augment] or None
+        self.sums = tensors["sums"].to(self.device)
+        self.epoch, self.batch = state["epoch"], state["batch"]
+        self.history, self.best = state["history"], state["best"]
+        log.info("resuming at epoch %d, batch %d from %s", self.epoch + 1, self.batch, self.checkpoint_dir)
+
+    # --- the artifact ----------------------------------------------------------------------------------------------
+
+    def finish(self) -> TrainResult:
+        """Write the model artifact (rank 0) from the best epoch's weights; the checkpoints are then removed."""
+        if self.rank != 0:
+            dist.barrier()
+            return TrainResult(self.path, False, {})
+        best = load_file(str(self.checkpoint_dir / "best.safetensors"))
+        unwrap(self.model).load_state_dict(best)
+        final = self.history[-1]
+        card = ModelCard(
+            architecture=self.cfg.model,
+            num_classes=self.dataset["num_classes"],
+            class_names=self.dataset["class_names"],
+            image_size=self.dataset["image_size"],
+            mean=self.dataset["mean"],
+            std=self.dataset["std"],
+            metrics={"val_acc": self.best["val_acc"], "best_epoch": self.best["epoch"],
+                     "final_val_acc": final["val_acc"], "final_train_acc": final["train_acc"]},
+            data_artifact=self.data_dir.name,
+            data_key=self.data_manifest["key"],
+            config=config_to_dict(self.config),
+            code_version=code_version(*_CODE),
+            git_revision=git_revision(),
+            libraries=library_versions(),
+        )
+        with atomic_dir(self.path) as tmp:
+            save_model(tmp, self.model, card)
+            (tmp / "history.json").write_text(json.dumps(self.history, indent=1), encoding="utf-8")
+            manifest = write_manifest(
+                tmp,
+                stage=STAGE,
+                key=self.key,
+                inputs={"data": self.data_dir.name, "data_key": self.data_manifest["key"]},
+                config=config_to_dict(self.cfg) | {"seed": self.config.seed, "world_size": self.world_size},
+                code=code_version(*_CODE),
+                metrics=card.metrics,
+                extra={"history": self.history, "device": str(self.device), "bf16": self.bf16},
+            )
+        for name in (CHECKPOINT_TENSORS, CHECKPOINT_STATE, "best.safetensors"):
+            (self.checkpoint_dir / name).unlink(missing_ok=True)
+        if self.world_size > 1:
+            dist.barrier()
+        return TrainResult(self.path, False, manifest)
+
+    def cleanup(self) -> None:
+        if self.world_size > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+# --- helpers ---------------------------------------------------------------------------------------------------
+
+
+def _init_distributed(device: str) -> tuple[int, int, int]:
+    """(rank, world size, local rank); joins the process group when started by torchrun."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size == 1:
+        return 0, 1, 0
+    if not dist.is_initialized():
+        use_nccl = device in ("auto", "cuda") and torch.cuda.is_available()
+        dist.init_process_group("nccl" if use_nccl else "gloo")
+    return dist.get_rank(), world_size, int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def _pick_device(choice: str, local_rank: int) -> torch.device:
+    if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise ValueError("train.device=cuda but no CUDA device is available: use train.device=auto or cpu")
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    if choice == "mps" or (choice == "auto" and torch.backends.mps.is_available()):
+        if not torch.backends.mps.is_available():
+            raise ValueError("train.device=mps but MPS is not available: use train.device=auto or cpu")
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def _use_bf16(choice: str, device: torch.device) -> bool:
+    """bf16 autocast where it is fast and well tested: CUDA GPUs that support it. On CPU only when asked."""
+    if choice == "off":
+        return False
+    if choice == "on":
+        return True
+    return device.type == "cuda" and torch.cuda.is_bf16_supported()
+
+
+def _optimizer(model: nn.Module, cfg: Any) -> torch.optim.Optimizer:
+    """AdamW or Nesterov SGD; no weight decay on biases and batch-norm parameters (1-D tensors)."""
+    decay = [p for p in model.parameters() if p.ndim > 1]
+    no_decay = [p for p in model.parameters() if p.ndim <= 1]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=True)
+    return torch.optim.AdamW(groups, lr=cfg.lr)
+
+
+def _flatten_optimizer(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """An optimizer state dict as named tensors (for safetensors) and JSON-able metadata."""
+    tensors, scalars = {}, {}
+    for index, param_state in state["state"].items():
+        for name, value in param_state.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"optim.{index}.{name}"] = value.detach().to("cpu").contiguous()
+            else:
+                scalars[f"{index}.{name}"] = value
+    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+
+
+def _unflatten_optimizer(
+    tensors: dict[str, torch.Tensor], meta: dict[str, Any], device: torch.device
+) -> dict[str, Any]:
+    state: dict[int, dict[str, Any]] = {}
+    for key, value in tensors.items():
+        if key.startswith("optim."):
+            _, index, name = key.split(".", 2)
+            state.setdefault(int(index), {})[name] = value.to(device)
+    for key, value in meta["scalars"].items():
+        index, name = key.split(".", 1)
+        state.setdefault(int(index), {})[name] = value
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def _save_atomic(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp))
+    os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def _stop_signals(handler: Callable[[int, FrameType | None], None]) -> Iterator[None]:
+    """Route SIGINT and SIGTERM to ``handler`` inside the block, restoring the previous handlers after.
+
+    Python only delivers signals to the main thread; elsewhere (a test's worker thread) nothing is installed.
+    """
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        previous = {signum: signal.signal(signum, handler) for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for signum, old in previous.items():
+            signal.signal(signum, old)

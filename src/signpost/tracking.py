@@ -1,0 +1,644 @@
+"""Experiment tracking and the model registry behind one small interface.
+
+Stages report params, metrics, tags and artifacts through a ``Tracker``: an ``MLflowTracker`` when
+``tracking.backend`` is ``mlflow``, a ``NullTracker`` when it is ``none``. Either way the stages write their own
+manifests, so a run without MLflow still leaves a complete record on disk.
+
+The embedded default store is a SQLite database in the workdir with artifacts in ``<workdir>/mlruns`` (nothing to
+start); a team points ``MLFLOW_TRACKING_URI`` (or ``tracking.uri``) at its MLflow server.
+
+Model versions live in the MLflow model registry and are promoted by moving aliases (``challenger`` →
+``champion``), never by copying files. Models are logged as the plain files of their artifact folder (safetensors +
+JSON): nothing here pickles.
+
+MLflow params are immutable within a run: a tracker logs each param once, and a value that changes later is kept
+at its first value with a warning. A resumed training job must either reuse its run (same run id) with the same
+params or start a new run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import io
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar, runtime_checkable
+from urllib.parse import urlsplit, urlunsplit
+
+from signpost.artifacts import ArtifactError, atomic_dir, is_complete, verify_artifact
+from signpost.config import TrackingConfig
+
+if TYPE_CHECKING:
+    # mlflow is imported lazily at run time: it takes about a second to import, and backend "none" and the CLI's
+    # --help should not pay for it.
+    from mlflow import MlflowClient
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+log = logging.getLogger(__name__)
+
+STATUSES = ("FINISHED", "FAILED", "KILLED")
+MODEL_ARTIFACT_PATH = "model"
+CHALLENGER = "challenger"
+CHAMPION = "champion"
+# Seconds between system-metric samples; MLflow's MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL overrides it.
+SYSTEM_METRICS_INTERVAL_S = 5.0
+DB_NAME = "mlflow.db"
+ARTIFACTS_DIR = "mlruns"
+
+# MLflow's request limits (mlflow.utils.validation): 100 params or tags per batch, 1000 metrics per batch, param
+# values up to 6000 characters, tag values up to 8000.
+_MAX_PARAMS_TAGS_PER_BATCH = 100
+_MAX_METRICS_PER_BATCH = 1000
+_MAX_PARAM_VALUE = 6000
+_MAX_TAG_VALUE = 8000
+_MAX_HISTORY = 100
+# Stores where the client writes artifacts itself (no server in between), so we choose where they go.
+_DATABASE_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql")
+# INFO chatter from MLflow that says nothing a user acts on (schema creation on first SQLite use, system-metrics
+# thread start/stop). Warnings and errors still show.
+_NOISY_LOGGERS = ("mlflow.store.db.utils", "mlflow.system_metrics")
+
+_T = TypeVar("_T")
+
+
+class TrackingError(RuntimeError):
+    """A tracking store that cannot be used as configured; the message says what to change."""
+
+
+class RegistryError(RuntimeError):
+    """A registry operation that cannot be done: no registry, an alias that is not set, nothing to roll back to."""
+
+
+@runtime_checkable
+class Tracker(Protocol):
+    """What a stage reports through. ``run_id`` is None when nothing is tracked."""
+
+    run_id: str | None
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        """Log a (nested) config once per run; nested keys are joined with dots (``train.lr``)."""
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        """Log numeric metrics at ``step``; NaN and infinite values are skipped with a warning."""
+
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        """Log a file (under ``artifact_path``) or a folder's contents (under ``artifact_path`` or its own name)."""
+
+    def set_tags(self, tags: Mapping[str, str]) -> None:
+        """Set run tags."""
+
+    def finish(self, status: str = "FINISHED") -> None:
+        """End the run as FINISHED, FAILED or KILLED. Calling it again does nothing."""
+
+    def __enter__(self: _T) -> _T: ...
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None: ...
+
+
+def _exit_status(exc_type: type[BaseException] | None) -> str:
+    if exc_type is None:
+        return "FINISHED"
+    return "KILLED" if issubclass(exc_type, KeyboardInterrupt) else "FAILED"
+
+
+class NullTracker:
+    """The tracker for ``tracking.backend: none``: accepts everything and records nothing."""
+
+    run_id: str | None = None
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        pass
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        pass
+
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        pass
+
+    def set_tags(self, tags: Mapping[str, str]) -> None:
+        pass
+
+    def finish(self, status: str = "FINISHED") -> None:
+        pass
+
+    def __enter__(self) -> NullTracker:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        pass
+
+
+class MLflowTracker:
+    """One MLflow run, addressed by its id through an ``MlflowClient``.
+
+    It never touches mlflow's global active run, so two trackers (two stages, or two tests) can be open at once in
+    one process. Use it as a context manager to end the run as FINISHED, FAILED (exception) or KILLED (Ctrl-C).
+    """
+
+    def __init__(
+        self,
+        uri: str,
+        *,
+        experiment: str,
+        run_name: str,
+        tags: Mapping[str, str] | None = None,
+        artifact_root: Path | None = None,
+        system_metrics: bool = True,
+    ) -> None:
+        from mlflow import MlflowClient
+
+        _quiet_mlflow()
+        self.uri = uri
+        self.client = MlflowClient(tracking_uri=uri)
+        self.experiment_id = _experiment_id(self.client, experiment, artifact_root)
+        run = self.client.create_run(self.experiment_id, run_name=run_name)
+        self.run_id: str | None = run.info.run_id
+        self._run_id: str = run.info.run_id
+        self._params: dict[str, str] = {}
+        self._finished = False
+        if tags:
+            self.set_tags(tags)
+        self._monitor = self._start_system_metrics() if system_metrics else None
+        log.info("tracking run %s (%s) in experiment %r at %s", run_name, self._run_id, experiment, _redact(uri))
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        new: dict[str, str] = {}
+        for key, value in _flatten(params).items():
+            logged = self._params.get(key)
+            if logged is None:
+                new[key] = value
+            elif logged != value:
+                # MLflow rejects a changed param value in the same run; keep the run usable instead of failing.
+                log.warning("param %s was logged as %r; MLflow params cannot change in a run, keeping it", key, logged)
+        for chunk in _chunks([Param(k, v) for k, v in new.items()], _MAX_PARAMS_TAGS_PER_BATCH):
+            self.client.log_batch(self._run_id, params=chunk)
+        self._params.update(new)
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        from mlflow.entities import Metric
+
+        timestamp_ms = int(time.time() * 1000)
+        entries = []
+        for key, value in metrics.items():
+            number = float(value)
+            if not math.isfinite(number):
+                log.warning("metric %s is %s at step %s; not logged", key, number, step)
+                continue
+            entries.append(Metric(key, number, timestamp_ms, step or 0))
+        for chunk in _chunks(entries, _MAX_METRICS_PER_BATCH):
+            self.client.log_batch(self._run_id, metrics=chunk)
+
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        path = Path(path)
+        if path.is_dir():
+            self.client.log_artifacts(self._run_id, str(path), artifact_path if artifact_path else path.name)
+        elif path.is_file():
+            self.client.log_artifact(self._run_id, str(path), artifact_path)
+        else:
+            raise FileNotFoundError(f"cannot log artifact {path}: no such file or folder")
+
+    def set_tags(self, tags: Mapping[str, str]) -> None:
+        from mlflow.entities import RunTag
+
+        entries = [RunTag(key, _truncate(key, str(value), _MAX_TAG_VALUE)) for key, value in tags.items()]
+        for chunk in _chunks(entries, _MAX_PARAMS_TAGS_PER_BATCH):
+            self.client.log_batch(self._run_id, tags=chunk)
+
+    def finish(self, status: str = "FINISHED") -> None:
+        if status not in STATUSES:
+            raise ValueError(f"run status must be one of {', '.join(STATUSES)}, got {status!r}")
+        if self._finished:
+            return
+        self._finished = True
+        if self._monitor is not None:
+            # Stop the sampler first: it flushes its last samples, which MLflow refuses once the run has ended.
+            self._monitor.finish()
+            self._monitor = None
+        # For a tracking server MLflow writes "View run ... at: <url>" straight to stdout; library code must not
+        # print (the CLI's stdout may be machine-read), so the lines are caught and logged instead.
+        with contextlib.redirect_stdout(io.StringIO()) as out:
+            self.client.set_terminated(self._run_id, status)
+        for line in out.getvalue().splitlines():
+            log.info("%s", line.strip())
+        log.info("run %s ended: %s", self._run_id, status)
+
+    def __enter__(self) -> MLflowTracker:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.finish(_exit_status(exc_type))
+
+    def _start_system_metrics(self) -> SystemMetricsMonitor | None:
+        """Sample CPU, memory, disk, network (and GPU when pynvml finds one) into ``system/*`` metrics.
+
+        MLflow's SystemMetricsMonitor takes an explicit run id and tracking URI, so it works without the global
+        active run. It logs nothing for a run shorter than one sampling interval.
+        """
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        try:
+            monitor = SystemMetricsMonitor(
+                self._run_id, sampling_interval=SYSTEM_METRICS_INTERVAL_S, tracking_uri=self.uri
+            )
+            monitor.start()
+        except Exception as exc:  # system metrics are a nice-to-have; never fail a run over them
+            log.warning("system metrics disabled for run %s: %s", self._run_id, exc)
+            return None
+        return monitor
+
+
+def tracking_uri(config: TrackingConfig, workdir: Path) -> str:
+    """``config.uri``, else ``$MLFLOW_TRACKING_URI``, else ``sqlite:///<absolute workdir>/mlflow.db``.
+
+    With the SQLite default, artifacts go to ``<workdir>/mlruns``.
+    """
+    if config.uri:
+        return config.uri
+    if env := os.environ.get("MLFLOW_TRACKING_URI", "").strip():
+        return env
+    return f"sqlite:///{(Path(workdir).resolve() / DB_NAME).as_posix()}"
+
+
+def start_run(
+    config: TrackingConfig,
+    *,
+    workdir: Path,
+    experiment: str,
+    run_name: str,
+    tags: Mapping[str, str] | None = None,
+    system_metrics: bool = True,
+) -> Tracker:
+    """A ``NullTracker`` for backend ``none``, else a new run in an ``MLflowTracker`` on the resolved URI.
+
+    The experiment is ``config.experiment`` when set, else ``experiment`` (callers pass the config's name).
+    """
+    if config.backend == "none":
+        return NullTracker()
+    workdir = Path(workdir).resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
+    uri = tracking_uri(config, workdir)
+    return MLflowTracker(
+        uri,
+        experiment=config.experiment or experiment,
+        run_name=run_name,
+        tags=tags,
+        artifact_root=_local_artifact_root(uri, workdir),
+        system_metrics=system_metrics,
+    )
+
+
+@dataclass(frozen=True)
+class ModelVersion:
+    """One registered model version, with the aliases that point at it and the metrics of the run that made it."""
+
+    name: str
+    version: str
+    run_id: str | None
+    source: str
+    aliases: tuple[str, ...]
+    metrics: dict[str, float]
+
+
+class Registry:
+    """The MLflow model registry for ``config.registered_model``: register, look up, promote, roll back, download.
+
+    Promotion moves the ``champion`` alias and pushes the version it pointed at onto a history kept as a tag of the
+    registered model (the top of it is also visible as the alias ``previous-champion``); rollback pops it.
+    """
+
+    def __init__(self, config: TrackingConfig, workdir: Path) -> None:
+        self.config = config
+        self.workdir = Path(workdir).resolve()
+        self.name = config.registered_model
+        self._client: MlflowClient | None = None
+
+    @property
+    def uri(self) -> str:
+        return tracking_uri(self.config, self.workdir)
+
+    def register(
+        self,
+        tracker: Tracker,
+        model_dir: Path,
+        *,
+        alias: str = CHALLENGER,
+        tags: Mapping[str, str] | None = None,
+    ) -> ModelVersion:
+        """Log the model artifact folder to the run (artifact path ``model``), create a version from
+        ``runs:/<run_id>/model`` and point ``alias`` at it. Version tags record the artifact's folder name, manifest
+        key and data key."""
+        client = self._mlflow()
+        if tracker.run_id is None:
+            raise RegistryError("cannot register a model without a tracking run: the tracker has no run id")
+        tracker_uri = getattr(tracker, "uri", None)
+        if tracker_uri is not None and tracker_uri != self.uri:
+            raise RegistryError(
+                f"the run is tracked at {_redact(tracker_uri)} but the registry is at {_redact(self.uri)}; "
+                "use the same tracking config for both"
+            )
+        model_dir = Path(model_dir)
+        try:
+            manifest = verify_artifact(model_dir)
+        except ArtifactError as exc:
+            raise RegistryError(f"cannot register {model_dir}: {exc}") from exc
+        version_tags = {"signpost.artifact": model_dir.name, "signpost.key": str(manifest.get("key", ""))}
+        if data_key := _read_card(model_dir).get("data_key"):
+            version_tags["signpost.data_key"] = str(data_key)
+        version_tags.update(tags or {})
+
+        tracker.log_artifact(model_dir, MODEL_ARTIFACT_PATH)
+        self._ensure_registered(client)
+        created = client.create_model_version(
+            self.name,
+            f"runs:/{tracker.run_id}/{MODEL_ARTIFACT_PATH}",
+            run_id=tracker.run_id,
+            tags={k: v for k, v in version_tags.items() if v},
+        )
+        version = str(created.version)
+        client.set_registered_model_alias(self.name, alias, version)
+        log.info("registered %s version %s from run %s as %r", self.name, version, tracker.run_id, alias)
+        return self._version(client, version)
+
+    def get(self, alias: str) -> ModelVersion | None:
+        """The version behind ``alias``; None when the alias is not set or the model is not registered."""
+        client = self._mlflow()
+        version = (self._aliases(client) or {}).get(alias)
+        return None if version is None else self._version(client, version)
+
+    def promote(self, alias_from: str = CHALLENGER, alias_to: str = CHAMPION) -> ModelVersion:
+        """Point ``alias_to`` at the version behind ``alias_from`` and remove ``alias_from`` (it has been decided).
+
+        The version ``alias_to`` pointed at before is remembered so that ``rollback`` can restore it.
+        """
+        if alias_from == alias_to:
+            raise RegistryError(f"cannot promote {alias_from!r} to itself")
+        client = self._mlflow()
+        aliases = self._require_aliases(client, "nothing to promote")
+        target = aliases.get(alias_from)
+        if target is None:
+            raise RegistryError(
+                f"{self.name} has no {alias_from!r} version: nothing to promote (register a model first); "
+                f"aliases set: {_describe_aliases(aliases)}"
+            )
+        current = aliases.get(alias_to)
+        if current is not None and current != target:
+            history = [*self._history(client, alias_to), current][-_MAX_HISTORY:]
+            self._save_history(client, alias_to, history)
+        client.set_registered_model_alias(self.name, alias_to, target)
+        client.delete_registered_model_alias(self.name, alias_from)
+        log.info("promoted %s version %s from %r to %r (was %s)", self.name, target, alias_from, alias_to, current)
+        return self._version(client, target)
+
+    def rollback(self, alias: str = CHAMPION) -> ModelVersion:
+        """Point ``alias`` back at the version it pointed at before the last promotion (repeatable, like undo)."""
+        client = self._mlflow()
+        aliases = self._require_aliases(client, "nothing to roll back")
+        history = self._history(client, alias)
+        if not history:
+            raise RegistryError(
+                f"nothing to roll back to: {self.name} has no previous {alias!r} (no promotion has replaced one); "
+                f"aliases set: {_describe_aliases(aliases)}"
+            )
+        target = history.pop()
+        current = aliases.get(alias)
+        try:
+            client.set_registered_model_alias(self.name, alias, target)
+        except _mlflow_exception() as exc:
+            raise RegistryError(f"cannot move {alias!r} back to {self.name} version {target}: {exc}") from exc
+        self._save_history(client, alias, history)
+        if current is not None and current != target:
+            stamp = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+            client.set_model_version_tag(self.name, current, f"signpost.rolled_back.{alias}", stamp)
+        log.info("rolled %s %r back from version %s to %s", self.name, alias, current, target)
+        return self._version(client, target)
+
+    def download(self, alias: str, dest: Path) -> Path:
+        """Download the model artifact folder behind ``alias`` to ``dest/<artifact folder name>`` and return it.
+
+        The folder keeps the name it had when it was made (derived from its inputs' hashes), so a version already
+        downloaded is reused; files are checked against the manifest either way.
+        """
+        from mlflow.artifacts import download_artifacts
+
+        client = self._mlflow()
+        version = (self._aliases(client) or {}).get(alias)
+        if version is None:
+            raise RegistryError(f"{self.name} has no {alias!r} version to download")
+        tags = client.get_model_version(self.name, version).tags
+        final = Path(dest) / (tags.get("signpost.artifact") or f"{self.name}-v{version}")
+        if is_complete(final):
+            try:
+                verify_artifact(final)
+                log.info("%s version %s is already at %s", self.name, version, final)
+                return final
+            except ArtifactError as exc:
+                log.warning("%s; downloading it again", exc)
+                shutil.rmtree(final)
+        with atomic_dir(final) as tmp:
+            # By version, not alias: the alias may move while we download.
+            download_artifacts(
+                artifact_uri=f"models:/{self.name}/{version}",
+                dst_path=str(tmp),
+                tracking_uri=self.uri,
+                registry_uri=self._registry_uri(),
+            )
+            verify_artifact(tmp)
+        log.info("downloaded %s version %s (%r) to %s", self.name, version, alias, final)
+        return final
+
+    def _registry_uri(self) -> str:
+        return os.environ.get("MLFLOW_REGISTRY_URI", "").strip() or self.uri
+
+    def _mlflow(self) -> MlflowClient:
+        if self.config.backend == "none":
+            raise RegistryError(
+                "tracking.backend is none: there is no model registry; set tracking.backend=mlflow to register, "
+                "promote, roll back or download models"
+            )
+        if self._client is None:
+            from mlflow import MlflowClient
+
+            _quiet_mlflow()
+            self.workdir.mkdir(parents=True, exist_ok=True)
+            self._client = MlflowClient(tracking_uri=self.uri, registry_uri=self._registry_uri())
+        return self._client
+
+    def _ensure_registered(self, client: MlflowClient) -> None:
+        if self._aliases(client) is not None:
+            return
+        try:
+            client.create_registered_model(self.name, description="Signpost image classifier")
+        except _mlflow_exception() as exc:
+            if exc.error_code != "RESOURCE_ALREADY_EXISTS":  # else another process registered it first
+                raise
+
+    def _aliases(self, client: MlflowClient) -> dict[str, str] | None:
+        """Alias → version of the registered model; None when it is not registered."""
+        try:
+            model = client.get_registered_model(self.name)
+        except _mlflow_exception() as exc:
+            if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+                return None
+            raise
+        return {alias: str(version) for alias, version in model.aliases.items()}
+
+    def _require_aliases(self, client: MlflowClient, what: str) -> dict[str, str]:
+        aliases = self._aliases(client)
+        if aliases is None:
+            raise RegistryError(f"model {self.name!r} is not registered at {_redact(self.uri)}: {what}")
+        return aliases
+
+    def _history(self, client: MlflowClient, alias: str) -> list[str]:
+        text = client.get_registered_model(self.name).tags.get(_history_tag(alias), "")
+        try:
+            history = json.loads(text) if text else []
+        except json.JSONDecodeError:
+            log.warning("ignoring unreadable %s on %s: %r", _history_tag(alias), self.name, text)
+            return []
+        return [str(v) for v in history]
+
+    def _save_history(self, client: MlflowClient, alias: str, history: list[str]) -> None:
+        client.set_registered_model_tag(self.name, _history_tag(alias), json.dumps(history))
+        # A visible pointer to what rollback would restore, for people looking at the registry UI.
+        if history:
+            client.set_registered_model_alias(self.name, f"previous-{alias}", history[-1])
+        else:
+            with contextlib.suppress(_mlflow_exception()):
+                client.delete_registered_model_alias(self.name, f"previous-{alias}")
+
+    def _version(self, client: MlflowClient, version: str) -> ModelVersion:
+        mv = client.get_model_version(self.name, version)
+        metrics: dict[str, float] = {}
+        if mv.run_id:
+            try:
+                run_metrics = client.get_run(mv.run_id).data.metrics
+            except _mlflow_exception() as exc:
+                log.warning("metrics of run %s (version %s) unavailable: %s", mv.run_id, version, exc)
+            else:
+                # system/* describe the machine the run used, not the model.
+                metrics = {k: float(v) for k, v in run_metrics.items() if not k.startswith("system/")}
+        return ModelVersion(
+            name=mv.name,
+            version=str(mv.version),
+            run_id=mv.run_id or None,
+            source=mv.source,
+            aliases=tuple(sorted(mv.aliases or ())),
+            metrics=metrics,
+        )
+
+
+def _history_tag(alias: str) -> str:
+    return f"signpost.history.{alias}"
+
+
+def _describe_aliases(aliases: Mapping[str, str]) -> str:
+    return ", ".join(f"{a}→v{v}" for a, v in sorted(aliases.items())) or "none"
+
+
+def _mlflow_exception() -> type[Exception]:
+    from mlflow.exceptions import MlflowException
+
+    return MlflowException
+
+
+def _experiment_id(client: MlflowClient, name: str, artifact_root: Path | None) -> str:
+    """The id of experiment ``name``, created if missing (artifacts under ``artifact_root/<name>`` when given)."""
+    experiment = client.get_experiment_by_name(name)
+    if experiment is None:
+        location = (artifact_root / _slug(name)).as_uri() if artifact_root is not None else None
+        try:
+            return client.create_experiment(name, artifact_location=location)
+        except _mlflow_exception() as exc:
+            if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+            experiment = client.get_experiment_by_name(name)  # another process created it first
+            assert experiment is not None
+    if experiment.lifecycle_stage != "active":
+        raise TrackingError(
+            f"MLflow experiment {name!r} is deleted; restore it (mlflow experiments restore --experiment-id "
+            f"{experiment.experiment_id}) or set tracking.experiment to another name"
+        )
+    return experiment.experiment_id
+
+
+def _local_artifact_root(uri: str, workdir: Path) -> Path | None:
+    """``<workdir>/mlruns`` for a database store the client writes to directly; None lets a server decide."""
+    scheme = urlsplit(uri).scheme.split("+")[0]
+    return workdir / ARTIFACTS_DIR if scheme in _DATABASE_SCHEMES else None
+
+
+def _quiet_mlflow() -> None:
+    for name in _NOISY_LOGGERS:
+        logger = logging.getLogger(name)
+        if logger.level == logging.NOTSET:  # a level set by the user wins
+            logger.setLevel(logging.WARNING)
+
+
+def _flatten(params: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    """``{"train": {"lr": 0.1}}`` → ``{"train.lr": "0.1"}``; lists as JSON, long values truncated."""
+    flat: dict[str, str] = {}
+    for key, value in params.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping) and value:
+            flat.update(_flatten(value, f"{name}."))
+        elif isinstance(value, (list, tuple)):
+            flat[name] = _truncate(name, json.dumps(value, default=str), _MAX_PARAM_VALUE)
+        else:
+            flat[name] = _truncate(name, str(value), _MAX_PARAM_VALUE)
+    return flat
+
+
+def _truncate(key: str, value: str, limit: int) -> str:
+    if len(value) <= limit:
+        return value
+    log.warning("%s is %d characters; MLflow keeps at most %d, truncating", key, len(value), limit)
+    return value[: limit - 1] + "…"
+
+
+def _chunks(items: Sequence[_T], size: int) -> Iterator[list[_T]]:
+    for start in range(0, len(items), size):
+        yield list(items[start : start + size])
+
+
+def _slug(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("._") or "experiment"
+
+
+def _redact(uri: str) -> str:
+    """``uri`` without a password, for logs and error messages."""
+    parts = urlsplit(uri)
+    if parts.password is None:
+        return uri
+    host = parts.hostname or ""
+    netloc = f"{parts.username}:***@{host}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def _read_card(model_dir: Path) -> dict[str, Any]:
+    """The model card as a plain dict (no torch import needed to register); empty when there is none."""
+    path = model_dir / "model_card.json"
+    if not path.is_file():
+        return {}
+    try:
+        card = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise RegistryError(f"cannot register {model_dir}: unreadable model card: {exc}") from exc
+    return card if isinstance(card, dict) else {}

@@ -1,0 +1,288 @@
+"""The evaluate stage: metrics that match a direct recomputation, a gate that fails and passes when it should."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import logging
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from signpost.artifacts import ArtifactError, atomic_dir, read_manifest, verify_artifact, write_manifest
+from signpost.config import EvaluateConfig
+from signpost.data.cache import load_split
+from signpost.data.loader import normalize
+from signpost.models import build_model
+from signpost.models.artifact import ModelCard, load_model, save_model
+from signpost.stages import evaluate as evaluate_module
+from signpost.stages.evaluate import apply_gate, calibration, evaluate
+from signpost.stages.prepare import prepare
+from tests.conftest import local_config
+
+LAX = ("evaluate.min_accuracy=0.0", "evaluate.min_class_accuracy=0.0")
+FILES = {
+    "report.json",
+    "per_class.csv",
+    "confusion_matrix.csv",
+    "confusion_matrix.png",
+    "reliability.png",
+    "misclassified.png",
+    "manifest.json",
+}
+
+
+@dataclass
+class Models:
+    """Prepared data and model artifacts shared by the tests of this module (built once: training takes a second)."""
+
+    root: Path  # the raw synthetic dataset
+    data: Path
+    data_manifest: dict[str, Any]
+    trained: Path
+    untrained: Path
+
+
+def _save(folder: Path, model: nn.Module, data_manifest: dict[str, Any], **card_changes: Any) -> Path:
+    """A model artifact as the train stage writes one: weights, model card, manifest last."""
+    dataset = data_manifest["dataset"]
+    card = ModelCard(
+        architecture="signnet",
+        num_classes=dataset["num_classes"],
+        class_names=dataset["class_names"],
+        image_size=dataset["image_size"],
+        mean=dataset["mean"],
+        std=dataset["std"],
+        data_artifact=f"t-{data_manifest['key'][:12]}",
+        data_key=data_manifest["key"],
+    ).model_copy(update=card_changes)
+    with atomic_dir(folder) as tmp:
+        save_model(tmp, model, card)
+        key = hashlib.sha256(folder.name.encode()).hexdigest()
+        write_manifest(tmp, stage="train", key=key, inputs={"data": data_manifest["key"]}, config={}, code="test")
+    return folder
+
+
+def _train(data: Path, dataset: dict[str, Any], steps: int = 40) -> nn.Module:
+    """A few dozen full-batch Adam steps on the (small) training split."""
+    torch.manual_seed(0)
+    train = load_split(data / "train.safetensors")
+    x = normalize(train.images.float() / 255, dataset["mean"], dataset["std"])
+    model = build_model("signnet", dataset["num_classes"], dataset["image_size"])
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    model.train()
+    for _ in range(steps):
+        optimizer.zero_grad()
+        F.cross_entropy(model(x), train.labels).backward()
+        optimizer.step()
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def models(synthetic_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Models:
+    base = tmp_path_factory.mktemp("evaluate")
+    data = prepare(local_config(synthetic_root, base / "work"), progress=False)
+    dataset = data.manifest["dataset"]
+    torch.manual_seed(1)
+    untrained = build_model("signnet", dataset["num_classes"], dataset["image_size"])
+    return Models(
+        root=synthetic_root,
+        data=data.path,
+        data_manifest=data.manifest,
+        trained=_save(base / "models" / "trained", _train(data.path, dataset), data.manifest),
+        untrained=_save(base / "models" / "untrained", untrained, data.manifest),
+    )
+
+
+def test_evaluate_writes_a_verified_report_that_matches_a_direct_recomputation(models: Models, tmp_path: Path) -> None:
+    config = local_config(models.root, tmp_path, *LAX)
+    result = evaluate(config, model_dir=models.trained, data_dir=models.data, progress=False)
+
+    assert not result.reused and result.passed and result.failures == []
+    assert {p.name for p in result.path.iterdir()} == FILES
+    manifest = verify_artifact(result.path)
+    assert manifest["stage"] == "evaluate"
+    assert manifest["inputs"]["model"] == read_manifest(models.trained)["key"]
+    assert manifest["inputs"]["data"] == models.data_manifest["key"]
+    assert manifest["config"] == config.evaluate.model_dump()
+    assert set(manifest["metrics"]) == {"top1", "top5", "macro_f1", "ece", "nll"}
+    report = json.loads((result.path / "report.json").read_text())
+    assert report == result.report
+    assert report["warnings"] == []
+
+    # Accuracy, recomputed here with the model itself.
+    model, card = load_model(models.trained)
+    test = load_split(models.data / "test.safetensors")
+    with torch.no_grad():
+        logits = model(normalize(test.images.float() / 255, card.mean, card.std))
+    top1 = (logits.argmax(1) == test.labels).double().mean().item()
+    top5 = (logits.topk(5, 1).indices == test.labels[:, None]).any(1).double().mean().item()
+    nll = F.cross_entropy(logits.double(), test.labels).item()
+    metrics = report["metrics"]
+    assert metrics["top1"] == pytest.approx(top1, abs=1e-6)
+    assert metrics["top5"] == pytest.approx(top5, abs=1e-6)
+    assert metrics["nll"] == pytest.approx(nll, rel=1e-4)
+    assert top1 > 1 / 6  # a few dozen steps learn something
+    assert 0.0 <= metrics["ece"] <= 1.0
+
+    # The confusion matrix, per-class table and calibration table agree with each other and with the labels.
+    matrix = torch.tensor(report["confusion_matrix"])
+    support = torch.bincount(test.labels, minlength=6)
+    assert matrix.shape == (6, 6)
+    assert matrix.sum(1).tolist() == support.tolist()
+    assert matrix.diag().sum().item() / len(test) == pytest.approx(top1, abs=1e-6)
+    for row in report["per_class"]:
+        c = row["id"]
+        assert row["support"] == support[c].item()
+        assert row["recall"] == pytest.approx(matrix[c, c].item() / support[c].item(), abs=1e-6)
+        assert row["name"] == card.class_names[c]
+    assert sum(b["count"] for b in report["calibration"]["bins"]) == len(test)
+    assert len(report["calibration"]["bins"]) == config.evaluate.calibration_bins
+    assert report["worst_classes"][0]["recall"] == min(row["recall"] for row in report["per_class"])
+    assert all(pair["true"] != pair["predicted"] for pair in report["confused_pairs"])
+    assert [rule["verdict"] for rule in report["gate"]["rules"]] == ["pass", "pass", "skipped"]
+
+    with open(result.path / "per_class.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert list(rows[0]) == ["id", "name", "precision", "recall", "f1", "support"]
+    assert [int(r["support"]) for r in rows] == support.tolist()
+    header, *lines = (result.path / "confusion_matrix.csv").read_text().splitlines()
+    assert header.split(",")[1:] == [str(c) for c in range(6)]
+    assert [list(map(int, line.split(",")[1:])) for line in lines] == report["confusion_matrix"]
+
+
+def test_an_untrained_model_fails_the_accuracy_gate(models: Models, tmp_path: Path) -> None:
+    result = evaluate(local_config(models.root, tmp_path), model_dir=models.untrained, data_dir=models.data,
+                      progress=False)
+    assert not result.passed
+    assert any("evaluate.min_accuracy" in message for message in result.failures)
+    first = result.report["gate"]["rules"][0]
+    assert first["rule"] == "min_accuracy" and first["verdict"] == "fail" and first["threshold"] == 0.9
+    assert read_manifest(result.path)["gate"]["passed"] is False
+
+    lax = evaluate(local_config(models.root, tmp_path, *LAX), model_dir=models.untrained, data_dir=models.data,
+                   progress=False)
+    assert lax.passed and lax.path != result.path
+
+
+def test_the_champion_rule_allows_at_most_max_drop(models: Models, tmp_path: Path) -> None:
+    config = local_config(models.root, tmp_path, *LAX, "evaluate.max_drop=0.05")
+    alone = evaluate(config, model_dir=models.trained, data_dir=models.data, progress=False)
+    top1 = alone.report["metrics"]["top1"]
+
+    close = evaluate(config, model_dir=models.trained, data_dir=models.data, champion={"top1": top1 + 0.04},
+                     progress=False)
+    assert close.passed and close.report["gate"]["rules"][2]["verdict"] == "pass"
+    far = evaluate(config, model_dir=models.trained, data_dir=models.data, champion={"top1": top1 + 0.06},
+                   progress=False)
+    assert not far.passed
+    assert len(far.failures) == 1 and "evaluate.max_drop" in far.failures[0]
+    assert far.report["champion"] == {"top1": top1 + 0.06}
+    with pytest.raises(ValueError, match="top1"):
+        evaluate(config, model_dir=models.trained, data_dir=models.data, champion={"acc": 0.9}, progress=False)
+
+
+def test_a_second_call_reuses_the_evaluation(
+    models: Models, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = local_config(models.root, tmp_path)
+    first = evaluate(config, model_dir=models.untrained, data_dir=models.data, progress=False)
+
+    def no_inference(*args: object, **kwargs: object) -> None:
+        raise AssertionError("an unchanged evaluation ran the model again")
+
+    monkeypatch.setattr(evaluate_module, "predict_logits", no_inference)
+    second = evaluate(config, model_dir=models.untrained, data_dir=models.data, progress=False)
+    assert second.reused and second.path == first.path
+    assert second.report == first.report
+    assert (second.passed, second.failures) == (first.passed, first.failures)
+
+
+def test_a_tampered_model_is_refused(models: Models, tmp_path: Path) -> None:
+    folder = Path(shutil.copytree(models.untrained, tmp_path / "model"))
+    weights = folder / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with pytest.raises(ArtifactError, match=r"model\.safetensors does not match"):
+        evaluate(local_config(models.root, tmp_path), model_dir=folder, data_dir=models.data, progress=False)
+
+
+def test_a_model_for_another_image_size_or_class_count_is_refused(models: Models, tmp_path: Path) -> None:
+    dataset = models.data_manifest["dataset"]
+    bigger = _save(tmp_path / "m40", build_model("signnet", 6, 40), models.data_manifest, image_size=40)
+    with pytest.raises(ValueError, match=r"40x40 images .* 32x32"):
+        evaluate(local_config(models.root, tmp_path), model_dir=bigger, data_dir=models.data, progress=False)
+
+    names = [*dataset["class_names"], "extra"]
+    wider = _save(tmp_path / "m7", build_model("signnet", 7, 32), models.data_manifest, num_classes=7,
+                  class_names=names)
+    with pytest.raises(ValueError, match="7 classes .* 6"):
+        evaluate(local_config(models.root, tmp_path), model_dir=wider, data_dir=models.data, progress=False)
+
+
+def test_a_model_from_other_data_is_evaluated_with_a_warning(
+    models: Models, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    model, _ = load_model(models.untrained)
+    other = _save(tmp_path / "other", model, models.data_manifest, data_key="f" * 64)
+    with caplog.at_level(logging.WARNING, logger="signpost.stages.evaluate"):
+        result = evaluate(local_config(models.root, tmp_path), model_dir=other, data_dir=models.data, progress=False)
+    assert len(result.report["warnings"]) == 1 and "ffffffffffff" in result.report["warnings"][0]
+    assert "ffffffffffff" in caplog.text
+
+
+# --- the helpers, on hand-made numbers ---------------------------------------------------------------------------
+
+
+def test_ece_is_zero_when_confidence_matches_accuracy() -> None:
+    # Four images at confidence 0.75 of which three are right, two at 1.0 both right: perfectly calibrated.
+    probs = torch.tensor([[0.75, 0.25]] * 4 + [[1.0, 0.0]] * 2, dtype=torch.float64)
+    labels = torch.tensor([0, 0, 0, 1, 0, 0])
+    ece, bins = calibration(probs, labels, 10)
+    assert ece == pytest.approx(0.0, abs=1e-12)
+    assert [b["count"] for b in bins] == [0, 0, 0, 0, 0, 0, 0, 4, 0, 2]
+    assert bins[7] == {"lower": 0.7, "upper": 0.8, "confidence": 0.75, "accuracy": 0.75, "count": 4}
+    assert bins[0]["accuracy"] is None and bins[0]["confidence"] is None
+
+
+def test_ece_weights_each_bin_by_its_share_of_images() -> None:
+    # Bin (0.5, 0.6]: 2 images at 0.6, both wrong (gap 0.6). Bin (0.9, 1.0]: 2 images at 0.9, both right (gap 0.1).
+    probs = torch.tensor([[0.6, 0.4], [0.6, 0.4], [0.9, 0.1], [0.1, 0.9]], dtype=torch.float64)
+    labels = torch.tensor([1, 1, 0, 1])
+    ece, _ = calibration(probs, labels, 10)
+    assert ece == pytest.approx(0.5 * 0.6 + 0.5 * 0.1)
+    confident_and_wrong = torch.tensor([[1.0, 0.0]] * 3, dtype=torch.float64)
+    assert calibration(confident_and_wrong, torch.tensor([1, 1, 1]), 15)[0] == pytest.approx(1.0)
+
+
+def _metrics(top1: float, recalls: list[float]) -> dict[str, Any]:
+    per_class = [{"id": i, "name": f"class {i}", "recall": r} for i, r in enumerate(recalls)]
+    return {"metrics": {"top1": top1}, "per_class": per_class}
+
+
+def test_the_class_rule_names_at_most_five_failing_classes_lowest_first() -> None:
+    recalls = [0.9, 0.1, 0.2, 0.3, 0.4, 0.45, 0.46, 0.95]
+    gate = apply_gate(_metrics(0.95, recalls), EvaluateConfig(min_class_accuracy=0.5), None)
+    assert not gate["passed"] and len(gate["failures"]) == 1
+    message = gate["failures"][0]
+    assert message.startswith("6 of 8 classes have recall < evaluate.min_class_accuracy 0.500: 1 class 1 0.100")
+    assert "5 class 5 0.450" in message and "class 6" not in message and message.endswith("and 1 more")
+    rule = gate["rules"][1]
+    assert (rule["rule"], rule["threshold"], rule["value"], rule["verdict"]) == ("min_class_accuracy", 0.5, 0.1, "fail")
+
+
+def test_gate_messages_show_enough_decimals_to_differ() -> None:
+    gate = apply_gate(_metrics(0.8996, [1.0, 1.0]), EvaluateConfig(min_accuracy=0.9), None)
+    assert gate["failures"] == ["top1 0.8996 < evaluate.min_accuracy 0.9000"]
+    gate = apply_gate(_metrics(0.812, [1.0, 1.0]), EvaluateConfig(min_accuracy=0.9), None)
+    assert gate["failures"] == ["top1 0.812 < evaluate.min_accuracy 0.900"]
+    exactly = apply_gate(_metrics(0.9, [1.0]), EvaluateConfig(min_accuracy=0.9, max_drop=0.1), {"top1": 1.0})
+    assert exactly["passed"]

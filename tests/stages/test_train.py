@@ -1,0 +1,136 @@
+"""The train stage: a loadable artifact, reuse, exact resume after SIGKILL and SIGINT, and DDP under torchrun."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from signpost.artifacts import verify_artifact
+from signpost.models.artifact import load_model
+from signpost.stages.prepare import prepare
+from signpost.stages.train import train
+from tests.conftest import local_config
+
+# Small and deterministic: one thread, so a resumed run can match an uninterrupted one bit for bit.
+TRAIN = ["train.batch_size=16", "train.epochs=3", "train.threads=1", "train.warmup_epochs=0.5"]
+
+
+@pytest.fixture(scope="module")
+def data_dir(synthetic_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    work = tmp_path_factory.mktemp("prepared")
+    return prepare(local_config(synthetic_root, work), progress=False).path
+
+
+def _signpost(*args: str, **kwargs: object) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "signpost.cli", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        **kwargs,
+    )
+
+
+def _train_args(data_dir: Path, workdir: Path, *extra: str) -> list[str]:
+    return ["train", "--no-progress", "--data", str(data_dir), f"workdir={workdir}", "name=t", *TRAIN, *extra]
+
+
+def _history(workdir: Path) -> list[dict]:
+    (folder,) = (workdir / "train").glob("t-*")
+    return json.loads((folder / "history.json").read_text())
+
+
+def _wait_for_checkpoint(workdir: Path, proc: subprocess.Popen, epochs: int = 1, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for state in (workdir / "train" / ".checkpoints").glob("*/checkpoint.json"):
+            try:
+                if json.loads(state.read_text())["epoch"] >= epochs:
+                    return
+            except (OSError, ValueError):
+                pass  # written atomically, but the glob may race a rename
+        if proc.poll() is not None:
+            raise AssertionError(f"training ended before a checkpoint: {proc.communicate()}")
+        time.sleep(0.05)
+    proc.kill()
+    raise AssertionError("no checkpoint within the time limit")
+
+
+def test_train_writes_a_loadable_artifact_and_reuses_it(data_dir: Path, tmp_path: Path) -> None:
+    config = local_config(tmp_path / "unused", tmp_path, *TRAIN, "train.epochs=2")
+    epochs = []
+    result = train(config, data_dir=data_dir, progress=False, on_epoch=lambda metrics, epoch: epochs.append(epoch))
+    assert not result.reused and epochs == [1, 2]
+    verify_artifact(result.path)
+    model, card = load_model(result.path)
+    assert card.architecture == "signnet" and card.num_classes == 6 and card.image_size == 32
+    assert card.data_key == json.loads((data_dir / "manifest.json").read_text())["key"]
+    assert len(json.loads((result.path / "history.json").read_text())) == 2
+    assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 6)
+    assert not any((tmp_path / "train" / ".checkpoints").glob("*/checkpoint.*"))  # cleaned up once finished
+
+    assert train(config, data_dir=data_dir, progress=False).reused
+    changed = local_config(tmp_path / "unused", tmp_path, *TRAIN, "train.epochs=2", "train.lr=0.001")
+    assert train(changed, data_dir=data_dir, progress=False).path != result.path
+
+
+def test_a_killed_run_resumes_and_ends_with_the_same_metrics(data_dir: Path, tmp_path: Path) -> None:
+    reference = _signpost(*_train_args(data_dir, tmp_path / "a"))
+    assert reference.wait(timeout=300) == 0, reference.communicate()
+
+    killed = _signpost(*_train_args(data_dir, tmp_path / "b"))
+    _wait_for_checkpoint(tmp_path / "b", killed)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait(timeout=30)
+    resumed = _signpost(*_train_args(data_dir, tmp_path / "b"), "--resume")
+    _, err = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, err
+    assert "resuming at epoch" in err
+    assert _history(tmp_path / "b") == _history(tmp_path / "a")
+
+
+def test_sigint_saves_a_checkpoint_and_exits_cleanly(data_dir: Path, tmp_path: Path) -> None:
+    reference = _signpost(*_train_args(data_dir, tmp_path / "a"))
+    assert reference.wait(timeout=300) == 0, reference.communicate()
+
+    interrupted = _signpost(*_train_args(data_dir, tmp_path / "b"))
+    _wait_for_checkpoint(tmp_path / "b", interrupted)
+    interrupted.send_signal(signal.SIGINT)
+    _, err = interrupted.communicate(timeout=60)
+    assert interrupted.returncode == 130, err
+    assert "--resume" in err and "Traceback" not in err
+    resumed = _signpost(*_train_args(data_dir, tmp_path / "b"), "--resume")
+    _, err = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, err
+    assert _history(tmp_path / "b") == _history(tmp_path / "a")
+
+
+def test_resume_without_a_checkpoint_is_a_clear_error(data_dir: Path, tmp_path: Path) -> None:
+    proc = _signpost(*_train_args(data_dir, tmp_path), "--resume")
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 1
+    assert "no checkpoint for this run" in err
+
+
+def test_two_process_ddp_under_torchrun(data_dir: Path, tmp_path: Path) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+         "--master-port", str(port), "-m", "signpost.cli", *_train_args(data_dir, tmp_path, "train.epochs=2")],
+        capture_output=True, text=True, timeout=300, env=env,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (folder,) = (tmp_path / "train").glob("t-*")  # rank 0 alone wrote one artifact
+    manifest = verify_artifact(folder)
+    assert manifest["config"]["world_size"] == 2
+    assert len(manifest["history"]) == 2
+    assert proc.stdout.count("train: wrote") == 1
