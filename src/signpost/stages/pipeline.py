@@ -12,6 +12,7 @@ from pathlib import Path
 
 from signpost.config import SignpostConfig
 from signpost.stages.prepare import prepare
+from signpost.stages.train import train
 
 log = logging.getLogger(__name__)
 
@@ -28,14 +29,13 @@ class StageOutcome:
 
 def run_pipeline(config: SignpostConfig, *, progress: bool = True) -> list[StageOutcome]:
     """Run every stage for ``config`` in order; return what each did."""
-    outcomes = []
     data = prepare(config, progress=progress)
-    outcomes.append(
-        StageOutcome(
-            "prepare",
-            data.path,
-            data.reused,
-            "data, settings and code unchanged" if data.reused else "no cache for these inputs yet",
-        )
-    )
-    return outcomes
+    model = train(config, data_dir=data.path, progress=progress)
+    return [
+        StageOutcome("prepare", data.path, data.reused, _why(data.reused, "data, data settings and code")),
+        StageOutcome("train", model.path, model.reused, _why(model.reused, "prepared data, train settings and code")),
+    ]
+
+
+def _why(reused: bool, inputs: str) -> str:
+    return f"{inputs} unchanged" if reused else f"no artifact for these {inputs} yet"
