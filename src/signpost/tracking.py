@@ -170,9 +170,15 @@ class MLflowTracker:
         self._run_id: str = run.info.run_id
         self._params: dict[str, str] = {}
         self._finished = False
-        if tags:
-            self.set_tags(tags)
-        self._monitor = self._start_system_metrics() if system_metrics else None
+        self._monitor: SystemMetricsMonitor | None = None
+        try:
+            if tags:
+                self.set_tags(tags)
+        except BaseException:
+            self.finish("FAILED")  # a run left RUNNING would look alive in the UI forever
+            raise
+        if system_metrics:
+            self._monitor = self._start_system_metrics()
         log.info("tracking run %s (%s) in experiment %r at %s", run_name, self._run_id, experiment, _redact(uri))
 
     def log_params(self, params: Mapping[str, Any]) -> None:
@@ -244,7 +250,14 @@ class MLflowTracker:
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        self.finish(_exit_status(exc_type))
+        if exc_type is None:
+            self.finish()
+            return
+        try:
+            self.finish(_exit_status(exc_type))
+        except Exception:
+            # The block's own exception is the one to see; a tracking failure on the way out is only logged.
+            log.exception("could not mark run %s as %s", self._run_id, _exit_status(exc_type))
 
     def _start_system_metrics(self) -> SystemMetricsMonitor | None:
         """Sample CPU, memory, disk, network (and GPU when pynvml finds one) into ``system/*`` metrics.
@@ -268,7 +281,8 @@ class MLflowTracker:
 def tracking_uri(config: TrackingConfig, workdir: Path) -> str:
     """``config.uri``, else ``$MLFLOW_TRACKING_URI``, else ``sqlite:///<absolute workdir>/mlflow.db``.
 
-    With the SQLite default, artifacts go to ``<workdir>/mlruns``.
+    With a database store and no server (the SQLite default included), experiments this module creates keep their
+    artifacts in ``<workdir>/mlruns/<experiment>``; behind a server, the server decides.
     """
     if config.uri:
         return config.uri
@@ -328,11 +342,9 @@ class Registry:
         self.config = config
         self.workdir = Path(workdir).resolve()
         self.name = config.registered_model
+        # Resolved once: a registry stays bound to one store even if the environment changes later.
+        self.uri = tracking_uri(config, self.workdir)
         self._client: MlflowClient | None = None
-
-    @property
-    def uri(self) -> str:
-        return tracking_uri(self.config, self.workdir)
 
     def register(
         self,
@@ -452,14 +464,17 @@ class Registry:
             except ArtifactError as exc:
                 log.warning("%s; downloading it again", exc)
                 shutil.rmtree(final)
+        # Resolved here rather than through a models:/ URI: MLflow 3.17 resolves models:/ against the global
+        # registry URI (sqlite:///mlflow.db in the current folder unless set), ignoring the one passed in.
+        source = client.get_model_version_download_uri(self.name, version)
         with atomic_dir(final) as tmp:
-            # By version, not alias: the alias may move while we download.
-            download_artifacts(
-                artifact_uri=f"models:/{self.name}/{version}",
-                dst_path=str(tmp),
-                tracking_uri=self.uri,
-                registry_uri=self._registry_uri(),
+            # A runs:/ source lands as <dst>/model/...; move its contents up so the folder is the artifact itself.
+            local = Path(
+                download_artifacts(artifact_uri=source, dst_path=str(tmp / ".download"), tracking_uri=self.uri)
             )
+            for item in local.iterdir():
+                item.rename(tmp / item.name)
+            shutil.rmtree(tmp / ".download")
             verify_artifact(tmp)
         log.info("downloaded %s version %s (%r) to %s", self.name, version, alias, final)
         return final
@@ -570,7 +585,8 @@ def _experiment_id(client: MlflowClient, name: str, artifact_root: Path | None) 
             if exc.error_code != "RESOURCE_ALREADY_EXISTS":
                 raise
             experiment = client.get_experiment_by_name(name)  # another process created it first
-            assert experiment is not None
+            if experiment is None:
+                raise TrackingError(f"MLflow experiment {name!r} can neither be created nor found") from exc
     if experiment.lifecycle_stage != "active":
         raise TrackingError(
             f"MLflow experiment {name!r} is deleted; restore it (mlflow experiments restore --experiment-id "

@@ -147,7 +147,9 @@ def evaluate(
         top1 = metrics["metrics"]["top1"]
         classes = list(range(card.num_classes))
         plots.confusion_matrix_png(
-            np.array(metrics["confusion_matrix"]), classes, tmp / "confusion_matrix.png",
+            np.array(metrics["confusion_matrix"]),
+            classes,
+            tmp / "confusion_matrix.png",
             f"Confusion matrix (row-normalized) — top-1 {top1:.4f}",
         )
         plots.reliability_png(metrics["calibration"]["bins"], metrics["metrics"]["ece"], tmp / "reliability.png")
@@ -413,9 +415,10 @@ def _worst_mistakes(
     wrong = torch.nonzero(predicted != labels).flatten()
     chosen = wrong[confidence[wrong].argsort(descending=True, stable=True)][:GRID_IMAGES]
     captions = [
-        f"{t} → {p} ({c:.0%})\n{_short(class_names[t], 24)}\n→ {_short(class_names[p], 22)}"
-        for t, p, c in zip(labels[chosen].tolist(), predicted[chosen].tolist(), confidence[chosen].tolist(),
-                           strict=True)
+        f"{t} → {p} ({c:.0%})\n{_short(class_names[t], 22)}\n→ {_short(class_names[p], 20)}"
+        for t, p, c in zip(
+            labels[chosen].tolist(), predicted[chosen].tolist(), confidence[chosen].tolist(), strict=True
+        )
     ]
     return images[chosen].numpy(), captions
 
