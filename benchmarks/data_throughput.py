@@ -20,10 +20,8 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
 from signpost.config import AugmentConfig, SyntheticConfig, load_config
 from signpost.data.cache import load_split
@@ -32,34 +30,7 @@ from signpost.data.loader import BatchLoader
 from signpost.data.synthetic import generate_gtsrb
 from signpost.stages.prepare import prepare
 
-
-class ReferenceDataset(Dataset):
-    """The tutorial's loading, step for step: torchvision's GTSRB dataset opens each file with PIL and converts it
-    to RGB, then ``Compose([Resize((32, 32)), ToTensor(), Normalize(mean, std)])``. Written out here as torchvision
-    does each step, since torchvision cannot be imported on these machines. The tutorial crops no ROI, so neither
-    does this.
-    """
-
-    def __init__(self, samples: list[Sample], size: int) -> None:
-        self.samples, self.size = samples, size
-        self.mean, self.std = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        sample = self.samples[i]
-        image = Image.open(sample.path).convert("RGB")
-        image = image.resize((self.size, self.size), Image.Resampling.BILINEAR)  # Resize on a PIL image
-        # ToTensor: HWC uint8 -> CHW float in [0, 1].
-        x = torch.from_numpy(np.array(image, np.uint8, copy=True)).view(image.size[1], image.size[0], 3)
-        x = x.permute(2, 0, 1).contiguous().to(torch.float32).div(255)
-        # Normalize: builds its mean/std tensors and checks std on every call, then normalizes in place.
-        mean = torch.as_tensor(self.mean, dtype=x.dtype)
-        std = torch.as_tensor(self.std, dtype=x.dtype)
-        if (std == 0).any():
-            raise ValueError("std evaluated to zero")
-        return x.sub_(mean.view(-1, 1, 1)).div_(std.view(-1, 1, 1)), sample.label
+from reference import ReferenceDataset  # benchmarks/reference.py: the tutorial's loading, shared by the benchmarks
 
 
 def reference_images_per_s(samples: list[Sample], size: int, limit: int, seconds: float) -> float:

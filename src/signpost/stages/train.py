@@ -183,16 +183,17 @@ class Recipe:
         """Train the remaining epochs, validating after each; a stop signal saves a checkpoint and raises."""
         with _stop_signals(self._on_signal):
             while self.epoch < self.cfg.epochs:
-                self._train_epoch()
+                self.train_epoch()
                 if self._should_stop():
                     self._save_checkpoint()
                     raise TrainingInterrupted(
                         f"stopped by signal {self._stop_signal} in epoch {self.epoch + 1}, batch {self.batch}; "
                         f"checkpoint in {self.checkpoint_dir}: run again with --resume to continue"
                     )
-                self._end_epoch()
+                self.end_epoch()
 
-    def _train_epoch(self) -> None:
+    def train_epoch(self) -> None:
+        """One pass over this rank's shard (or its rest, after a resume); returns early on a stop signal."""
         self.net.train()
         self.loader.set_epoch(self.epoch)
         aug_state = self.aug_states[self.rank] if self.aug_states is not None else None
@@ -226,7 +227,8 @@ class Recipe:
                 if self._should_stop():
                     return
 
-    def _end_epoch(self) -> None:
+    def end_epoch(self) -> None:
+        """Validate, record the epoch, keep the best weights, and checkpoint."""
         sums = self.sums.clone()
         if self.world_size > 1:
             dist.all_reduce(sums)
