@@ -101,6 +101,7 @@ def evaluate(
     )
     path = artifact_path(config.workdir, STAGE, config.name, key)
     if is_complete(path):
+        log.info("%s was evaluated on %s with these settings already: reusing %s", model_dir, data_dir, path)
         verify_artifact(path, ["report.json"])
         report = json.loads((path / "report.json").read_text(encoding="utf-8"))
         return EvaluateResult(path, True, report, report["gate"]["passed"], report["gate"]["failures"])
@@ -340,7 +341,7 @@ def apply_gate(metrics: dict[str, Any], settings: EvaluateConfig, champion: dict
         (row for row in measured if row["recall"] + _TOLERANCE < settings.min_class_accuracy),
         key=lambda row: (row["recall"], row["id"]),
     )
-    named = ", ".join(f"{row['id']} {row['name']} {row['recall']:.3f}" for row in low[:_GATE_NAMES])
+    named = ", ".join(f"{row['id']} {row['name']}: {row['recall']:.3f}" for row in low[:_GATE_NAMES])
     more = f" and {len(low) - _GATE_NAMES} more" if len(low) > _GATE_NAMES else ""
     message = (
         f"{len(low)} of {len(measured)} classes have recall < evaluate.min_class_accuracy "
@@ -356,8 +357,7 @@ def apply_gate(metrics: dict[str, Any], settings: EvaluateConfig, champion: dict
         floor = champion["top1"] - settings.max_drop
         value, threshold = _apart(top1, floor)
         message = (
-            f"top1 {value} < champion top1 {champion['top1']:.4f} - evaluate.max_drop {settings.max_drop:.4f} "
-            f"= {threshold}"
+            f"top1 {value} < champion top1 {champion['top1']:g} - evaluate.max_drop {settings.max_drop:g} = {threshold}"
         )
         rules.append(_rule("max_drop", "top1", top1, floor, message))
     failures = [rule["detail"] for rule in rules if rule["verdict"] == "fail"]
