@@ -10,7 +10,7 @@ import pytest
 
 from signpost.cli import main
 
-COMMANDS = ["prepare", "train", "synth", "run"]
+COMMANDS = ["prepare", "train", "evaluate", "promote", "rollback", "synth", "run"]
 
 
 def _signpost(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:

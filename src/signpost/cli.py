@@ -7,10 +7,12 @@ errors the user can fix end in one line on stderr and a non-zero exit, without a
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from signpost import __version__
 from signpost.artifacts import ArtifactError, latest_artifact
@@ -18,6 +20,7 @@ from signpost.config import ConfigError, SignpostConfig, load_config
 
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
+EXIT_GATE = 3  # the model was evaluated and failed the gate
 EXIT_INTERRUPTED = 130
 
 
@@ -67,6 +70,13 @@ def _build_parser() -> argparse.ArgumentParser:
     train = _stage_parser(sub, "train", "train a model on prepared data (also under torchrun)", _train)
     train.add_argument("--data", type=Path, help="prepared data folder (default: the newest for this config)")
     train.add_argument("--resume", action="store_true", help="continue an interrupted run from its checkpoint")
+
+    evaluate = _stage_parser(sub, "evaluate", "score a model on the test split and apply the gate", _evaluate)
+    evaluate.add_argument("--model", type=Path, help="model folder (default: the newest trained for this config)")
+    evaluate.add_argument("--data", type=Path, help="prepared data folder (default: the model's own)")
+
+    _stage_parser(sub, "promote", "move the registry's champion alias to the challenger", _promote)
+    _stage_parser(sub, "rollback", "move the champion alias back to the previous champion", _rollback)
 
     synth = _stage_parser(sub, "synth", "write a synthetic dataset in the official GTSRB file layout", _synth)
     synth.add_argument("--out", type=Path, required=True, help="folder to write the dataset into (must be empty)")
@@ -132,11 +142,13 @@ def _print_prepared(path: Path, reused: bool, manifest: dict) -> None:
 
 def _train(args: argparse.Namespace) -> int:
     from signpost.stages.train import TrainingInterrupted, train
+    from signpost.tracking import run_factory
 
     config = _config(args)
     data = args.data or _newest(config, "data", "signpost prepare")
     try:
-        result = train(config, data_dir=data, resume=args.resume, progress=_progress(args))
+        tracking = run_factory(config)
+        result = train(config, data_dir=data, resume=args.resume, progress=_progress(args), tracking=tracking)
     except TrainingInterrupted as exc:
         print(f"train: {exc}", file=sys.stderr)
         return EXIT_INTERRUPTED
@@ -146,6 +158,53 @@ def _train(args: argparse.Namespace) -> int:
     verb = "reused" if result.reused else "wrote"
     print(f"train: {verb} {result.path}")
     print(f"  best val accuracy {metrics['val_acc']:.4f} at epoch {metrics['best_epoch']:.0f}")
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from signpost.models.artifact import CARD
+    from signpost.stages.pipeline import evaluate_and_register
+
+    config = _config(args)
+    model = args.model or _newest(config, "train", "signpost train")
+    data = args.data
+    if data is None:
+        card = json.loads((model / CARD).read_text(encoding="utf-8"))
+        data = config.workdir / "data" / card["data_artifact"]
+    result, version = evaluate_and_register(config, model_dir=model, data_dir=data, progress=_progress(args))
+    _print_evaluation(result, version)
+    return 0 if result.passed else EXIT_GATE
+
+
+def _print_evaluation(result: Any, version: Any) -> None:
+    metrics = result.report["metrics"]
+    verb = "reused" if result.reused else "wrote"
+    print(f"evaluate: {verb} {result.path}")
+    print(f"  top-1 {metrics['top1']:.4f}, top-5 {metrics['top5']:.4f}, macro-F1 {metrics['macro_f1']:.4f}, "
+          f"ECE {metrics['ece']:.4f}")
+    if result.passed:
+        print("  gate: passed" + (f"; registered {version.name} v{version.version} as challenger" if version else ""))
+    else:
+        print("  gate: FAILED")
+        for failure in result.failures:
+            print(f"    - {failure}")
+
+
+def _promote(args: argparse.Namespace) -> int:
+    from signpost.tracking import Registry
+
+    config = _config(args)
+    version = Registry(config.tracking, config.workdir).promote()
+    print(f"promote: {version.name} v{version.version} is now the champion")
+    return 0
+
+
+def _rollback(args: argparse.Namespace) -> int:
+    from signpost.tracking import Registry
+
+    config = _config(args)
+    version = Registry(config.tracking, config.workdir).rollback()
+    print(f"rollback: {version.name} v{version.version} is the champion again")
     return 0
 
 
@@ -172,10 +231,12 @@ def _run(args: argparse.Namespace) -> int:
     from signpost.stages.pipeline import run_pipeline
 
     config = _config(args)
-    for outcome in run_pipeline(config, progress=_progress(args)):
+    result = run_pipeline(config, progress=_progress(args))
+    for outcome in result.outcomes:
         state = "skipped" if outcome.skipped else "ran"
         print(f"{outcome.stage:>8}: {state:7} ({outcome.reason}) -> {outcome.path}")
-    return 0
+    _print_evaluation(result.evaluation, result.registered)
+    return 0 if result.evaluation.passed else EXIT_GATE
 
 
 if __name__ == "__main__":

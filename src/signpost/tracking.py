@@ -28,7 +28,7 @@ import os
 import re
 import shutil
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar, runtime_checkable
 from urllib.parse import urlsplit, urlunsplit
 
 from signpost.artifacts import ArtifactError, atomic_dir, is_complete, verify_artifact
-from signpost.config import TrackingConfig
+from signpost.config import SignpostConfig, TrackingConfig
 
 if TYPE_CHECKING:
     # mlflow is imported lazily at run time: it takes about a second to import, and backend "none" and the CLI's
@@ -658,3 +658,18 @@ def _read_card(model_dir: Path) -> dict[str, Any]:
     except (OSError, json.JSONDecodeError) as exc:
         raise RegistryError(f"cannot register {model_dir}: unreadable model card: {exc}") from exc
     return card if isinstance(card, dict) else {}
+
+
+def run_factory(config: SignpostConfig) -> Callable[[str], Tracker]:
+    """A function making the tracking run of one stage (``"train"``, ...) for ``config``: what stages take."""
+
+    def make(stage: str) -> Tracker:
+        return start_run(
+            config.tracking,
+            workdir=config.workdir,
+            experiment=config.name,
+            run_name=f"{config.name}-{stage}",
+            tags={"signpost.stage": stage},
+        )
+
+    return make

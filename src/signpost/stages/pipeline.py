@@ -1,7 +1,8 @@
 """run: the whole chain from one config, each stage skipped when its inputs are unchanged.
 
-Stages meet only at artifacts; this module calls them in order and reports why each ran or was skipped. Later
-stages (train, evaluate, optimize, bench, package) join the chain as they land.
+Stages meet only at artifacts; this module calls them in order, decides what a passing model becomes in the
+registry, and reports why each stage ran or was skipped. Later stages (optimize, bench, package) join the chain as
+they land.
 """
 
 from __future__ import annotations
@@ -10,9 +11,11 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from signpost.config import SignpostConfig
+from signpost.config import SignpostConfig, config_to_dict
+from signpost.stages.evaluate import EvaluateResult, evaluate
 from signpost.stages.prepare import prepare
 from signpost.stages.train import train
+from signpost.tracking import CHALLENGER, CHAMPION, ModelVersion, Registry, run_factory
 
 log = logging.getLogger(__name__)
 
@@ -27,14 +30,53 @@ class StageOutcome:
     reason: str
 
 
-def run_pipeline(config: SignpostConfig, *, progress: bool = True) -> list[StageOutcome]:
-    """Run every stage for ``config`` in order; return what each did."""
+@dataclass
+class RunResult:
+    """Every stage's outcome, and the gate's verdict on the trained model."""
+
+    outcomes: list[StageOutcome]
+    evaluation: EvaluateResult
+    registered: ModelVersion | None
+
+
+def run_pipeline(config: SignpostConfig, *, progress: bool = True) -> RunResult:
+    """Run every stage for ``config`` in order: prepare → train → evaluate (and register a passing model)."""
     data = prepare(config, progress=progress)
-    model = train(config, data_dir=data.path, progress=progress)
-    return [
+    model = train(config, data_dir=data.path, progress=progress, tracking=run_factory(config))
+    evaluation, registered = evaluate_and_register(config, model_dir=model.path, data_dir=data.path, progress=progress)
+    outcomes = [
         StageOutcome("prepare", data.path, data.reused, _why(data.reused, "data, data settings and code")),
         StageOutcome("train", model.path, model.reused, _why(model.reused, "prepared data, train settings and code")),
-    ]
+        StageOutcome("evaluate", evaluation.path, evaluation.reused, _why(evaluation.reused, "model, test data, "
+                     "gate settings, champion and code")),
+    ]  # fmt: skip
+    return RunResult(outcomes, evaluation, registered)
+
+
+def evaluate_and_register(
+    config: SignpostConfig, *, model_dir: Path, data_dir: Path, progress: bool = True
+) -> tuple[EvaluateResult, ModelVersion | None]:
+    """Evaluate against the current champion; a model that passes the gate becomes the registry's challenger.
+
+    With ``tracking.backend: none`` the gate still applies, against no champion, and nothing is registered.
+    """
+    registry = Registry(config.tracking, config.workdir) if config.tracking.backend != "none" else None
+    champion = registry.get(CHAMPION) if registry is not None else None
+    champion_metrics = {"top1": champion.metrics["top1"]} if champion and "top1" in champion.metrics else None
+    result = evaluate(config, model_dir=model_dir, data_dir=data_dir, champion=champion_metrics, progress=progress)
+    if result.reused or registry is None:
+        return result, None
+    with run_factory(config)("evaluate") as tracker:
+        params = {"evaluate": config_to_dict(config.evaluate), "model": model_dir.name, "data": data_dir.name}
+        tracker.log_params(params)
+        tracker.log_metrics(result.report["metrics"])
+        tracker.log_artifact(result.path, "evaluate")
+        tracker.set_tags({"signpost.gate": "passed" if result.passed else "failed"})
+        if not result.passed:
+            return result, None
+        version = registry.register(tracker, model_dir, alias=CHALLENGER)
+    log.info("registered %s version %s as %s", version.name, version.version, CHALLENGER)
+    return result, version
 
 
 def _why(reused: bool, inputs: str) -> str:

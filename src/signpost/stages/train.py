@@ -52,6 +52,8 @@ from signpost.data.cache import load_split
 from signpost.data.loader import BatchLoader
 from signpost.models import build_model
 from signpost.models.artifact import ModelCard, save_model, unwrap
+from signpost.report.plots import training_curves_png
+from signpost.tracking import NullTracker, Tracker
 
 log = logging.getLogger(__name__)
 
@@ -83,15 +85,28 @@ def train(
     resume: bool = False,
     progress: bool = True,
     on_epoch: EpochCallback | None = None,
+    tracking: Callable[[str], Tracker] | None = None,
 ) -> TrainResult:
-    """Train ``config.train.model`` on the prepared data in ``data_dir``; reuse the artifact when inputs match."""
+    """Train ``config.train.model`` on the prepared data in ``data_dir``; reuse the artifact when inputs match.
+
+    ``tracking`` makes a tracking run (see ``signpost.tracking.run_factory``); it is called only when training
+    actually happens, on rank 0: the run gets the resolved config, per-epoch metrics, system metrics and the model.
+    """
     recipe = Recipe(config, data_dir, progress=progress, on_epoch=on_epoch)
     try:
         if is_complete(recipe.path):
             return TrainResult(recipe.path, True, read_manifest(recipe.path))
-        recipe.setup(resume=resume)
-        recipe.run()
-        return recipe.finish()
+        tracker = tracking(STAGE) if tracking is not None and recipe.rank == 0 else NullTracker()
+        with tracker:
+            tracker.log_params(config_to_dict(config))
+            tracker.set_tags({"signpost.stage": STAGE, "signpost.data": recipe.data_dir.name})
+            recipe.track(tracker)
+            recipe.setup(resume=resume)
+            recipe.run()
+            result = recipe.finish()
+            if result.manifest:
+                tracker.log_artifact(result.path, "model")
+        return result
     finally:
         recipe.cleanup()
 
@@ -128,8 +143,12 @@ class Recipe:
         self.path = artifact_path(config.workdir, STAGE, config.name, self.key)
         self.checkpoint_dir = config.workdir / STAGE / ".checkpoints" / self.path.name
         self.progress = progress and self.rank == 0
-        self.on_epoch = on_epoch if self.rank == 0 else None
+        self.on_epoch = [on_epoch] if on_epoch is not None and self.rank == 0 else []
         self._stop_signal: int | None = None
+
+    def track(self, tracker: Tracker) -> None:
+        """Report every epoch's metrics to ``tracker`` too."""
+        self.on_epoch.append(lambda metrics, epoch: tracker.log_metrics(metrics, step=epoch))
 
     # --- setup ---------------------------------------------------------------------------------------------------
 
@@ -249,8 +268,8 @@ class Recipe:
             self.best = {"val_acc": val_acc, "epoch": self.epoch + 1}
             self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
             _save_atomic(self._weights(), self.checkpoint_dir / "best.safetensors")
-        if self.on_epoch is not None:
-            self.on_epoch({k: v for k, v in record.items() if k != "epoch"}, self.epoch + 1)
+        for callback in self.on_epoch:
+            callback({k: v for k, v in record.items() if k != "epoch"}, self.epoch + 1)
         self.epoch, self.batch = self.epoch + 1, 0
         self.sums.zero_()
         self._save_checkpoint()
@@ -399,6 +418,7 @@ class Recipe:
         with atomic_dir(self.path) as tmp:
             save_model(tmp, self.model, card)
             (tmp / "history.json").write_text(json.dumps(self.history, indent=1), encoding="utf-8")
+            training_curves_png(self.history, tmp / "training_curves.png")
             manifest = write_manifest(
                 tmp,
                 stage=STAGE,

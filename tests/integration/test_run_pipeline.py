@@ -1,0 +1,65 @@
+"""`signpost run` end to end with real MLflow (SQLite store): skipping, the gate, challenger, promote, rollback."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from signpost.cli import EXIT_GATE, main
+from signpost.config import load_config
+from signpost.tracking import Registry
+
+FAST = ["train.epochs=2", "train.batch_size=16", "train.threads=1", "evaluate.max_drop=1.0"]
+LAX = ["evaluate.min_accuracy=0", "evaluate.min_class_accuracy=0"]
+
+
+def _args(root: Path, work: Path, *extra: str) -> list[str]:
+    return ["--no-progress", "data.source=local", f"data.root={root}", f"workdir={work}", "name=e2e", *FAST, *extra]
+
+
+def test_run_registers_promotes_and_rolls_back(
+    synthetic_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert main(["run", *_args(synthetic_root, tmp_path, *LAX)]) == 0
+    out = capsys.readouterr().out
+    assert "prepare: ran" in out and "train: ran" in out and "registered signpost-gtsrb v1 as challenger" in out
+    for stage in ("data", "train", "evaluate"):
+        assert len(list((tmp_path / stage).glob("e2e-*"))) == 1
+
+    # Unchanged inputs: every stage is skipped, nothing new is registered.
+    assert main(["run", *_args(synthetic_root, tmp_path, *LAX)]) == 0
+    out = capsys.readouterr().out
+    assert out.count("skipped") == 3 and "registered" not in out
+
+    assert main(["promote", *_args(synthetic_root, tmp_path)]) == 0
+    assert "v1 is now the champion" in capsys.readouterr().out
+
+    # A changed training setting re-runs train and evaluate only; the new model becomes the challenger.
+    assert main(["run", *_args(synthetic_root, tmp_path, *LAX, "train.lr=0.002")]) == 0
+    out = capsys.readouterr().out
+    assert "prepare: skipped" in out and "train: ran" in out and "evaluate: ran" in out
+    assert "v2 as challenger" in out
+    assert main(["promote", *_args(synthetic_root, tmp_path)]) == 0
+    assert main(["rollback", *_args(synthetic_root, tmp_path)]) == 0
+    assert "v1 is the champion again" in capsys.readouterr().out
+
+    registry = Registry(load_config(None, [f"workdir={tmp_path}"]).tracking, tmp_path)
+    champion = registry.get("champion")
+    assert champion is not None and champion.version == "1" and "top1" in champion.metrics
+
+
+def test_a_failing_gate_exits_3_and_registers_nothing(
+    synthetic_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    code = main(["run", *_args(synthetic_root, tmp_path, "evaluate.min_accuracy=1.01", "tracking.backend=none")])
+    assert code == 2  # 1.01 is not a valid accuracy: a config error names the key
+    assert "evaluate.min_accuracy" in capsys.readouterr().err
+    # A learning rate of 1e-7 leaves the model near chance: the gate must fail.
+    untrained = ["train.lr=0.0000001", "evaluate.min_accuracy=0.9", "tracking.backend=none"]
+    code = main(["run", *_args(synthetic_root, tmp_path, *untrained)])
+    out = capsys.readouterr().out
+    assert code == EXIT_GATE
+    assert "gate: FAILED" in out and "evaluate.min_accuracy" in out
+    assert not (tmp_path / "mlflow.db").exists()
