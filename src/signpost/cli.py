@@ -236,6 +236,7 @@ def _run(args: argparse.Namespace) -> int:
         state = "skipped" if outcome.skipped else "ran"
         print(f"{outcome.stage:>8}: {state:7} ({outcome.reason}) -> {outcome.path}")
     _print_evaluation(result.evaluation, result.registered)
+    print(f"report: {result.report}")
     return 0 if result.evaluation.passed else EXIT_GATE
 
 

@@ -27,6 +27,15 @@ def test_run_registers_promotes_and_rolls_back(
     assert "prepare: ran" in out and "train: ran" in out and "registered signpost-gtsrb v1 as challenger" in out
     for stage in ("data", "train", "evaluate"):
         assert len(list((tmp_path / stage).glob("e2e-*"))) == 1
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    report = (run_dir / "report.html").read_text()
+    assert f"report: {run_dir / 'report.html'}" in out
+    for section in ("Stages", "Lineage", "Gate", "Test metrics", "Training", "Confusion matrix", "Per class", "Data"):
+        assert f"<h2>{section}</h2>" in report
+    assert report.count("data:image/png;base64,") == 5  # curves, confusion, reliability, mistakes, data preview
+    assert "signpost-gtsrb v1 as challenger" in report and "gate passed" in report
+    assert report.count("<tr><td class=\"num\">") + report.count('<tr class="low"><td class="num">') >= 6
+    assert (run_dir / "config.yaml").is_file()
 
     # Unchanged inputs: every stage is skipped, nothing new is registered.
     assert main(["run", *_args(synthetic_root, tmp_path, *LAX)]) == 0

@@ -7,11 +7,13 @@ they land.
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from signpost.config import SignpostConfig, config_to_dict
+from signpost.config import SignpostConfig, config_to_dict, save_config
+from signpost.report.html import write_run_report
 from signpost.stages.evaluate import EvaluateResult, evaluate
 from signpost.stages.prepare import prepare
 from signpost.stages.train import train
@@ -32,11 +34,12 @@ class StageOutcome:
 
 @dataclass
 class RunResult:
-    """Every stage's outcome, and the gate's verdict on the trained model."""
+    """Every stage's outcome, the gate's verdict on the trained model, and the run's HTML report."""
 
     outcomes: list[StageOutcome]
     evaluation: EvaluateResult
     registered: ModelVersion | None
+    report: Path
 
 
 def run_pipeline(config: SignpostConfig, *, progress: bool = True) -> RunResult:
@@ -49,8 +52,17 @@ def run_pipeline(config: SignpostConfig, *, progress: bool = True) -> RunResult:
         StageOutcome("train", model.path, model.reused, _why(model.reused, "prepared data, train settings and code")),
         StageOutcome("evaluate", evaluation.path, evaluation.reused, _why(evaluation.reused, "model, test data, "
                      "gate settings, champion and code")),
-    ]  # fmt: skip
-    return RunResult(outcomes, evaluation, registered)
+    ]
+    # Each run gets a folder of its own: the resolved config it ran with and its report.
+    run_dir = config.workdir / "runs" / f"{dt.datetime.now():%Y%m%d-%H%M%S}-{config.name}"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(config, run_dir / "config.yaml")
+    label = f"{registered.name} v{registered.version} as {CHALLENGER}" if registered else None
+    report = write_run_report(
+        run_dir / "report.html", config_name=config.name, outcomes=outcomes, data_dir=data.path,
+        model_dir=model.path, evaluation_dir=evaluation.path, registered=label,
+    )
+    return RunResult(outcomes, evaluation, registered, report)
 
 
 def evaluate_and_register(
