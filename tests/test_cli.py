@@ -64,3 +64,25 @@ def test_synth_writes_the_official_layout(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     assert (out / "GTSRB" / "Final_Training" / "Images" / "00002" / "GT-00002.csv").is_file()
     assert (out / "GT-final_test.csv").is_file()
+
+
+def test_entry_restarts_once_with_the_allocator_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    import signpost.cli as cli
+
+    calls = []
+    monkeypatch.setattr(cli.os, "execve", lambda path, args, env: calls.append((path, args, env)))
+    monkeypatch.setattr(cli.sys, "argv", ["signpost", "prepare", "--help"])
+    monkeypatch.setattr(cli.sys, "platform", "linux")
+    monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
+    monkeypatch.delenv("SIGNPOST_NO_REEXEC", raising=False)
+    with pytest.raises(SystemExit):  # execve is stubbed, so entry() carries on into main(), which prints help
+        cli.entry()
+    ((path, args, env),) = calls
+    assert path == sys.executable and args[1:] == ["-m", "signpost.cli", "prepare", "--help"]
+    assert env["GLIBC_TUNABLES"] == cli.GLIBC_TUNABLES
+
+    calls.clear()
+    monkeypatch.setenv("GLIBC_TUNABLES", cli.GLIBC_TUNABLES)  # the restarted process: no second restart
+    with pytest.raises(SystemExit):
+        cli.entry()
+    assert calls == []
