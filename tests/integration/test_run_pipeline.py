@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 from pathlib import Path
@@ -37,6 +38,9 @@ def test_run_registers_promotes_and_rolls_back(
         assert f"<h2>{section}</h2>" in report
     assert report.count("data:image/png;base64,") == 5  # curves, confusion, reliability, mistakes, data preview
     assert "signpost-gtsrb v1 as challenger" in report and "gate passed" in report
+    (model_dir,) = (tmp_path / "train").glob("e2e-*")
+    run_id = json.loads((model_dir / "manifest.json").read_text())["tracking_run"]
+    assert run_id and f"<code>{run_id[:12]}</code>" in report  # lineage: data → training run → model version
     assert report.count("<tr><td class=\"num\">") + report.count('<tr class="low"><td class="num">') >= 6
     assert (run_dir / "config.yaml").is_file()
 

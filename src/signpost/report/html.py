@@ -81,6 +81,8 @@ def _lineage(data: dict, model: dict, report: dict, registered: str | None) -> s
     steps = [
         ("prepared data", f"{_code(data['key'])} from {sources['files']} files ({_code(sources['sources_sha256'])})"),
         ("trained model", f"{_code(model['key'])} from data {_code(model['inputs']['data_key'])}"),
+        ("training run", _code(model["tracking_run"]) if model.get("tracking_run") else "<span class=\"muted\">"
+                         "not tracked</span>"),
         ("evaluation", f"test top-1 {report['metrics']['top1']:.4f} on data {_code(report['data']['key'])}"),
         ("registry", _e(registered) if registered else '<span class="muted">not registered</span>'),
     ]

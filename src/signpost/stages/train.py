@@ -101,6 +101,7 @@ def train(
             tracker.log_params(config_to_dict(config))
             tracker.set_tags({"signpost.stage": STAGE, "signpost.data": recipe.data_dir.name})
             recipe.track(tracker)
+            recipe.tracking_run = tracker.run_id
             recipe.setup(resume=resume)
             recipe.run()
             result = recipe.finish()
@@ -144,6 +145,7 @@ class Recipe:
         self.checkpoint_dir = config.workdir / STAGE / ".checkpoints" / self.path.name
         self.progress = progress and self.rank == 0
         self.on_epoch = [on_epoch] if on_epoch is not None and self.rank == 0 else []
+        self.tracking_run: str | None = None  # the MLflow run this training reports to, recorded in the manifest
         self._stop_signal: int | None = None
 
     def track(self, tracker: Tracker) -> None:
@@ -427,7 +429,8 @@ class Recipe:
                 config=config_to_dict(self.cfg) | {"seed": self.config.seed, "world_size": self.world_size},
                 code=code_version(*_CODE),
                 metrics=card.metrics,
-                extra={"history": self.history, "device": str(self.device), "bf16": self.bf16},
+                extra={"history": self.history, "device": str(self.device), "bf16": self.bf16,
+                       "tracking_run": self.tracking_run},
             )
         for name in (CHECKPOINT_TENSORS, CHECKPOINT_STATE, "best.safetensors"):
             (self.checkpoint_dir / name).unlink(missing_ok=True)
