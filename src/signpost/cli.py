@@ -13,11 +13,15 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from signpost import __version__
 from signpost.artifacts import ArtifactError, latest_artifact
 from signpost.config import ConfigError, SignpostConfig, load_config
+
+if TYPE_CHECKING:  # the stages import torch and MLflow: loaded only by the commands that need them
+    from signpost.stages.evaluate import EvaluateResult
+    from signpost.tracking import ModelVersion
 
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
@@ -191,7 +195,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0 if result.passed else EXIT_GATE
 
 
-def _print_evaluation(result: Any, version: Any) -> None:
+def _print_evaluation(result: EvaluateResult, version: ModelVersion | None) -> None:
     metrics = result.report["metrics"]
     verb = "reused" if result.reused else "wrote"
     print(f"evaluate: {verb} {result.path}")

@@ -46,6 +46,13 @@ def _history(workdir: Path) -> list[dict]:
     return json.loads((folder / "history.json").read_text())
 
 
+def _uninterrupted_history(data_dir: Path, workdir: Path) -> list[dict]:
+    reference = _signpost(*_train_args(data_dir, workdir))
+    _, err = reference.communicate(timeout=300)  # communicate, not wait: a full pipe would block the child
+    assert reference.returncode == 0, err
+    return _history(workdir)
+
+
 def _wait_for_checkpoint(workdir: Path, proc: subprocess.Popen, epochs: int = 1, timeout: float = 120) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -81,8 +88,7 @@ def test_train_writes_a_loadable_artifact_and_reuses_it(data_dir: Path, tmp_path
 
 
 def test_a_killed_run_resumes_and_ends_with_the_same_metrics(data_dir: Path, tmp_path: Path) -> None:
-    reference = _signpost(*_train_args(data_dir, tmp_path / "a"))
-    assert reference.wait(timeout=300) == 0, reference.communicate()
+    reference = _uninterrupted_history(data_dir, tmp_path / "a")
 
     killed = _signpost(*_train_args(data_dir, tmp_path / "b"))
     _wait_for_checkpoint(tmp_path / "b", killed)
@@ -92,12 +98,11 @@ def test_a_killed_run_resumes_and_ends_with_the_same_metrics(data_dir: Path, tmp
     _, err = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, err
     assert "resuming at epoch" in err
-    assert _history(tmp_path / "b") == _history(tmp_path / "a")
+    assert _history(tmp_path / "b") == reference
 
 
 def test_sigint_saves_a_checkpoint_and_exits_cleanly(data_dir: Path, tmp_path: Path) -> None:
-    reference = _signpost(*_train_args(data_dir, tmp_path / "a"))
-    assert reference.wait(timeout=300) == 0, reference.communicate()
+    reference = _uninterrupted_history(data_dir, tmp_path / "a")
 
     interrupted = _signpost(*_train_args(data_dir, tmp_path / "b"))
     _wait_for_checkpoint(tmp_path / "b", interrupted)
@@ -108,7 +113,7 @@ def test_sigint_saves_a_checkpoint_and_exits_cleanly(data_dir: Path, tmp_path: P
     resumed = _signpost(*_train_args(data_dir, tmp_path / "b"), "--resume")
     _, err = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, err
-    assert _history(tmp_path / "b") == _history(tmp_path / "a")
+    assert _history(tmp_path / "b") == reference
 
 
 def test_resume_without_a_checkpoint_is_a_clear_error(data_dir: Path, tmp_path: Path) -> None:

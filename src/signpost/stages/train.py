@@ -101,7 +101,6 @@ def train(
             tracker.log_params(config_to_dict(config))
             tracker.set_tags({"signpost.stage": STAGE, "signpost.data": recipe.data_dir.name})
             recipe.track(tracker)
-            recipe.tracking_run = tracker.run_id
             recipe.setup(resume=resume)
             recipe.run()
             result = recipe.finish()
@@ -149,7 +148,8 @@ class Recipe:
         self._stop_signal: int | None = None
 
     def track(self, tracker: Tracker) -> None:
-        """Report every epoch's metrics to ``tracker`` too."""
+        """Report every epoch's metrics to ``tracker`` too, and record its run in the artifact's manifest."""
+        self.tracking_run = tracker.run_id
         self.on_epoch.append(lambda metrics, epoch: tracker.log_metrics(metrics, step=epoch))
 
     # --- setup ---------------------------------------------------------------------------------------------------
