@@ -90,12 +90,23 @@ def _accuracy(recipe: Recipe, test: object) -> float:
     return correct / len(test)
 
 
+# The Signpost recipes compared with the reference: the config's own, and the reference's architecture trained with
+# Signpost's recipe on a 2-epoch schedule (same network, so the ratio is what the recipe and the data path buy).
+VARIANTS: dict[str, list[str]] = {
+    "config's recipe": [],
+    "same network as the reference, 2-epoch schedule": [
+        "train.model=traffic_sign_net", "train.epochs=2", "train.warmup_epochs=0.2",
+    ],
+}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default="configs/demo.yaml")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     args = parser.parse_args()
     torch.set_num_threads(min(2, os.cpu_count() or 1))
+    results = {}
     with tempfile.TemporaryDirectory(prefix="signpost-train-bench-") as tmp:
         work = Path(tmp)
         config = load_config(args.config, [*args.overrides, f"workdir={work}"])
@@ -103,20 +114,22 @@ def main() -> None:
         print(f"reference recipe on {raw_root} ...", flush=True)
         ref_seconds, ref_rate, ref_accuracy = reference_recipe(Path(raw_root), config.data.image_size)
         print(f"  reference: 2 epochs in {ref_seconds:.1f} s, test accuracy {ref_accuracy:.4f}", flush=True)
-        print("signpost recipe ...", flush=True)
-        ours = signpost_recipe(args.config, args.overrides, work, ref_accuracy)
+        for name, extra in VARIANTS.items():
+            print(f"signpost, {name} ...", flush=True)
+            variant = load_config(args.config, [*args.overrides, *extra])
+            results[name] = (variant, signpost_recipe(args.config, [*args.overrides, *extra], work, ref_accuracy))
 
-    reached = ours["accuracy"] >= ref_accuracy
     print("\n| recipe | training images/s | test accuracy | seconds | vs reference |")
     print("|---|---|---|---|---|")
     print(f"| reference: traffic_sign_net, batch 1, Adam, 2 epochs, per-image loading | {ref_rate:,.0f} | "
           f"{ref_accuracy:.4f} | {ref_seconds:.1f} | 1.0x |")
-    print(f"| signpost: {config.train.model}, batch {config.train.batch_size}, {ours['epochs']:.0f} epochs | "
-          f"{ours['images_per_s']:,.0f} | {ours['accuracy']:.4f} | {ours['seconds']:.1f} | "
-          f"{ref_seconds / ours['seconds']:.1f}x faster |")
-    verdict = "reached" if reached else "did NOT reach"
-    print(f"\nsignpost {verdict} the reference's final accuracy ({ref_accuracy:.4f}) in {ours['seconds']:.2f} s: "
-          f"{ref_seconds / ours['seconds']:.1f}x the reference's time to get there")
+    for name, (variant, ours) in results.items():
+        ratio = f"{ref_seconds / ours['seconds']:.1f}x faster"
+        ratio += "" if ours["accuracy"] >= ref_accuracy else " (target NOT reached)"
+        print(f"| signpost, {name}: {variant.train.model}, batch {variant.train.batch_size}, stopped after "
+              f"{ours['epochs']:.0f} of {variant.train.epochs} epochs | {ours['images_per_s']:,.0f} | "
+              f"{ours['accuracy']:.4f} | {ours['seconds']:.1f} | {ratio} |")
+    print(f"\nTime to the reference's final test accuracy ({ref_accuracy:.4f}), as a multiple of the reference's time.")
 
 
 if __name__ == "__main__":
