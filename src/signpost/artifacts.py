@@ -86,7 +86,7 @@ def git_revision() -> str | None:
 def library_versions() -> dict[str, str]:
     """Versions of the libraries that decide what an artifact contains."""
     versions = {"python": platform.python_version(), "signpost": signpost.__version__}
-    for dist in ("torch", "numpy", "pillow", "safetensors", "pydantic"):
+    for dist in ("torch", "numpy", "pillow", "safetensors", "pydantic", "torchao", "onnxruntime", "onnx"):
         with contextlib.suppress(importlib.metadata.PackageNotFoundError):
             versions[dist] = importlib.metadata.version(dist)
     return versions

@@ -26,6 +26,7 @@ if TYPE_CHECKING:  # the stages import torch and MLflow: loaded only by the comm
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
 EXIT_GATE = 3  # the model was evaluated and failed the gate
+EXIT_REGRESSION = 4  # bench --compare found B slower than A beyond the threshold
 EXIT_INTERRUPTED = 130
 
 
@@ -93,6 +94,22 @@ def _build_parser() -> argparse.ArgumentParser:
     evaluate = _stage_parser(sub, "evaluate", "score a model on the test split and apply the gate", _evaluate)
     evaluate.add_argument("--model", type=Path, help="model folder (default: the newest trained for this config)")
     evaluate.add_argument("--data", type=Path, help="prepared data folder (default: the model's own)")
+
+    optimize = _stage_parser(sub, "optimize", "make int8, pruned, distilled and exported variants of a model",
+                             _optimize)
+    optimize.add_argument("--model", type=Path, help="model folder (default: the newest trained for this config)")
+    optimize.add_argument("--data", type=Path, help="prepared data folder (default: the model's own)")
+
+    bench = _stage_parser(sub, "bench", "measure accuracy and speed of the variants across runtimes and math "
+                          "settings; or compare two results", _bench)
+    bench.add_argument("--optimized", type=Path, help="optimize folder (default: the newest for this config)")
+    bench.add_argument("--data", type=Path, help="prepared data folder (default: the optimized model's own)")
+    bench.add_argument("--profile", metavar="VARIANT/RUNTIME/MATH/BATCH",
+                       help="write the op table and a Chrome trace of one cell, e.g. int8/compile/default/64")
+    bench.add_argument("--compare", nargs=2, type=Path, metavar=("A.json", "B.json"),
+                       help="compare two results files (or bench folders) instead of measuring")
+    bench.add_argument("--threshold", type=float, default=0.10,
+                       help="--compare: a cell more than this fraction slower in B is a regression (default 0.10)")
 
     _stage_parser(sub, "promote", "move the registry's champion alias to the challenger", _promote)
     _stage_parser(sub, "rollback", "move the champion alias back to the previous champion", _rollback)
@@ -181,18 +198,86 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from signpost.models.artifact import CARD
     from signpost.stages.pipeline import evaluate_and_register
 
     config = _config(args)
     model = args.model or _newest(config, "train", "signpost train")
-    data = args.data
-    if data is None:
-        card = json.loads((model / CARD).read_text(encoding="utf-8"))
-        data = config.workdir / "data" / card["data_artifact"]
+    data = args.data or _model_data(config, model)
     result, version = evaluate_and_register(config, model_dir=model, data_dir=data, progress=_progress(args))
     _print_evaluation(result, version)
     return 0 if result.passed else EXIT_GATE
+
+
+def _optimize(args: argparse.Namespace) -> int:
+    from signpost.stages.optimize import optimize
+
+    config = _config(args)
+    model = args.model or _newest(config, "train", "signpost train")
+    data = args.data or _model_data(config, model)
+    result = optimize(config, model_dir=model, data_dir=data, progress=_progress(args))
+    _print_variants(result.path, result.reused, result.variants)
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from signpost.stages.bench import bench, compare
+
+    if args.compare:
+        report, regressed = compare(*args.compare, threshold=args.threshold)
+        print(report)
+        return EXIT_REGRESSION if regressed else 0
+    config = _config(args)
+    optimized = args.optimized or _newest(config, "optimize", "signpost optimize")
+    data = args.data or _optimized_data(config, optimized)
+    result = bench(config, optimize_dir=optimized, data_dir=data, profile=args.profile, progress=_progress(args))
+    _print_bench(result.path, result.reused, result.results)
+    return 0
+
+
+def _print_bench(path: Path, reused: bool, results: dict) -> None:
+    rows = results["rows"]
+    failed = [r for r in rows if r["status"] == "failed"]
+    print(f"bench: {'reused' if reused else 'wrote'} {path} ({len(rows)} rows, {len(failed)} failed cells)")
+    print(f"  table: {path / 'results.md'}; chart: {path / 'chart.png'}")
+    for r in failed:
+        print(f"  failed: {r['variant']}/{r['runtime']}/{r['math']}: {r['reason']}")
+    candidate = results.get("candidate")
+    if candidate:
+        print(f"  deployable: {candidate['variant']} on {candidate['runtime']} ({candidate['math']}) — "
+              f"{candidate['reason']}")
+    else:
+        print("  deployable: none (no variant within the accuracy budget was measured at the deploy batch size)")
+
+
+def _optimized_data(config: SignpostConfig, optimized: Path) -> Path:
+    """The prepared data the optimized model was made from, as its manifest names it."""
+    from signpost.artifacts import read_manifest
+
+    return config.workdir / "data" / read_manifest(optimized)["inputs"]["data"]
+
+
+def _print_variants(path: Path, reused: bool, variants: list[dict]) -> None:
+    print(f"optimize: {'reused' if reused else 'wrote'} {path}")
+    print(f"  {'variant':14} {'status':9} {'val':>7} {'test':>7} {'size':>9} {'MFLOP':>6}  forms / reason")
+    for v in variants:
+        size = "-" if v["size_bytes"] is None else f"{v['size_bytes'] / 1024:.0f} KiB"
+        mflops = "-" if v["mflops"] is None else f"{v['mflops']:.1f}"
+        status = v["status"] if v["role"] != "control" else "control"
+        detail = v["reason"] or ", ".join(v["forms"])
+        print(f"  {v['name']:14} {status:9} {_pct(v['val_acc']):>7} {_pct(v['test_acc']):>7} {size:>9} {mflops:>6}  "
+              f"{detail}")
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.2f}%"
+
+
+def _model_data(config: SignpostConfig, model: Path) -> Path:
+    """The prepared data a model was trained on, as its card names it."""
+    from signpost.models.artifact import CARD
+
+    card = json.loads((model / CARD).read_text(encoding="utf-8"))
+    return config.workdir / "data" / card["data_artifact"]
 
 
 def _print_evaluation(result: EvaluateResult, version: ModelVersion | None) -> None:

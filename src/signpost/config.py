@@ -119,6 +119,59 @@ class EvaluateConfig(StrictModel):
     calibration_bins: int = Field(15, ge=2, le=100, description="bins of the reliability diagram and ECE")
 
 
+class PruneConfig(StrictModel):
+    """Structured channel pruning: whole conv channels removed (smaller tensors), then fine-tuning."""
+
+    enabled: bool = True
+    ratio: float = Field(0.5, gt=0.0, lt=1.0, description="fraction of each prunable conv's channels removed")
+    finetune_epochs: int = Field(5, ge=0, le=1000)
+    finetune_lr: float = Field(1e-3, gt=0.0, le=10.0, description="peak learning rate of the fine-tuning")
+
+
+class DistillConfig(StrictModel):
+    """Knowledge distillation into a narrower signnet, compared with the same student trained alone."""
+
+    enabled: bool = True
+    student_widths: list[int] = Field([16, 24, 48, 64], min_length=4, max_length=4, description="signnet widths")
+    temperature: float = Field(4.0, gt=0.0, le=100.0, description="softens teacher and student logits")
+    alpha: float = Field(0.7, ge=0.0, le=1.0, description="weight of the distillation term; 1 - alpha: labels")
+    epochs: int | None = Field(None, ge=1, le=1000, description="student epochs; default: train.epochs")
+
+
+class OptimizeConfig(StrictModel):
+    """Which optimized variants of a trained model to make, and the accuracy they may lose."""
+
+    int8: bool = Field(True, description="static int8 post-training quantization (torchao PT2E, Inductor)")
+    calibration_batches: int = Field(8, ge=1, le=10000, description="training batches that calibrate int8")
+    calibration_batch_size: int = Field(64, ge=1, le=4096)
+    dynamic_int8: bool = Field(True, description="dynamic int8 on the Linear layers (torchao), where there are any")
+    prune: PruneConfig = Field(default_factory=PruneConfig)
+    distill: DistillConfig = Field(default_factory=DistillConfig)
+    export_aoti: bool = Field(True, description="an AOTInductor package (.pt2) of each variant, dynamic batch")
+    export_onnx: bool = Field(True, description="an ONNX file of each float variant, dynamic batch")
+    accuracy_budget: float = Field(
+        0.005, ge=0.0, le=1.0, description="largest top-1 drop (val and test) a variant may have against its parent"
+    )
+
+
+class BenchConfig(StrictModel):
+    """The benchmark matrix: variants x runtimes x math settings x batch sizes, each setting in a fresh process."""
+
+    runtimes: list[Literal["eager", "compile", "aoti", "onnxruntime"]] = ["eager", "compile", "aoti", "onnxruntime"]
+    math: list[Literal["default", "bf16", "no-onednn"]] = Field(
+        ["default", "bf16", "no-onednn"],
+        description="default: fp32 with oneDNN; bf16: DNNL_DEFAULT_FPMATH_MODE=BF16 (+ bf16 autocast for compile); "
+        "no-onednn: torch.backends.mkldnn off",
+    )
+    threads: list[int] = Field([2], min_length=1, description="intra-op threads of each measurement")
+    batch_sizes: list[int] = Field([1, 8, 64, 256], min_length=1)
+    min_seconds: float = Field(1.0, gt=0.0, description="measure each batch size at least this long")
+    max_seconds: float = Field(6.0, gt=0.0, description="stop repeating after this long even if not stable")
+    max_cv: float = Field(0.05, gt=0.0, description="stable: the median's rolling spread below this fraction")
+    timeout: float = Field(300.0, gt=0.0, description="seconds one subprocess may take before it is failed")
+    deploy_batch_size: int = Field(64, ge=1, description="the batch size the deployable choice is made for")
+
+
 class TrackingConfig(StrictModel):
     """Experiment tracking and the model registry."""
 
@@ -139,6 +192,8 @@ class SignpostConfig(StrictModel):
     data: DataConfig = Field(default_factory=DataConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+    optimize: OptimizeConfig = Field(default_factory=OptimizeConfig)
+    bench: BenchConfig = Field(default_factory=BenchConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
 

@@ -28,6 +28,9 @@ class ModelCard(BaseModel):
 
     schema_version: int = 1
     architecture: str
+    architecture_options: dict[str, Any] = Field(
+        default_factory=dict, description="build options beyond the name, e.g. a pruned signnet's widths"
+    )
     num_classes: int = Field(ge=2)
     class_names: list[str]
     image_size: int = Field(ge=8)
@@ -69,7 +72,10 @@ def load_model(folder: Path, *, device: str | torch.device = "cpu", verify: bool
         card = ModelCard.model_validate_json((folder / CARD).read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise ArtifactError(f"{folder / CARD}: not a valid model card: {exc}") from exc
-    model = build_model(card.architecture, card.num_classes, card.image_size)
+    try:
+        model = build_model(card.architecture, card.num_classes, card.image_size, **card.architecture_options)
+    except (TypeError, ValueError) as exc:
+        raise ArtifactError(f"{folder / CARD}: cannot build its {card.architecture}: {exc}") from exc
     try:
         state = load_file(str(folder / WEIGHTS), device=str(device))
         model.load_state_dict(state, strict=True)

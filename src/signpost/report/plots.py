@@ -166,3 +166,43 @@ def training_curves_png(history: Sequence[Mapping[str, Any]], path: Path) -> Non
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
     fig.savefig(path, dpi=DPI)
+
+
+_RUNTIME_COLOURS = {"eager": "#8c8c8c", "compile": "#4c72b0", "aoti": "#55a868", "onnxruntime": "#dd8452"}
+
+
+def bench_chart_png(rows: Sequence[Mapping[str, Any]], batch: int, path: Path) -> None:
+    """Images/s of every measured cell: one horizontal bar per variant/runtime/math at ``batch`` (left) and the
+    best cell of each variant across batch sizes (right); bars of variants over the accuracy budget are hatched."""
+    measured = [r for r in rows if r["status"] != "failed" and r["batch"] is not None]
+    at_batch = sorted((r for r in measured if r["batch"] == batch), key=lambda r: r["images_per_s"])
+    fig = _figure(12.0, max(3.5, 1.2 + 0.28 * len(at_batch)))
+    left, right = fig.subplots(1, 2, width_ratios=[1.5, 1])
+    labels = [f"{r['variant']} · {r['runtime']} · {r['math']} · {r['threads']}t" for r in at_batch]
+    bars = left.barh(range(len(at_batch)), [r["images_per_s"] for r in at_batch],
+                     color=[_RUNTIME_COLOURS.get(r["runtime"], "#999999") for r in at_batch])
+    for bar, r in zip(bars, at_batch, strict=True):
+        if r["status"] == "rejected":
+            bar.set_hatch("//")
+        left.text(bar.get_width(), bar.get_y() + bar.get_height() / 2, f" {r['images_per_s']:,.0f}", va="center",
+                  fontsize=8)
+    left.set_yticks(range(len(at_batch)), labels, fontsize=8)
+    left.set_xlabel("images/s (higher is better)")
+    left.set_title(f"throughput at batch {batch}" + ("" if at_batch else " (nothing measured)"), fontsize=11)
+    left.margins(x=0.18)
+    for variant in sorted({r["variant"] for r in measured}):
+        points = {}
+        for r in measured:
+            if r["variant"] == variant:
+                points[r["batch"]] = max(points.get(r["batch"], 0.0), r["images_per_s"])
+        xs = sorted(points)
+        right.plot(xs, [points[x] for x in xs], "o-", label=variant)
+    right.set_xscale("log", base=2)
+    right.set_yscale("log")
+    right.set_xlabel("batch size")
+    right.set_ylabel("images/s, best runtime and math setting")
+    right.set_title("best cell per variant by batch size", fontsize=11)
+    if measured:
+        right.legend(fontsize=8)
+    right.grid(True, which="both", alpha=0.3)
+    fig.savefig(path, dpi=DPI)

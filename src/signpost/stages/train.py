@@ -23,7 +23,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -78,6 +78,25 @@ class TrainResult:
 EpochCallback = Callable[[dict[str, float], int], None]
 
 
+@dataclass
+class Derived:
+    """A model the optimize stage trains from another: where it starts, what teaches it, where it is written.
+
+    ``identity`` (method, parent model key, settings) goes into the artifact key; ``initial`` are starting weights
+    (a pruned model's) instead of a fresh initialisation; with a ``teacher`` the loss is knowledge distillation:
+    ``(1 - alpha) * CE(labels) + alpha * T² * KL(teacher_T || student_T)`` on logits softened by ``temperature``.
+    """
+
+    stage: str
+    name: str
+    identity: dict[str, Any]
+    architecture_options: dict[str, Any] = field(default_factory=dict)
+    initial: dict[str, torch.Tensor] | None = None
+    teacher: nn.Module | None = None
+    temperature: float = 1.0
+    alpha: float = 0.0
+
+
 def train(
     config: SignpostConfig,
     *,
@@ -115,9 +134,17 @@ class Recipe:
     """The training recipe: config and data checked up front, then setup → run → finish."""
 
     def __init__(
-        self, config: SignpostConfig, data_dir: Path, *, progress: bool = True, on_epoch: EpochCallback | None = None
+        self,
+        config: SignpostConfig,
+        data_dir: Path,
+        *,
+        progress: bool = True,
+        on_epoch: EpochCallback | None = None,
+        derived: Derived | None = None,
     ) -> None:
         self.config, self.cfg = config, config.train
+        self.derived = derived
+        self.stage = derived.stage if derived else STAGE
         self.data_dir = Path(data_dir)
         self.data_manifest = verify_artifact(self.data_dir, ["train.safetensors", "val.safetensors"])
         if self.data_manifest.get("stage") != "data":
@@ -139,9 +166,10 @@ class Recipe:
                 "world_size": self.world_size,
                 "code": code_version(*_CODE),
             }
+            | ({"derived": derived.identity} if derived else {})
         )
-        self.path = artifact_path(config.workdir, STAGE, config.name, self.key)
-        self.checkpoint_dir = config.workdir / STAGE / ".checkpoints" / self.path.name
+        self.path = artifact_path(config.workdir, self.stage, derived.name if derived else config.name, self.key)
+        self.checkpoint_dir = config.workdir / self.stage / ".checkpoints" / self.path.name
         self.progress = progress and self.rank == 0
         self.on_epoch = [on_epoch] if on_epoch is not None and self.rank == 0 else []
         self.tracking_run: str | None = None  # the MLflow run this training reports to, recorded in the manifest
@@ -162,9 +190,18 @@ class Recipe:
         torch.manual_seed(self.config.seed)  # the same initial weights on every rank and every run
         train_split = load_split(self.data_dir / "train.safetensors")
         self.val = load_split(self.data_dir / "val.safetensors")
-        model = build_model(cfg.model, self.dataset["num_classes"], self.dataset["image_size"]).to(self.device)
+        options = self.derived.architecture_options if self.derived else {}
+        model = build_model(cfg.model, self.dataset["num_classes"], self.dataset["image_size"], **options)
+        if self.derived and self.derived.initial is not None:
+            model.load_state_dict(self.derived.initial)
+        model = model.to(self.device)
+        self.teacher = self.derived.teacher if self.derived else None
         if cfg.channels_last:
             model = model.to(memory_format=torch.channels_last)
+        if self.teacher is not None:
+            self.teacher = self.teacher.to(self.device).eval()
+            if cfg.channels_last:
+                self.teacher = self.teacher.to(memory_format=torch.channels_last)
         self.model = model
         self.optimizer = _optimizer(model, cfg)
         self.net: nn.Module = model
@@ -229,6 +266,8 @@ class Recipe:
                 with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
                     logits = self.net(x)
                     loss = F.cross_entropy(logits.float(), y, label_smoothing=self.cfg.label_smoothing)
+                    if self.teacher is not None:
+                        loss = self._distill(loss, logits.float(), x)
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 if self.cfg.grad_clip > 0:
@@ -275,6 +314,15 @@ class Recipe:
         self.epoch, self.batch = self.epoch + 1, 0
         self.sums.zero_()
         self._save_checkpoint()
+
+    def _distill(self, label_loss: torch.Tensor, logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Mix the label loss with the KL divergence to the teacher's softened outputs (Hinton et al., 2015)."""
+        assert self.derived is not None and self.teacher is not None
+        t, alpha = self.derived.temperature, self.derived.alpha
+        with torch.no_grad():
+            soft_targets = F.log_softmax(self.teacher(x).float() / t, dim=1)
+        kd = F.kl_div(F.log_softmax(logits / t, dim=1), soft_targets, reduction="batchmean", log_target=True)
+        return (1 - alpha) * label_loss + alpha * t * t * kd
 
     @torch.inference_mode()
     def _validate(self) -> tuple[float, float]:
@@ -403,6 +451,7 @@ class Recipe:
         final = self.history[-1]
         card = ModelCard(
             architecture=self.cfg.model,
+            architecture_options=self.derived.architecture_options if self.derived else {},
             num_classes=self.dataset["num_classes"],
             class_names=self.dataset["class_names"],
             image_size=self.dataset["image_size"],
@@ -423,14 +472,15 @@ class Recipe:
             training_curves_png(self.history, tmp / "training_curves.png")
             manifest = write_manifest(
                 tmp,
-                stage=STAGE,
+                stage=self.stage,
                 key=self.key,
                 inputs={"data": self.data_dir.name, "data_key": self.data_manifest["key"]},
                 config=config_to_dict(self.cfg) | {"seed": self.config.seed, "world_size": self.world_size},
                 code=code_version(*_CODE),
                 metrics=card.metrics,
                 extra={"history": self.history, "device": str(self.device), "bf16": self.bf16,
-                       "tracking_run": self.tracking_run},
+                       "tracking_run": self.tracking_run}
+                | ({"derived": self.derived.identity} if self.derived else {}),
             )
         for name in (CHECKPOINT_TENSORS, CHECKPOINT_STATE, "best.safetensors"):
             (self.checkpoint_dir / name).unlink(missing_ok=True)

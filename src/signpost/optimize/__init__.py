@@ -1,0 +1,1 @@
+"""Model optimization: int8 quantization, structured pruning, compiled and exported forms."""

@@ -1,0 +1,214 @@
+"""Runtimes: one way to load any model form Signpost writes and call it on a batch, without the training code.
+
+A model artifact can hold several forms of the same model (``FORMS``): safetensors weights with a model card (any
+float variant), a ``torch.export`` program (the int8 variant, whose quantized graph is not a plain module), an
+AOTInductor package (native code compiled ahead of time) and an ONNX file. A runtime loads one form:
+
+- ``eager``: the module as is, NCHW (weights, or the exported program's module): the baseline;
+- ``compile``: ``torch.compile`` with Inductor freezing (weights folded and prepacked for oneDNN), channels_last; with
+  ``bf16=True`` under bf16 autocast; the batch dimension is dynamic, so a new batch size does not recompile;
+- ``aoti``: the AOTInductor package, compiled at optimize time with a dynamic batch dimension;
+- ``onnxruntime``: the ONNX file in ONNX Runtime, all graph optimizations on.
+
+Every file is checked against the artifact's manifest before it is read, and nothing is unpickled: weights come
+from safetensors, exported programs from ``torch.export.load`` (JSON graph and raw tensor data), ONNX from protobuf.
+The AOTInductor package holds native code: it is loaded only after its hash matches the manifest.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from signpost.artifacts import ArtifactError, verify_artifact
+from signpost.models.artifact import CARD, WEIGHTS, ModelCard, load_model
+
+PROGRAM = "program.pt2"  # torch.export program (ExportedProgram), used by the int8 variant
+AOTI = "model.aoti.pt2"  # AOTInductor package
+ONNX = "model.onnx"
+FORMS = {"weights": WEIGHTS, "program": PROGRAM, "aoti": AOTI, "onnx": ONNX}
+RUNTIMES = ("eager", "compile", "aoti", "onnxruntime")
+# Which form each runtime reads, in order of preference.
+_RUNTIME_FORMS = {"eager": ("weights", "program"), "compile": ("weights", "program"), "aoti": ("aoti",),
+                  "onnxruntime": ("onnx",)}
+MAX_BATCH = 1024  # the largest batch the exported forms accept
+WARMUP_BATCHES = (1, 2, 16)  # one batch of each shape regime torch.compile makes a graph for
+
+
+class RuntimeUnavailable(RuntimeError):
+    """This runtime cannot run this model artifact (the form is missing, or a library is not installed)."""
+
+
+@dataclass
+class Predictor:
+    """A loaded model: call it with a normalized float batch [B, 3, H, W] to get logits [B, classes]."""
+
+    runtime: str
+    form: str
+    card: ModelCard
+    forward: Callable[[torch.Tensor], torch.Tensor]
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward(x)
+
+
+def available_runtimes(folder: Path) -> list[str]:
+    """The runtimes that can load the model artifact in ``folder``, judging by the files it holds."""
+    return [rt for rt in RUNTIMES if any((Path(folder) / FORMS[f]).is_file() for f in _RUNTIME_FORMS[rt])]
+
+
+def load_predictor(
+    folder: Path, runtime: str = "eager", *, bf16: bool = False, threads: int | None = None
+) -> Predictor:
+    """Load the model artifact in ``folder`` for ``runtime``. Files are checked against the manifest first.
+
+    Raises ``RuntimeUnavailable`` when the artifact has no form this runtime reads, ``ArtifactError`` when a file
+    does not match the manifest, ``ValueError`` for an unknown runtime.
+    """
+    folder = Path(folder)
+    if runtime not in RUNTIMES:
+        raise ValueError(f"unknown runtime {runtime!r}; choose one of: {', '.join(RUNTIMES)}")
+    form = next((f for f in _RUNTIME_FORMS[runtime] if (folder / FORMS[f]).is_file()), None)
+    if form is None:
+        wanted = " or ".join(FORMS[f] for f in _RUNTIME_FORMS[runtime])
+        raise RuntimeUnavailable(f"{folder} has no {wanted}: the {runtime} runtime cannot load it")
+    verify_artifact(folder, [CARD, FORMS[form]])
+    card = ModelCard.model_validate_json((folder / CARD).read_text(encoding="utf-8"))
+    if threads:
+        torch.set_num_threads(threads)
+    if runtime == "onnxruntime":
+        return Predictor(runtime, form, card, _onnxruntime(folder / ONNX, threads))
+    if runtime == "aoti":
+        return Predictor(runtime, form, card, _aoti(folder / AOTI))
+    if form == "program":
+        from signpost.optimize.quantize import register_lowering
+
+        register_lowering()  # the int8 fusion passes Inductor needs to compile a quantized program
+    module = load_model(folder, verify=False)[0] if form == "weights" else load_program(folder / PROGRAM)
+    if runtime == "eager":  # the module as a user would call it (NCHW, no compilation): the baseline
+        return Predictor(runtime, form, card, _no_grad(module))
+    return Predictor(runtime, form, card, _compiled(module, bf16=bf16, image_size=card.image_size))
+
+
+def load_program(path: Path) -> nn.Module:
+    """The module of a saved ``torch.export`` program (the int8 variant's quantized graph).
+
+    ``torch.export.load`` unpickles tensors it could not store raw and falls back to a full unpickle of the sample
+    inputs: the archive is checked first, and one that would need either is refused.
+    """
+    _check_program_archive(path)
+    try:
+        return torch.export.load(str(path)).module()
+    except Exception as exc:  # a corrupt archive can fail in many ways inside torch.export
+        raise ArtifactError(f"{path}: not a loadable torch.export program: {exc}") from exc
+
+
+def _check_program_archive(path: Path) -> None:
+    import io
+    import json
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            for name in archive.namelist():
+                if name.endswith("_config.json") and "/data/" in f"/{name}":
+                    payloads = json.loads(archive.read(name)).get("config", {})
+                    pickled = [fqn for fqn, meta in payloads.items() if meta.get("use_pickle")]
+                    if pickled:
+                        raise ArtifactError(f"{path}: tensors {pickled[:3]} are pickled; refusing to unpickle them")
+                elif "/sample_inputs/" in f"/{name}" and (data := archive.read(name)):
+                    torch.load(io.BytesIO(data), weights_only=True)
+    except ArtifactError:
+        raise
+    except Exception as exc:  # a corrupt zip, JSON, or sample inputs that are not plain tensors
+        raise ArtifactError(f"{path}: not a plain torch.export program archive: {exc}") from exc
+
+
+def _no_grad(module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    @torch.inference_mode()
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        return module(x)
+
+    return forward
+
+
+def _compiled(module: nn.Module, *, bf16: bool, image_size: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    import torch._inductor.config as inductor_config
+
+    inductor_config.freezing = True  # fold weights into constants and prepack them for oneDNN
+    compiled = torch.compile(module)
+
+    @torch.inference_mode()
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        # Batch sizes vary between calls: dimension 0 is dynamic, so one graph serves every size of a regime.
+        torch._dynamo.mark_dynamic(x, 0)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            return compiled(x.contiguous(memory_format=torch.channels_last)).float()
+
+    # Inductor splits the batch dimension into regimes with a graph each: 1 (specialised), 2-15 and 16+ (its
+    # convolution layout heuristics guard on them). Compiling all three now means no call ever compiles later.
+    for batch in WARMUP_BATCHES:
+        forward(torch.zeros(batch, 3, image_size, image_size))
+    return forward
+
+
+def _aoti(path: Path) -> Callable[[torch.Tensor], torch.Tensor]:
+    try:
+        package = torch._inductor.aoti_load_package(str(path))
+    except Exception as exc:
+        raise ArtifactError(f"{path}: not a loadable AOTInductor package for this machine: {exc}") from exc
+
+    @torch.inference_mode()
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        return package(x.contiguous())
+
+    return forward
+
+
+def _onnxruntime(path: Path, threads: int | None) -> Callable[[torch.Tensor], torch.Tensor]:
+    try:
+        import onnxruntime as ort
+    except ImportError as exc:
+        raise RuntimeUnavailable(f"onnxruntime is not installed ({exc}): pip install onnxruntime") from exc
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if threads:
+        options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    # Spinning threads steal the cores between calls from everything else in the process.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    try:
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except Exception as exc:
+        raise ArtifactError(f"{path}: not a loadable ONNX model: {exc}") from exc
+    name = session.get_inputs()[0].name
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(session.run(None, {name: x.contiguous().numpy()})[0])
+
+    return forward
+
+
+@contextlib.contextmanager
+def math_mode(mode: str) -> Iterator[dict[str, Any]]:
+    """Apply a CPU math setting to this process: ``default``, ``bf16`` or ``no-onednn``; yields what was set.
+
+    ``bf16`` sets ``DNNL_DEFAULT_FPMATH_MODE=BF16`` (oneDNN may compute fp32 convolutions and matmuls in bf16); it
+    must be in the environment before oneDNN initialises, so measurements set it when starting their subprocess and
+    this only records it. ``no-onednn`` turns ``torch.backends.mkldnn`` off (PyTorch's own kernels instead).
+    """
+    if mode not in ("default", "bf16", "no-onednn"):
+        raise ValueError(f"unknown math mode {mode!r}; choose default, bf16 or no-onednn")
+    if mode == "no-onednn":
+        with torch.backends.mkldnn.flags(enabled=False):
+            yield {"mkldnn": False}
+        return
+    yield {"mkldnn": torch.backends.mkldnn.is_available(), "DNNL_DEFAULT_FPMATH_MODE":
+           os.environ.get("DNNL_DEFAULT_FPMATH_MODE", "")}

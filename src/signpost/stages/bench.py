@@ -1,0 +1,402 @@
+"""bench: the optimized variants → one accuracy + speed table across runtimes, CPU math settings and batch sizes.
+
+Read top to bottom: describe the machine and measure its matmul peaks, plan the matrix (variants × runtimes × math
+settings × threads; every batch size is measured inside each process), run each setting in a fresh subprocess
+(``signpost.bench_worker``) with a timeout, then turn the results into a table (JSON and markdown) with speedups
+against eager fp32 measured in the same run, achieved GFLOP/s against the peak, a chart, and the deployable choice:
+the fastest variant within the accuracy budget at the stated batch size.
+
+``compare`` reads two results files (two machines, two PyTorch builds, before/after a change) and gives a
+regression verdict. Results carry the machine they were measured on, so a comparison says what it compares.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from signpost.artifacts import (
+    artifact_path,
+    atomic_dir,
+    code_version,
+    hash_json,
+    is_complete,
+    library_versions,
+    read_manifest,
+    verify_artifact,
+    write_manifest,
+)
+from signpost.config import BenchConfig, SignpostConfig, config_to_dict
+from signpost.report.plots import bench_chart_png
+from signpost.runtime import available_runtimes
+from signpost.stages.optimize import VARIANTS_FILE, variant_folders
+
+log = logging.getLogger(__name__)
+
+STAGE = "bench"
+_CODE = (__name__, "signpost.bench_worker", "signpost.runtime", "signpost.optimize")
+RESULTS, TABLE, CHART, CANDIDATE = "results.json", "results.md", "chart.png", "candidate.json"
+BASELINE = ("fp32", "eager", "default")  # variant, runtime, math of the speedup baseline
+GLIBC_TUNABLES = "glibc.malloc.mmap_threshold=1073741824:glibc.malloc.trim_threshold=17179869184"
+# Math settings each runtime can honour: ONNX Runtime uses its own kernels (MLAS), not oneDNN's settings; an
+# AOTInductor package has its kernels compiled in, so only oneDNN's fpmath mode still reaches it.
+_RUNTIME_MATH = {"eager": ("default", "bf16", "no-onednn"), "compile": ("default", "bf16", "no-onednn"),
+                 "aoti": ("default", "bf16"), "onnxruntime": ("default",)}
+
+
+@dataclass
+class BenchResult:
+    """Where the bench results are, whether they were reused, the table rows, and the deployable choice."""
+
+    path: Path
+    reused: bool
+    results: dict[str, Any]
+    candidate: dict[str, Any] | None
+
+
+def machine_info() -> dict[str, Any]:
+    """The CPU, its instruction-set extensions that matter for inference, core counts and library builds."""
+    import psutil
+
+    cpu_model, flags = platform.processor() or platform.machine(), set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            key = key.strip().lower()
+            if key in ("model name", "cpu model", "hardware") and cpu_model in ("", platform.machine()):
+                cpu_model = value.strip()
+            elif key in ("flags", "features"):
+                flags.update(value.split())
+    except OSError:
+        pass
+    wanted = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8",
+              "avx_vnni", "asimd", "asimddp", "bf16", "i8mm", "sve", "sve2")
+    config = torch.__config__.show()
+    blas = next((line.split("=", 1)[1].strip() for line in config.splitlines() if "BLAS_INFO" in line), "")
+    return {
+        "cpu": cpu_model,
+        "arch": platform.machine(),
+        "isa": sorted(f for f in wanted if f in flags),
+        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "logical_cores": os.cpu_count(),
+        "physical_cores": psutil.cpu_count(logical=False),
+        "python": platform.python_version(),
+        "libraries": library_versions(),
+        "blas": blas,
+        "onednn": torch.backends.mkldnn.is_available(),
+    }
+
+
+def matmul_peak(threads: int, seconds: float = 1.0) -> dict[str, float]:
+    """GFLOP/s of a large fp32 and bf16 matmul on ``threads`` threads, measured in a fresh subprocess."""
+    code = (
+        "import torch,time,json,sys\n"
+        f"torch.set_num_threads({threads})\n"
+        "out={}\n"
+        "for name,dt in (('fp32',torch.float32),('bf16',torch.bfloat16)):\n"
+        "  a=torch.randn(1024,1024).to(dt); b=torch.randn(1024,1024).to(dt)\n"
+        "  for _ in range(3): a@b\n"
+        "  best=0.0\n"
+        "  for _ in range(5):\n"
+        "    n=0; t=time.perf_counter()\n"
+        f"    while time.perf_counter()-t<{seconds / 5}: a@b; n+=1\n"
+        "    best=max(best, 2*1024**3*n/(time.perf_counter()-t)/1e9)\n"
+        "  out[name]=best\n"
+        "print(json.dumps(out))\n"
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "GLIBC_TUNABLES": GLIBC_TUNABLES}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    if done.returncode != 0:
+        raise RuntimeError(f"matmul peak measurement failed: {done.stderr.strip()[-500:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def plan(variants: list[tuple[dict[str, Any], Path]], cfg: BenchConfig) -> list[dict[str, Any]]:
+    """Every (variant, runtime, math, threads) the matrix holds; runtimes a variant has no form for are left out."""
+    cells = []
+    for row, folder in variants:
+        if row["role"] != "candidate" or row["status"] not in ("ok", "rejected"):
+            continue
+        for runtime in cfg.runtimes:
+            if runtime not in available_runtimes(folder):
+                continue
+            for math in cfg.math:
+                if math not in _RUNTIME_MATH[runtime]:
+                    continue
+                for threads in cfg.threads:
+                    cells.append({"variant": row["name"], "folder": folder, "runtime": runtime, "math": math,
+                                  "threads": threads})
+    return cells
+
+
+def bench(
+    config: SignpostConfig,
+    *,
+    optimize_dir: Path,
+    data_dir: Path,
+    profile: str | None = None,
+    progress: bool = True,
+) -> BenchResult:
+    """Measure the variants in ``optimize_dir`` on the test split of ``data_dir``; reuse results for equal inputs.
+
+    ``profile`` names one cell as ``variant/runtime/math/batch`` (e.g. ``int8/compile/default/64``) to profile.
+    """
+    optimize_dir, data_dir = Path(optimize_dir), Path(data_dir)
+    opt_manifest = verify_artifact(optimize_dir, [VARIANTS_FILE])
+    data_manifest = verify_artifact(data_dir, ["test.safetensors"])
+    cfg = config.bench
+    machine = machine_info()
+    key = hash_json({"optimize": opt_manifest["key"], "data": data_manifest["key"], "bench": config_to_dict(cfg),
+                     "machine": machine, "profile": profile, "code": code_version(*_CODE)})
+    path = artifact_path(config.workdir, STAGE, config.name, key)
+    if is_complete(path):
+        log.info("these variants were benchmarked on this machine with these settings already: reusing %s", path)
+        verify_artifact(path, [RESULTS])
+        results = json.loads((path / RESULTS).read_text(encoding="utf-8"))
+        return BenchResult(path, True, results, results.get("candidate"))
+
+    variants = list(variant_folders(optimize_dir))
+    rows_by_name = {row["name"]: row for row, _ in variants}
+    cells = plan(variants, cfg)
+    profile_cell = _parse_profile(profile, cells, cfg)
+    started = time.perf_counter()
+    with atomic_dir(path) as tmp:
+        (tmp / "cells").mkdir()
+        peaks = {threads: matmul_peak(threads) for threads in sorted(set(cfg.threads))}
+        measured = []
+        bar = tqdm(cells, desc="bench", unit="cell", disable=not progress, file=sys.stderr)
+        for i, cell in enumerate(bar):
+            bar.set_postfix_str(f"{cell['variant']}/{cell['runtime']}/{cell['math']}/{cell['threads']}t")
+            is_profiled = profile_cell is not None and all(cell[k] == profile_cell[k] for k in
+                                                           ("variant", "runtime", "math"))
+            out = tmp / "cells" / f"{i:03d}-{cell['variant']}-{cell['runtime']}-{cell['math']}-{cell['threads']}t.json"
+            measured.append(_measure(cell, out, data_dir, cfg, profile_cell["batch"] if is_profiled else 0))
+        rows = _table_rows(measured, rows_by_name, peaks)
+        results = {
+            "machine": machine,
+            "peaks_gflops": {str(t): p for t, p in peaks.items()},
+            "baseline": "/".join(BASELINE) + ": eager fp32 measured in this same run, same threads and batch size",
+            "optimize": optimize_dir.name,
+            "data": data_dir.name,
+            "settings": config_to_dict(cfg),
+            "variants": [{k: r[k] for k in ("name", "method", "status", "reason", "val_acc", "test_acc", "size_bytes",
+                                            "mflops", "role")} for r in rows_by_name.values()],
+            "rows": rows,
+            "seconds": time.perf_counter() - started,
+        }
+        results["candidate"] = choose(rows, cfg.deploy_batch_size, optimize_dir)
+        (tmp / RESULTS).write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")
+        (tmp / TABLE).write_text(markdown_table(results) + "\n", encoding="utf-8")
+        if results["candidate"]:
+            (tmp / CANDIDATE).write_text(json.dumps(results["candidate"], indent=1) + "\n", encoding="utf-8")
+        bench_chart_png(rows, cfg.deploy_batch_size, tmp / CHART)
+        write_manifest(
+            tmp, stage=STAGE, key=key,
+            inputs={"optimize": optimize_dir.name, "optimize_key": opt_manifest["key"], "data": data_dir.name},
+            config=config_to_dict(cfg), code=code_version(*_CODE),
+            metrics={"cells": len(rows), "failed": sum(r["status"] == "failed" for r in rows)},
+            extra={"machine": machine, "candidate": results["candidate"]},
+        )
+    return BenchResult(path, False, results, results["candidate"])
+
+
+def _parse_profile(profile: str | None, cells: list[dict[str, Any]], cfg: BenchConfig) -> dict[str, Any] | None:
+    if not profile:
+        return None
+    parts = profile.split("/")
+    if len(parts) != 4 or not parts[3].isdigit():
+        raise ValueError(f"--profile {profile!r}: expected variant/runtime/math/batch, e.g. int8/compile/default/64")
+    wanted = {"variant": parts[0], "runtime": parts[1], "math": parts[2]}
+    if parts[1] == "onnxruntime":
+        raise ValueError("--profile: the torch profiler sees into the torch runtimes only (eager, compile, aoti)")
+    if not any(all(c[k] == v for k, v in wanted.items()) for c in cells):
+        options = sorted({f"{c['variant']}/{c['runtime']}/{c['math']}" for c in cells})
+        raise ValueError(f"--profile {profile!r}: no such cell in the matrix; cells: {', '.join(options)}")
+    return wanted | {"batch": int(parts[3])}
+
+
+def _measure(cell: dict[str, Any], out: Path, data_dir: Path, cfg: BenchConfig, profile_batch: int) -> dict[str, Any]:
+    """Run one cell's worker in a fresh subprocess; a crash or a timeout is a failed cell with the reason."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(cell["threads"]), "GLIBC_TUNABLES": GLIBC_TUNABLES}
+    env.pop("DNNL_DEFAULT_FPMATH_MODE", None)
+    if cell["math"] == "bf16":
+        env["DNNL_DEFAULT_FPMATH_MODE"] = "BF16"
+    command = [sys.executable, "-m", "signpost.bench_worker", "--folder", str(cell["folder"]),
+               "--runtime", cell["runtime"], "--math", cell["math"], "--threads", str(cell["threads"]),
+               "--batches", ",".join(map(str, cfg.batch_sizes)), "--test", str(data_dir / "test.safetensors"),
+               "--min-seconds", str(cfg.min_seconds), "--max-seconds", str(cfg.max_seconds),
+               "--max-cv", str(cfg.max_cv), "--profile-batch", str(profile_batch), "--out", str(out)]
+    base = {k: cell[k] for k in ("variant", "runtime", "math", "threads")}
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=cfg.timeout)
+    except subprocess.TimeoutExpired:
+        return base | {"status": "failed", "reason": f"timed out after {cfg.timeout:.0f} s (bench.timeout)"}
+    if not out.is_file():
+        tail = (done.stderr or "").strip().splitlines()[-1:] or [f"exit code {done.returncode}"]
+        return base | {"status": "failed", "reason": f"the worker died: {tail[0][:300]}"}
+    return base | json.loads(out.read_text(encoding="utf-8"))
+
+
+def _table_rows(measured: list[dict[str, Any]], variants: dict[str, dict[str, Any]],
+                peaks: dict[int, dict[str, float]]) -> list[dict[str, Any]]:
+    """One row per (cell, batch size) with speedup, GFLOP/s and the variant's verdict; failed cells keep one row."""
+    baseline = {(m["threads"], b["batch"]): b["images_per_s"] for m in measured if m["status"] == "ok"
+                and (m["variant"], m["runtime"], m["math"]) == BASELINE for b in m["batches"]}
+    rows = []
+    for m in measured:
+        variant = variants[m["variant"]]
+        common = {"variant": m["variant"], "runtime": m["runtime"], "math": m["math"], "threads": m["threads"],
+                  "size_bytes": variant["size_bytes"], "mflops": variant["mflops"],
+                  "variant_status": variant["status"], "variant_test_acc": variant["test_acc"]}
+        if m["status"] != "ok":
+            rows.append(common | {"status": "failed", "reason": m.get("reason", ""), "batch": None})
+            continue
+        status = "rejected" if variant["status"] == "rejected" else "ok"
+        reason = variant["reason"] if status == "rejected" else ""
+        for b in m["batches"]:
+            base = baseline.get((m["threads"], b["batch"]))
+            gflops = (variant["mflops"] or 0) * b["images_per_s"] / 1e3
+            peak = peaks[m["threads"]]["bf16"]
+            rows.append(common | {
+                "status": status, "reason": reason, "top1": m["top1"], **b,
+                "speedup": b["images_per_s"] / base if base else None,
+                "gflops": gflops, "bf16_peak_fraction": gflops / peak if peak else None,
+                "cpu_cores_mean": m["resources"]["cpu_cores_mean"], "rss_mib_peak": m["resources"]["rss_mib_peak"],
+                "load_seconds": m["load_seconds"], "profile": m.get("profile"),
+            })
+    return rows
+
+
+def choose(rows: list[dict[str, Any]], batch: int, optimize_dir: Path) -> dict[str, Any] | None:
+    """The fastest cell at ``batch`` whose variant is within the accuracy budget: what to package, and why."""
+    ok = [r for r in rows if r["status"] == "ok" and r["batch"] == batch]
+    if not ok:
+        return None
+    best = max(ok, key=lambda r: r["images_per_s"])
+    onnx = max((r["images_per_s"] for r in ok if r["runtime"] == "onnxruntime"), default=None)
+    reason = (f"fastest within the accuracy budget at batch {batch}: {best['images_per_s']:,.0f} images/s, "
+              f"top-1 {best['top1']:.4f}")
+    if best.get("speedup"):
+        reason += f", {best['speedup']:.1f}x eager fp32"
+    if onnx:
+        reason += f", {best['images_per_s'] / onnx:.2f}x the best ONNX Runtime cell"
+    return {
+        "variant": best["variant"], "runtime": best["runtime"], "math": best["math"], "threads": best["threads"],
+        "batch": batch, "folder": str(Path(optimize_dir) / best["variant"]), "images_per_s": best["images_per_s"],
+        "top1": best["top1"], "reason": reason,
+    }
+
+
+def markdown_table(results: dict[str, Any]) -> str:
+    """The results as markdown: machine, baseline, then one row per cell and batch size."""
+    m = results["machine"]
+    peaks = ", ".join(f"{t} threads: fp32 {p['fp32']:.0f}, bf16 {p['bf16']:.0f} GFLOP/s"
+                      for t, p in results["peaks_gflops"].items())
+    lines = [
+        f"Machine: {m['cpu']} ({m['arch']}; {m['physical_cores']} cores / {m['logical_cores']} threads; ISA "
+        f"{' '.join(m['isa']) or '-'}); torch {m['libraries'].get('torch', '?')}, "
+        f"onnxruntime {m['libraries'].get('onnxruntime', '-')}, torchao {m['libraries'].get('torchao', '-')}.",
+        f"Matmul peaks: {peaks}.",
+        f"Baseline: {results['baseline']}.",
+        "",
+        "| variant | runtime | math | threads | batch | status | top-1 | size KiB | ms/image | images/s | p50 ms | "
+        "p95 ms | p99 ms | spread | speedup | GFLOP/s | % bf16 peak | CPU cores | peak RSS MiB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results["rows"]:
+        size = f"{r['size_bytes'] / 1024:.0f}" if r["size_bytes"] else "-"
+        if r["status"] == "failed":
+            lines.append(f"| {r['variant']} | {r['runtime']} | {r['math']} | {r['threads']} | - | failed: "
+                         f"{r['reason'].replace('|', '/')} | - | {size} |" + " - |" * 11)
+            continue
+        status = "ok" if r["status"] == "ok" else "rejected (budget)"
+        speedup = f"{r['speedup']:.2f}x" if r["speedup"] else "-"
+        frac = f"{100 * r['bf16_peak_fraction']:.0f}%" if r["bf16_peak_fraction"] is not None else "-"
+        lines.append(
+            f"| {r['variant']} | {r['runtime']} | {r['math']} | {r['threads']} | {r['batch']} | {status} | "
+            f"{r['top1']:.4f} | {size} | {r['ms_per_image']:.4f} | {r['images_per_s']:,.0f} | {r['ms_median']:.3f} | "
+            f"{r['ms_p95']:.3f} | {r['ms_p99']:.3f} | {100 * r['spread']:.1f}% | {speedup} | {r['gflops']:.0f} | "
+            f"{frac} | {r['cpu_cores_mean']:.2f} | {r['rss_mib_peak']:.0f} |"
+        )
+    if results.get("candidate"):
+        c = results["candidate"]
+        lines += ["", f"Deployable choice: **{c['variant']} / {c['runtime']} / {c['math']}** — {c['reason']}."]
+    return "\n".join(lines)
+
+
+# --- compare -------------------------------------------------------------------------------------------------
+
+
+def compare(a_path: Path, b_path: Path, *, threshold: float = 0.10) -> tuple[str, bool]:
+    """Compare two results files cell by cell: the markdown report and whether B regressed against A.
+
+    B regresses when any cell both measured is more than ``threshold`` slower (images/s), or a cell ok in A
+    failed in B.
+    """
+    a, b = (_load_results(p) for p in (a_path, b_path))
+
+    def index(results: dict[str, Any]) -> dict[tuple, dict[str, Any]]:
+        return {(r["variant"], r["runtime"], r["math"], r["threads"], r["batch"]): r for r in results["rows"]}
+
+    ia, ib = index(a), index(b)
+    lines = [f"A: {a_path} — {_machine_line(a)}", f"B: {b_path} — {_machine_line(b)}", "",
+             "| variant | runtime | math | threads | batch | A images/s | B images/s | B/A | verdict |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    regressions = []
+    for k in sorted(set(ia) & set(ib), key=lambda k: tuple(str(x) for x in k)):
+        ra, rb = ia[k], ib[k]
+        if ra["status"] == "failed" or k[4] is None:
+            continue
+        if rb["status"] == "failed":
+            regressions.append(k)
+            lines.append(f"| {' | '.join(map(str, k[:4]))} | - | {ra['images_per_s']:,.0f} | failed | - | "
+                         "REGRESSION |")
+            continue
+        ratio = rb["images_per_s"] / ra["images_per_s"]
+        verdict = "REGRESSION" if ratio < 1 - threshold else ("faster" if ratio > 1 + threshold else "same")
+        if verdict == "REGRESSION":
+            regressions.append(k)
+        lines.append(f"| {' | '.join(map(str, k))} | {ra['images_per_s']:,.0f} | {rb['images_per_s']:,.0f} | "
+                     f"{ratio:.2f} | {verdict} |")
+    only = len(set(ia) ^ set(ib))
+    lines += ["", f"Verdict: {'REGRESSION' if regressions else 'no regression'} — {len(regressions)} of "
+              f"{len(set(ia) & set(ib))} shared cells more than {100 * threshold:.0f}% slower or failed in B"
+              + (f"; {only} cells measured in only one of the two" if only else "") + "."]
+    return "\n".join(lines), bool(regressions)
+
+
+def _load_results(path: Path) -> dict[str, Any]:
+    path = Path(path)
+    if path.is_dir():
+        path = path / RESULTS
+    try:
+        results = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path}: not a readable bench results file: {exc}") from exc
+    if not isinstance(results, dict) or "rows" not in results or "machine" not in results:
+        raise ValueError(f"{path}: not a signpost bench results file (no rows/machine)")
+    return results
+
+
+def _machine_line(results: dict[str, Any]) -> str:
+    m = results["machine"]
+    return (f"{m['cpu']} ({m['arch']}, {m['physical_cores']} cores, {' '.join(m['isa'])}), torch "
+            f"{m['libraries'].get('torch', '?')}, BLAS {m.get('blas') or '?'}")
+
+
+def read_bench(path: Path) -> dict[str, Any]:
+    """The results of a finished bench artifact (its files checked against the manifest)."""
+    read_manifest(path)
+    verify_artifact(path, [RESULTS])
+    return json.loads((Path(path) / RESULTS).read_text(encoding="utf-8"))

@@ -1,0 +1,407 @@
+"""optimize: a trained model artifact → optimized variants, each an artifact with its measured accuracy.
+
+Read top to bottom: check the parent model and the prepared data, reuse the result when one exists for these
+inputs, otherwise make each variant the config asks for, score it on the validation and test splits, hold it to the
+accuracy budget against its parent, and write everything atomically:
+
+    optimize/<name>-<key>/
+        manifest.json           every variant's method, settings, accuracy, size and verdict
+        variants.json           the same table, for the bench stage
+        fp32/                   the parent as is, plus its AOTInductor package and ONNX file
+        int8/                   static int8 (torchao PT2E): program.pt2 (+ AOTInductor package)
+        dynamic-int8/           dynamic int8 on the Linear layers, when the model has any worth it
+        pruned/                 channels removed, fine-tuned (+ exports)
+        pruned-int8/            the pruned model, quantized to static int8
+        student/                a narrower signnet distilled from the parent (+ exports)
+        student-alone/          the same student trained on labels only: the distillation's control
+
+Each variant folder is an artifact of its own (manifest with file hashes, model card): the runtime module loads it in
+a fresh process without the training code. Fine-tuning and student training are ordinary training runs (the train
+stage's recipe, checkpoints and resume) whose own artifacts live in ``optimize/training/``, so a re-run reuses them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from signpost.artifacts import (
+    artifact_path,
+    atomic_dir,
+    code_version,
+    hash_json,
+    is_complete,
+    read_manifest,
+    verify_artifact,
+    write_manifest,
+)
+from signpost.config import SignpostConfig, config_to_dict
+from signpost.data.cache import CachedSplit, load_split
+from signpost.data.loader import BatchLoader
+from signpost.models.artifact import CARD, WEIGHTS, ModelCard, load_model, save_model
+from signpost.optimize.export import write_aoti, write_onnx
+from signpost.optimize.prune import count_parameters, prune_model
+from signpost.optimize.quantize import quantize_int8, save_program
+from signpost.runtime import AOTI, ONNX, PROGRAM
+from signpost.stages.train import Derived, Recipe
+
+log = logging.getLogger(__name__)
+
+STAGE = "optimize"
+_CODE = (__name__, "signpost.optimize", "signpost.runtime", "signpost.stages.train", "signpost.models",
+         "signpost.data.loader")
+TRAINING = f"{STAGE}/training"  # where fine-tuning and student runs keep their own artifacts and checkpoints
+VARIANTS_FILE = "variants.json"
+_TOLERANCE = 1e-9
+_EVAL_BATCH = 256
+
+
+@dataclass
+class Variant:
+    """One optimized form of the parent model and what it measured."""
+
+    name: str
+    method: str
+    settings: dict[str, Any]
+    status: str = "ok"  # ok | rejected (over the accuracy budget) | failed (with the reason)
+    reason: str = ""
+    path: str = ""  # folder, relative to the optimize artifact
+    forms: list[str] = field(default_factory=list)
+    val_acc: float | None = None
+    test_acc: float | None = None
+    size_bytes: int | None = None  # the file that holds the weights (safetensors, or the int8 program)
+    parameters: int | None = None
+    mflops: float | None = None  # per image, multiply-adds counted as 2
+    seconds: float = 0.0
+    role: str = "candidate"  # candidate | control (the student trained alone: a comparison, never shipped)
+
+
+@dataclass
+class OptimizeResult:
+    """Where the variants are, whether an existing result was reused, and the variants' table."""
+
+    path: Path
+    reused: bool
+    variants: list[dict[str, Any]]
+    manifest: dict[str, Any]
+
+
+def optimize(config: SignpostConfig, *, model_dir: Path, data_dir: Path, progress: bool = True) -> OptimizeResult:
+    """Make the variants ``config.optimize`` asks for from the model in ``model_dir``; reuse them when inputs match.
+
+    Raises ``ArtifactError`` for a model or data folder that does not match its manifest.
+    """
+    model_dir, data_dir = Path(model_dir), Path(data_dir)
+    parent, card = load_model(model_dir)
+    parent_key = read_manifest(model_dir)["key"]
+    data_manifest = verify_artifact(data_dir, ["train.safetensors", "val.safetensors", "test.safetensors"])
+    opt = config.optimize
+    key = hash_json({
+        "model": parent_key,
+        "data": data_manifest["key"],
+        "optimize": config_to_dict(opt),
+        "train": config_to_dict(config.train),  # the recipe that fine-tunes and trains students
+        "seed": config.seed,
+        "code": code_version(*_CODE),
+    })
+    path = artifact_path(config.workdir, STAGE, config.name, key)
+    if is_complete(path):
+        log.info("%s was optimized with these settings already: reusing %s", model_dir, path)
+        manifest = verify_artifact(path, [VARIANTS_FILE])
+        return OptimizeResult(path, True, json.loads((path / VARIANTS_FILE).read_text(encoding="utf-8")), manifest)
+
+    val, test = load_split(data_dir / "val.safetensors"), load_split(data_dir / "test.safetensors")
+    maker = _VariantMaker(config, card, parent_key, model_dir, data_dir, val, test, progress=progress)
+    started = time.perf_counter()
+    with atomic_dir(path) as tmp:
+        variants = [maker.float_variant(tmp, "fp32", "fp32", parent, {}, card)]
+        if opt.int8:
+            variants.append(maker.int8_variant(tmp, "int8", parent, dynamic=False))
+        if opt.dynamic_int8:
+            variants.append(maker.dynamic_int8_variant(tmp, parent))
+        if opt.prune.enabled:
+            variants.append(maker.pruned_variant(tmp, parent))
+            if opt.int8 and variants[-1].status == "ok":  # pruning and int8 compound: fewer channels, cheaper ones
+                pruned, pruned_card = load_model(tmp / "pruned")
+                variants.append(maker.int8_variant(tmp, "pruned-int8", pruned, dynamic=False, card=pruned_card,
+                                                   source="pruned"))
+        if opt.distill.enabled:
+            variants += maker.student_variants(tmp, parent)
+        _apply_budget(variants, variants[0], opt.accuracy_budget)
+        table = [asdict(v) for v in variants]
+        (tmp / VARIANTS_FILE).write_text(json.dumps(table, indent=1) + "\n", encoding="utf-8")
+        manifest = write_manifest(
+            tmp,
+            stage=STAGE,
+            key=key,
+            inputs={"model": model_dir.name, "model_key": parent_key, "data": data_dir.name,
+                    "data_key": data_manifest["key"]},
+            config=config_to_dict(opt),
+            code=code_version(*_CODE),
+            metrics={f"{v.name}.test_acc": v.test_acc for v in variants if v.test_acc is not None},
+            extra={"variants": table, "seconds": time.perf_counter() - started},
+        )
+    for v in variants:
+        log.info("%-14s %-8s test %s  size %s  %s", v.name, v.status, _pct(v.test_acc), _kb(v.size_bytes), v.reason)
+    return OptimizeResult(path, False, table, manifest)
+
+
+def _apply_budget(variants: list[Variant], parent: Variant, budget: float) -> None:
+    """Reject every candidate that loses more than ``budget`` test top-1 against the fp32 parent.
+
+    The test split is the one the evaluate gate and the bench table use; the validation drop is reported beside it.
+    """
+    for v in variants:
+        if v is parent or v.test_acc is None or parent.test_acc is None:
+            continue
+        drop = parent.test_acc - v.test_acc
+        v.settings["test_drop"] = round(drop, 6)
+        if parent.val_acc is not None and v.val_acc is not None:
+            v.settings["val_drop"] = round(parent.val_acc - v.val_acc, 6)
+        if drop > budget + _TOLERANCE and v.role == "candidate" and v.status == "ok":
+            v.status = "rejected"
+            v.reason = (f"loses {100 * drop:.2f} points of test top-1 against fp32; the budget is "
+                        f"{100 * budget:.2f} (optimize.accuracy_budget)")
+
+
+class _VariantMaker:
+    """Makes, scores and writes variants; one method per method."""
+
+    def __init__(self, config: SignpostConfig, card: ModelCard, parent_key: str, model_dir: Path, data_dir: Path,
+                 val: CachedSplit, test: CachedSplit, *, progress: bool) -> None:
+        self.config, self.card, self.parent_key = config, card, parent_key
+        self.model_dir, self.data_dir = model_dir, data_dir
+        self.val, self.test, self.progress = val, test, progress
+        self.example = torch.randn(2, 3, card.image_size, card.image_size)
+
+    # --- float variants: weights + card, exported forms ------------------------------------------------------
+
+    def float_variant(self, root: Path, name: str, method: str, model: nn.Module, settings: dict[str, Any],
+                      card: ModelCard, role: str = "candidate") -> Variant:
+        variant = Variant(name, method, settings, path=name, role=role)
+        folder = root / name
+        started = time.perf_counter()
+        with _failures(variant):
+            folder.mkdir()
+            model = model.eval()
+            save_model(folder, model, card)
+            variant.forms.append("weights")
+            variant.val_acc, variant.test_acc = self._scores(model)
+            variant.size_bytes = (folder / WEIGHTS).stat().st_size
+            variant.parameters = count_parameters(model)
+            variant.mflops = count_mflops(model, card.image_size)
+            if role == "candidate":
+                self._exports(folder, model, variant)
+            self._finish(folder, variant, card)
+        variant.seconds = time.perf_counter() - started
+        return variant
+
+    def _exports(self, folder: Path, model: nn.Module | torch.export.ExportedProgram, variant: Variant) -> None:
+        """The AOTInductor package and the ONNX file; a failing export is noted, the variant keeps its other forms."""
+        opt = self.config.optimize
+        if opt.export_aoti:
+            try:
+                write_aoti(model, self.example, folder / AOTI)
+                variant.forms.append("aoti")
+            except Exception as exc:  # Inductor and its C++ compiler can fail in many ways
+                log.warning("%s: AOTInductor packaging failed: %s", variant.name, exc)
+                variant.settings["aoti_error"] = _short(exc)
+        if opt.export_onnx and isinstance(model, nn.Module):
+            try:
+                write_onnx(model, self.example, folder / ONNX)
+                variant.forms.append("onnx")
+            except Exception as exc:
+                log.warning("%s: ONNX export failed: %s", variant.name, exc)
+                variant.settings["onnx_error"] = _short(exc)
+
+    # --- int8 ------------------------------------------------------------------------------------------------
+
+    def int8_variant(self, root: Path, name: str, parent: nn.Module, *, dynamic: bool,
+                     card: ModelCard | None = None, source: str = "fp32") -> Variant:
+        """int8 of ``parent`` (the fp32 model, or another float variant named by ``source`` with its ``card``)."""
+        opt = self.config.optimize
+        card = card or self.card
+        variant = Variant(name, "int8-dynamic" if dynamic else "int8-static", {}, path=name)
+        folder = root / name
+        started = time.perf_counter()
+        with _failures(variant):
+            folder.mkdir()
+            calibration = [] if dynamic else self._calibration_batches(opt.calibration_batches)
+            program, variant.settings = quantize_int8(parent, calibration, self.example, dynamic=dynamic)
+            variant.settings |= {"calibration_batch_size": 0 if dynamic else opt.calibration_batch_size,
+                                 "source": source}
+            variant.val_acc, variant.test_acc = self._scores(program.module())
+            variant.forms.append("program")
+            self._exports(folder, program, variant)  # before saving, which drops the example inputs AOTI needs
+            save_program(program, folder / PROGRAM)
+            (folder / CARD).write_text(card.model_dump_json(indent=2) + "\n", encoding="utf-8")
+            variant.size_bytes = (folder / PROGRAM).stat().st_size
+            variant.parameters = count_parameters(parent)
+            variant.mflops = count_mflops(parent, card.image_size)
+            self._finish(folder, variant, card)
+        variant.seconds = time.perf_counter() - started
+        return variant
+
+    def dynamic_int8_variant(self, root: Path, parent: nn.Module) -> Variant:
+        linear = sum(m.weight.numel() for m in parent.modules() if isinstance(m, nn.Linear))
+        share = linear / max(1, count_parameters(parent))
+        if not any(isinstance(m, nn.Linear) and m.in_features >= 512 for m in parent.modules()):
+            return Variant("dynamic-int8", "int8-dynamic", {"linear_weight_share": round(share, 4)},
+                           status="skipped", reason="dynamic int8 quantizes Linear layers only; this model's are "
+                           "too small to gain from it (no Linear with 512+ inputs)")
+        return self.int8_variant(root, "dynamic-int8", parent, dynamic=True)
+
+    def _calibration_batches(self, count: int) -> list[torch.Tensor]:
+        """The first ``count`` training batches, normalized as in training but not augmented."""
+        train = load_split(self.data_dir / "train.safetensors")
+        loader = BatchLoader(train.images, train.labels, self.config.optimize.calibration_batch_size,
+                             mean=self.card.mean, std=self.card.std, shuffle=True, seed=self.config.seed)
+        loader.set_epoch(0)
+        batches = []
+        for x, _ in loader:
+            batches.append(x.contiguous())
+            if len(batches) == count:
+                break
+        return batches
+
+    # --- pruning and distillation: training runs of the train stage's recipe -----------------------------------
+
+    def pruned_variant(self, root: Path, parent: nn.Module) -> Variant:
+        cfg = self.config.optimize.prune
+        settings: dict[str, Any] = {"ratio": cfg.ratio, "finetune_epochs": cfg.finetune_epochs,
+                                    "finetune_lr": cfg.finetune_lr, "importance": "BN scale x filter L1"}
+        variant = Variant("pruned", "structured-pruning", settings, path="pruned")
+        with _failures(variant):
+            pruned, options = prune_model(parent, cfg.ratio)
+            settings |= options
+            if cfg.finetune_epochs == 0:
+                card = self.card.model_copy(update={"architecture_options": options})
+                return self.float_variant(root, "pruned", "structured-pruning", pruned, settings, card)
+            derived = Derived(TRAINING, f"{self.config.name}-pruned", {"method": "prune", "parent": self.parent_key,
+                              "ratio": cfg.ratio}, architecture_options=options, initial=pruned.state_dict())
+            train_overrides = {"epochs": cfg.finetune_epochs, "lr": cfg.finetune_lr, "model": self.card.architecture,
+                               "warmup_epochs": min(0.5, cfg.finetune_epochs / 4)}
+            model, card = self._train(derived, train_overrides)
+            return self.float_variant(root, "pruned", "structured-pruning", model, settings, card)
+        return variant
+
+    def student_variants(self, root: Path, parent: nn.Module) -> list[Variant]:
+        cfg = self.config.optimize.distill
+        options = {"widths": list(cfg.student_widths)}
+        overrides = {"model": "signnet", "epochs": cfg.epochs or self.config.train.epochs}
+        out = []
+        for name, teacher in (("student", parent), ("student-alone", None)):
+            settings = {"widths": options["widths"], "epochs": overrides["epochs"]}
+            if teacher is not None:
+                settings |= {"temperature": cfg.temperature, "alpha": cfg.alpha, "teacher": self.card.architecture}
+            variant = Variant(name, "distillation" if teacher is not None else "student-baseline", settings, path=name)
+            with _failures(variant):
+                identity = {"method": name, "parent": self.parent_key, **settings}
+                derived = Derived(TRAINING, f"{self.config.name}-{name}", identity, architecture_options=options,
+                                  teacher=teacher, temperature=cfg.temperature, alpha=cfg.alpha if teacher else 0.0)
+                model, card = self._train(derived, overrides)
+                role = "candidate" if teacher is not None else "control"
+                variant = self.float_variant(root, name, variant.method, model, settings, card, role=role)
+            out.append(variant)
+        return out
+
+    def _train(self, derived: Derived, overrides: dict[str, Any]) -> tuple[nn.Module, ModelCard]:
+        """Train (or reuse) the derived model with the train stage's recipe; its artifact sits beside this one."""
+        config = self.config.model_copy(update={"train": self.config.train.model_copy(update=overrides)})
+        recipe = Recipe(config, self.data_dir, progress=self.progress, derived=derived)
+        try:
+            if not is_complete(recipe.path):
+                log.info("training %s (%s)", derived.name, derived.identity["method"])
+                recipe.setup(resume=(recipe.checkpoint_dir / "checkpoint.json").is_file())
+                recipe.run()
+                recipe.finish()
+            else:
+                log.info("reusing %s", recipe.path)
+        finally:
+            recipe.cleanup()
+        return load_model(recipe.path)
+
+    # --- shared ------------------------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def _scores(self, model: Callable[[torch.Tensor], torch.Tensor]) -> tuple[float, float]:
+        return accuracy(model, self.val, self.card), accuracy(model, self.test, self.card)
+
+    def _finish(self, folder: Path, variant: Variant, card: ModelCard) -> None:
+        metrics = {"val_acc": variant.val_acc, "test_acc": variant.test_acc}
+        write_manifest(
+            folder, stage=f"{STAGE}.variant", key=hash_json([self.parent_key, variant.name, variant.settings]),
+            inputs={"parent_model": self.model_dir.name, "parent_key": self.parent_key, "data": self.data_dir.name},
+            config={"method": variant.method, **variant.settings}, code=code_version(*_CODE), metrics=metrics,
+            extra={"variant": variant.name, "forms": variant.forms, "architecture": card.architecture,
+                   "architecture_options": card.architecture_options},
+        )
+
+
+@torch.inference_mode()
+def accuracy(model: Callable[[torch.Tensor], torch.Tensor], split: CachedSplit, card: ModelCard) -> float:
+    """Top-1 accuracy of ``model`` (any callable from a normalized batch to logits) on a cached split."""
+    if len(split) == 0:
+        return float("nan")
+    if isinstance(model, nn.Module) and not isinstance(model, torch.fx.GraphModule):
+        model.eval()  # an exported program's module is in eval form already (and refuses .eval())
+    loader = BatchLoader(split.images, split.labels, _EVAL_BATCH, mean=card.mean, std=card.std, shuffle=False)
+    correct = sum(int((model(x).argmax(1) == y).sum()) for x, y in loader)
+    return correct / len(split)
+
+
+def count_mflops(model: nn.Module, image_size: int) -> float:
+    """Forward FLOPs per image in millions (a multiply-add counts 2), from PyTorch's FLOP counter."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        model.eval()(torch.zeros(1, 3, image_size, image_size))
+    return counter.get_total_flops() / 1e6
+
+
+class _failures:
+    """Record any exception of a variant's making as its ``failed`` status instead of stopping the stage."""
+
+    def __init__(self, variant: Variant) -> None:
+        self.variant = variant
+
+    def __enter__(self) -> Variant:
+        return self.variant
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object) -> bool:
+        if exc is None or not isinstance(exc, Exception):
+            return False  # KeyboardInterrupt and SystemExit stop the stage
+        log.warning("variant %s failed: %s", self.variant.name, exc, exc_info=log.isEnabledFor(logging.DEBUG))
+        self.variant.status, self.variant.reason = "failed", _short(exc)
+        return True
+
+
+def _short(exc: BaseException) -> str:
+    text = f"{type(exc).__name__}: {exc}".strip().splitlines()
+    return text[0][:300] if text else type(exc).__name__
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.2f}%"
+
+
+def _kb(value: int | None) -> str:
+    return "-" if value is None else f"{value / 1024:.0f} KiB"
+
+
+def variant_folders(optimize_dir: Path) -> Iterator[tuple[dict[str, Any], Path]]:
+    """(variant row, folder) for every variant of an optimize artifact that was made (ok or rejected)."""
+    table = json.loads((Path(optimize_dir) / VARIANTS_FILE).read_text(encoding="utf-8"))
+    for row in table:
+        if row["path"] and is_complete(Path(optimize_dir) / row["path"]):
+            yield row, Path(optimize_dir) / row["path"]
+
