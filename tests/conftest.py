@@ -32,3 +32,25 @@ def gtsrb_copy(synthetic_root: Path, tmp_path: Path) -> Path:
 def local_config(root: Path, workdir: Path, *overrides: str) -> SignpostConfig:
     """A config that reads ``root`` as it is and writes artifacts under ``workdir``."""
     return load_config(None, ["data.source=local", f"data.root={root}", f"workdir={workdir}", "name=t", *overrides])
+
+
+@pytest.fixture(scope="session")
+def optimized(synthetic_root: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """A model trained briefly on the small dataset and its optimized variants (int8, pruned, students, exports).
+
+    Session-wide: making the variants compiles AOTInductor packages, the slowest step of the optimize tests.
+    """
+    from signpost.stages.optimize import optimize
+    from signpost.stages.prepare import prepare
+    from signpost.stages.train import train
+
+    work = tmp_path_factory.mktemp("optimized")
+    config = local_config(
+        synthetic_root, work, "train.epochs=4", "train.batch_size=16", "train.warmup_epochs=0.5",
+        "optimize.prune.finetune_epochs=1", "optimize.distill.epochs=2", "optimize.calibration_batches=2",
+        "optimize.calibration_batch_size=16", "optimize.accuracy_budget=1.0", "tracking.backend=none",
+    )
+    data = prepare(config, progress=False)
+    model = train(config, data_dir=data.path, progress=False)
+    result = optimize(config, model_dir=model.path, data_dir=data.path, progress=False)
+    return {"config": config, "data_dir": data.path, "model_dir": model.path, "result": result}

@@ -135,12 +135,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         while images.shape[0] < max(args.batches):  # a test split smaller than the largest batch: repeat it
             images = torch.cat([images, images])
         result["batches"] = []
+        layout = torch.channels_last if predictor.channels_last else torch.contiguous_format
+        result["layout"] = "channels_last" if predictor.channels_last else "nchw"
         for batch in args.batches:
-            x = images[:batch].contiguous()
+            x = images[:batch].contiguous(memory_format=layout)  # as the server's decoding hands it over
             result["batches"].append(measure_batch(predictor, x, min_seconds=args.min_seconds,
                                                    max_seconds=args.max_seconds, max_cv=args.max_cv))
         if args.profile_batch:
-            result["profile"] = _profile(predictor, images[: args.profile_batch].contiguous(), Path(args.out))
+            x = images[: args.profile_batch].contiguous(memory_format=layout)
+            result["profile"] = _profile(predictor, x, Path(args.out))
     result["resources"] = sampler.summary()
     result["resources"]["max_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return result

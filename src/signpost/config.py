@@ -157,6 +157,7 @@ class OptimizeConfig(StrictModel):
 class BenchConfig(StrictModel):
     """The benchmark matrix: variants x runtimes x math settings x batch sizes, each setting in a fresh process."""
 
+    variants: list[str] | None = Field(None, description="variant names to measure; default: every candidate")
     runtimes: list[Literal["eager", "compile", "aoti", "onnxruntime"]] = ["eager", "compile", "aoti", "onnxruntime"]
     math: list[Literal["default", "bf16", "no-onednn"]] = Field(
         ["default", "bf16", "no-onednn"],

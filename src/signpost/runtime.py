@@ -54,6 +54,8 @@ class Predictor:
     form: str
     card: ModelCard
     forward: Callable[[torch.Tensor], torch.Tensor]
+    channels_last: bool = False  # the layout it runs in: a caller that builds batches from HWC images (as decoding
+    # does) gets it for free by stacking them [B, H, W, C] and permuting, instead of paying a copy on every call
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward(x)
@@ -94,7 +96,8 @@ def load_predictor(
     module = load_model(folder, verify=False)[0] if form == "weights" else load_program(folder / PROGRAM)
     if runtime == "eager":  # the module as a user would call it (NCHW, no compilation): the baseline
         return Predictor(runtime, form, card, _no_grad(module))
-    return Predictor(runtime, form, card, _compiled(module, bf16=bf16, image_size=card.image_size))
+    return Predictor(runtime, form, card, _compiled(module, bf16=bf16, image_size=card.image_size),
+                     channels_last=True)
 
 
 def load_program(path: Path) -> nn.Module:

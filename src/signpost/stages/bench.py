@@ -128,6 +128,8 @@ def plan(variants: list[tuple[dict[str, Any], Path]], cfg: BenchConfig) -> list[
     for row, folder in variants:
         if row["role"] != "candidate" or row["status"] not in ("ok", "rejected"):
             continue
+        if cfg.variants is not None and row["name"] not in cfg.variants:
+            continue
         for runtime in cfg.runtimes:
             if runtime not in available_runtimes(folder):
                 continue
@@ -169,6 +171,12 @@ def bench(
     variants = list(variant_folders(optimize_dir))
     rows_by_name = {row["name"]: row for row, _ in variants}
     cells = plan(variants, cfg)
+    unknown = sorted(set(cfg.variants or ()) - set(rows_by_name))
+    if unknown:
+        raise ValueError(f"bench.variants names {unknown}, which {optimize_dir} does not have; it has "
+                         f"{', '.join(rows_by_name)}")
+    if BASELINE[0] not in {c["variant"] for c in cells} or "eager" not in cfg.runtimes:
+        log.warning("the matrix leaves out eager fp32, the speedup baseline: the speedup column will be empty")
     profile_cell = _parse_profile(profile, cells, cfg)
     started = time.perf_counter()
     with atomic_dir(path) as tmp:

@@ -1,0 +1,93 @@
+"""Runtimes: load any variant form, refuse tampered or pickled files, and never recompile on a new batch size."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+from torch._dynamo.utils import counters
+
+from signpost.artifacts import ArtifactError
+from signpost.models import build_model
+from signpost.optimize.prune import prune_model
+from signpost.runtime import ONNX, PROGRAM, RuntimeUnavailable, load_predictor, load_program
+
+
+@pytest.mark.parametrize("name", ["fp32", "int8"])
+def test_compiled_predictor_never_recompiles_when_the_batch_size_changes(optimized: dict, name: str) -> None:
+    torch._dynamo.reset()
+    predictor = load_predictor(optimized["result"].path / name, "compile", threads=2)  # warms up every regime
+    graphs = counters["stats"]["unique_graphs"]
+    eager = load_predictor(optimized["result"].path / name, "eager")
+    for batch in (3, 64, 1, 256, 17, 2, 100):
+        x = torch.randn(batch, 3, 32, 32)
+        out = predictor(x)
+        assert out.shape == (batch, 6)
+        tolerance = 0.2 if name == "int8" else 1e-3
+        assert torch.allclose(out, eager(x), atol=tolerance, rtol=0)
+    assert counters["stats"]["unique_graphs"] == graphs, "a new batch size compiled a new graph"
+
+
+def test_a_tampered_file_is_refused(optimized: dict, tmp_path: Path) -> None:
+    folder = Path(shutil.copytree(optimized["result"].path / "fp32", tmp_path / "fp32"))
+    with open(folder / ONNX, "ab") as fh:
+        fh.write(b"\0")
+    with pytest.raises(ArtifactError, match="does not match its manifest"):
+        load_predictor(folder, "onnxruntime")
+    load_predictor(folder, "eager")  # the untouched forms still load
+
+
+def test_a_program_archive_that_would_unpickle_is_refused(optimized: dict, tmp_path: Path) -> None:
+    source = optimized["result"].path / "int8" / PROGRAM
+    forged = tmp_path / "forged.pt2"
+    with zipfile.ZipFile(source) as src, zipfile.ZipFile(forged, "w") as dst:
+        for info in src.infolist():
+            data = src.read(info.filename)
+            if info.filename.endswith("weights_config.json"):
+                config = json.loads(data)
+                first = next(iter(config["config"]))
+                config["config"][first]["use_pickle"] = True
+                data = json.dumps(config).encode()
+            dst.writestr(info.filename, data)
+    with pytest.raises(ArtifactError, match="pickled; refusing"):
+        load_program(forged)
+    (tmp_path / "junk.pt2").write_bytes(b"not a zip at all")
+    with pytest.raises(ArtifactError, match=r"not a plain torch\.export program"):
+        load_program(tmp_path / "junk.pt2")
+
+
+def test_missing_forms_and_unknown_runtimes_are_clear_errors(optimized: dict) -> None:
+    with pytest.raises(RuntimeUnavailable, match=r"no model\.onnx: the onnxruntime runtime cannot load it"):
+        load_predictor(optimized["result"].path / "int8", "onnxruntime")
+    with pytest.raises(ValueError, match="unknown runtime 'tensorrt'"):
+        load_predictor(optimized["result"].path / "fp32", "tensorrt")
+
+
+@pytest.mark.parametrize("architecture", ["signnet", "traffic_sign_net"])
+def test_pruning_that_keeps_every_channel_changes_nothing(architecture: str) -> None:
+    torch.manual_seed(0)
+    model = build_model(architecture, 43, 32).eval()
+    for m in model.modules():  # non-trivial batch-norm statistics, so the copy of them is checked too
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+    kept, options = prune_model(model, 0.001)  # rounds to keeping every channel, in a different object
+    x = torch.randn(4, 3, 32, 32)
+    assert torch.allclose(kept.eval()(x), model(x), atol=1e-5)
+    assert options["widths"] == ([32, 48, 96, 128] if architecture == "signnet" else [32, 64, 128])
+
+
+@pytest.mark.parametrize("architecture", ["signnet", "traffic_sign_net"])
+def test_pruning_halves_the_widths_and_keeps_the_classes(architecture: str) -> None:
+    model = build_model(architecture, 43, 32).eval()
+    pruned, options = prune_model(model, 0.5)
+    assert options["widths"] == ([16, 24, 48, 64] if architecture == "signnet" else [16, 32, 64])
+    rebuilt = build_model(architecture, 43, 32, **options)
+    rebuilt.load_state_dict(pruned.state_dict())  # the card's options rebuild exactly this shape
+    assert pruned.eval()(torch.randn(2, 3, 32, 32)).shape == (2, 43)
+    with pytest.raises(ValueError, match="between 0 and 1"):
+        prune_model(model, 1.0)
