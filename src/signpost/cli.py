@@ -340,6 +340,9 @@ def _run(args: argparse.Namespace) -> int:
         state = "skipped" if outcome.skipped else "ran"
         print(f"{outcome.stage:>8}: {state:7} ({outcome.reason}) -> {outcome.path}")
     _print_evaluation(result.evaluation, result.registered)
+    if result.candidate:
+        c = result.candidate
+        print(f"deployable: {c['variant']} on {c['runtime']} ({c['math']}) — {c['reason']}")
     print(f"report: {result.report}")
     return 0 if result.evaluation.passed else EXIT_GATE
 

@@ -141,6 +141,7 @@ class DistillConfig(StrictModel):
 class OptimizeConfig(StrictModel):
     """Which optimized variants of a trained model to make, and the accuracy they may lose."""
 
+    enabled: bool = Field(True, description="false: `signpost run` stops after evaluate")
     int8: bool = Field(True, description="static int8 post-training quantization (torchao PT2E, Inductor)")
     calibration_batches: int = Field(8, ge=1, le=10000, description="training batches that calibrate int8")
     calibration_batch_size: int = Field(64, ge=1, le=4096)
@@ -157,6 +158,7 @@ class OptimizeConfig(StrictModel):
 class BenchConfig(StrictModel):
     """The benchmark matrix: variants x runtimes x math settings x batch sizes, each setting in a fresh process."""
 
+    enabled: bool = Field(True, description="false: `signpost run` skips the benchmark")
     variants: list[str] | None = Field(None, description="variant names to measure; default: every candidate")
     runtimes: list[Literal["eager", "compile", "aoti", "onnxruntime"]] = ["eager", "compile", "aoti", "onnxruntime"]
     math: list[Literal["default", "bf16", "no-onednn"]] = Field(

@@ -14,7 +14,13 @@ from signpost.cli import EXIT_GATE, main
 from signpost.config import load_config
 from signpost.tracking import Registry
 
-FAST = ["train.epochs=2", "train.batch_size=16", "train.threads=1", "evaluate.max_drop=1.0"]
+FAST = ["train.epochs=2", "train.batch_size=16", "train.threads=1", "evaluate.max_drop=1.0", "optimize.enabled=false"]
+# optimize and bench in a run, kept small: no AOTInductor packages or students, a two-variant, two-runtime matrix.
+SMALL_OPTIMIZE = ["optimize.enabled=true", "optimize.export_aoti=false", "optimize.distill.enabled=false",
+                  "optimize.prune.finetune_epochs=1", "optimize.calibration_batches=2", "bench.variants=[fp32,int8]",
+                  "bench.runtimes=[eager,onnxruntime]", "bench.math=[default]", "bench.threads=[1]",
+                  "bench.batch_sizes=[1,8]", "bench.min_seconds=0.05", "bench.max_seconds=0.2",
+                  "bench.deploy_batch_size=8", "optimize.accuracy_budget=1.0"]
 LAX = ["evaluate.min_accuracy=0", "evaluate.min_class_accuracy=0"]
 
 
@@ -47,7 +53,8 @@ def test_run_registers_promotes_and_rolls_back(
     # Unchanged inputs: every stage is skipped, nothing new is registered.
     assert main(["run", *_args(synthetic_root, tmp_path, *LAX)]) == 0
     out = capsys.readouterr().out
-    assert out.count("skipped") == 3 and "registered" not in out
+    assert out.count("skipped (") == 4 and "registered" not in out
+    assert "optimize: skipped (not run: optimize.enabled is false)" in out
 
     assert main(["promote", *_args(synthetic_root, tmp_path)]) == 0
     assert "v1 is now the champion" in capsys.readouterr().out
@@ -78,6 +85,7 @@ def test_a_failing_gate_exits_3_and_registers_nothing(
     out = capsys.readouterr().out
     assert code == EXIT_GATE
     assert "gate: FAILED" in out and "evaluate.min_accuracy" in out
+    assert "optimize: skipped (not run: the model failed the gate)" in out
     assert not (tmp_path / "mlflow.db").exists()
 
 
@@ -88,15 +96,27 @@ def _chromium() -> str:
     raise AssertionError("Chromium is needed to check the HTML report renders: `make install` installs it as root")
 
 
-def test_the_report_renders_in_headless_chromium(synthetic_root: Path, tmp_path: Path) -> None:
-    assert main(["run", *_args(synthetic_root, tmp_path, *LAX, "tracking.backend=none")]) == 0
+def test_the_report_renders_in_headless_chromium(
+    synthetic_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    assert main(["run", *_args(synthetic_root, tmp_path, *LAX, *SMALL_OPTIMIZE, "tracking.backend=none")]) == 0
+    out = capsys.readouterr().out
+    assert "optimize: ran" in out and "bench: ran" in out and "deployable: " in out
     (report,) = (tmp_path / "runs").glob("*/report.html")
+    html = report.read_text()
+    assert "<h2>Optimized variants</h2>" in html and "<h2>Benchmark</h2>" in html and "Deployable choice" in html
+    assert html.count("data:image/png;base64,") == 6  # the five of a run without bench, and the bench chart
+    # Unchanged inputs: optimize and bench are reused like every other stage.
+    assert main(["run", *_args(synthetic_root, tmp_path, *LAX, *SMALL_OPTIMIZE, "tracking.backend=none")]) == 0
+    out = capsys.readouterr().out
+    assert "optimize: skipped (model, data, optimize and train settings and code unchanged)" in out
+    assert "bench: skipped (variants, test data, bench settings, machine and code unchanged)" in out
     browser = [_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                "--disable-background-networking", "--disable-component-update", "--disable-sync",
                f"--user-data-dir={tmp_path / 'profile'}"]
     dom = subprocess.run([*browser, "--dump-dom", report.as_uri()], capture_output=True, text=True, timeout=120)
     assert dom.returncode == 0, dom.stderr[-2000:]
-    assert "<h2>Per class</h2>" in dom.stdout and "gate passed" in dom.stdout
+    assert "<h2>Per class</h2>" in dom.stdout and "gate passed" in dom.stdout and "<h2>Benchmark</h2>" in dom.stdout
     shot = tmp_path / "report.png"
     subprocess.run([*browser, "--window-size=1200,2400", f"--screenshot={shot}", report.as_uri()],
                    capture_output=True, timeout=120, check=True)

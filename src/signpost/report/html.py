@@ -35,8 +35,13 @@ def write_run_report(
     model_dir: Path,
     evaluation_dir: Path,
     registered: str | None,
+    optimize_dir: Path | None = None,
+    bench_dir: Path | None = None,
 ) -> Path:
-    """Write the report of a run to ``path`` (an .html file) and return it."""
+    """Write the report of a run to ``path`` (an .html file) and return it.
+
+    ``optimize_dir`` and ``bench_dir`` add the variants table, the benchmark table and chart when those ran.
+    """
     data = _json(data_dir / "manifest.json")
     model = _json(model_dir / "manifest.json")
     report = _json(evaluation_dir / "report.json")
@@ -56,6 +61,8 @@ def write_run_report(
         "<h2>Calibration</h2>" + _img(evaluation_dir / "reliability.png", "reliability diagram"),
         _per_class(report),
         "<h2>Most confident mistakes</h2>" + _img(evaluation_dir / "misclassified.png", "misclassified images"),
+        _variants(optimize_dir) if optimize_dir else "",
+        _bench(bench_dir) if bench_dir else "",
         _data(data, data_dir),
     ]
     page = (
@@ -132,6 +139,56 @@ def _per_class(report: dict) -> str:
         "<h2>Per class</h2><p class=\"muted\">Worst recall first; rows below the gate's class threshold are red.</p>"
         "<table><tr><th>id</th><th>class</th><th>precision</th><th>recall</th><th>F1</th><th>support</th></tr>"
         + "".join(rows) + "</table>"
+    )
+
+
+def _variants(optimize_dir: Path) -> str:
+    rows = []
+    for v in _json(optimize_dir / "variants.json"):
+        status = "control" if v["role"] == "control" else v["status"]
+        css = {"ok": "pass", "rejected": "fail", "failed": "fail"}.get(status, "skip")
+        size = f"{v['size_bytes'] / 1024:.0f} KiB" if v["size_bytes"] else "–"
+        mflops = f"{v['mflops']:.1f}" if v["mflops"] else "–"
+        rows.append(
+            f"<tr><td>{_e(v['name'])}</td><td>{_e(v['method'])}</td><td class=\"{css}\">{_e(status)}</td>"
+            f'<td class="num">{_num(v["val_acc"])}</td><td class="num">{_num(v["test_acc"])}</td>'
+            f'<td class="num">{size}</td><td class="num">{mflops}</td><td>{_e(", ".join(v["forms"]))}</td>'
+            f"<td>{_e(v['reason'])}</td></tr>"
+        )
+    return (
+        "<h2>Optimized variants</h2><p class=\"muted\">Each held to the accuracy budget against fp32 on test top-1; "
+        "the student trained alone is the distillation's control.</p><table><tr><th>variant</th><th>method</th>"
+        "<th>status</th><th>val top-1</th><th>test top-1</th><th>size</th><th>MFLOP</th><th>forms</th><th>reason</th>"
+        "</tr>" + "".join(rows) + "</table>"
+    )
+
+
+def _bench(bench_dir: Path) -> str:
+    results = _json(bench_dir / "results.json")
+    m = results["machine"]
+    head = ("variant", "runtime", "math", "threads", "batch", "status", "top-1", "images/s", "p50 ms", "p99 ms",
+            "speedup", "GFLOP/s", "% bf16 peak")
+    rows = []
+    for r in results["rows"]:
+        if r["status"] == "failed":
+            cells = [r["variant"], r["runtime"], r["math"], r["threads"], "–", f"failed: {r['reason']}"]
+            rows.append("<tr>" + "".join(f"<td>{_e(str(c))}</td>" for c in cells) + "<td></td>" * 7 + "</tr>")
+            continue
+        cells = [r["variant"], r["runtime"], r["math"], r["threads"], r["batch"], r["status"], f"{r['top1']:.4f}",
+                 f"{r['images_per_s']:,.0f}", f"{r['ms_median']:.3f}", f"{r['ms_p99']:.3f}",
+                 f"{r['speedup']:.2f}x" if r["speedup"] else "–", f"{r['gflops']:.0f}",
+                 f"{100 * r['bf16_peak_fraction']:.0f}%" if r["bf16_peak_fraction"] is not None else "–"]
+        rows.append("<tr>" + "".join(f"<td>{_e(str(c))}</td>" for c in cells) + "</tr>")
+    candidate = results.get("candidate")
+    choice = (f"<p><b>Deployable choice:</b> {_e(candidate['variant'])} on {_e(candidate['runtime'])} "
+              f"({_e(candidate['math'])}) — {_e(candidate['reason'])}.</p>" if candidate else
+              '<p class="muted">No variant within the accuracy budget was measured at the deploy batch size.</p>')
+    return (
+        f"<h2>Benchmark</h2><p class=\"muted\">{_e(m['cpu'])} ({_e(m['arch'])}, {m['physical_cores']} cores); "
+        f"{_e(results['baseline'])}. Each setting ran in a fresh process; warm-up and compilation excluded.</p>"
+        + choice + _img(bench_dir / "chart.png", "benchmark chart")
+        + "<details><summary>all cells</summary><table><tr>" + "".join(f"<th>{h}</th>" for h in head) + "</tr>"
+        + "".join(rows) + "</table></details>"
     )
 
 

@@ -1,8 +1,8 @@
 """run: the whole chain from one config, each stage skipped when its inputs are unchanged.
 
 Stages meet only at artifacts; this module calls them in order, decides what a passing model becomes in the
-registry, and reports why each stage ran or was skipped. Later stages (optimize, bench, package) join the chain as
-they land.
+registry, and reports why each stage ran or was skipped. A model that fails the gate goes no further: it is not
+optimized or benchmarked. Later stages (package) join the chain as they land.
 """
 
 from __future__ import annotations
@@ -14,7 +14,9 @@ from pathlib import Path
 
 from signpost.config import SignpostConfig, config_to_dict, save_config
 from signpost.report.html import write_run_report
+from signpost.stages.bench import bench
 from signpost.stages.evaluate import EvaluateResult, evaluate
+from signpost.stages.optimize import optimize
 from signpost.stages.prepare import prepare
 from signpost.stages.train import train
 from signpost.tracking import CHALLENGER, CHAMPION, ModelVersion, Registry, run_factory
@@ -40,10 +42,12 @@ class RunResult:
     evaluation: EvaluateResult
     registered: ModelVersion | None
     report: Path
+    candidate: dict | None = None  # the bench's deployable choice, when it ran
 
 
 def run_pipeline(config: SignpostConfig, *, progress: bool = True) -> RunResult:
-    """Run every stage for ``config`` in order: prepare → train → evaluate (and register a passing model)."""
+    """Run every stage for ``config`` in order: prepare → train → evaluate (and register a passing model) →
+    optimize → bench."""
     data = prepare(config, progress=progress)
     model = train(config, data_dir=data.path, progress=progress, tracking=run_factory(config))
     evaluation, registered = evaluate_and_register(config, model_dir=model.path, data_dir=data.path, progress=progress)
@@ -53,6 +57,23 @@ def run_pipeline(config: SignpostConfig, *, progress: bool = True) -> RunResult:
         StageOutcome("evaluate", evaluation.path, evaluation.reused, _why(evaluation.reused, "model, test data, "
                      "gate settings, champion and code")),
     ]
+    optimize_dir = bench_dir = candidate = None
+    if not evaluation.passed:
+        outcomes.append(StageOutcome("optimize", evaluation.path, True, "not run: the model failed the gate"))
+    elif not config.optimize.enabled:
+        outcomes.append(StageOutcome("optimize", model.path, True, "not run: optimize.enabled is false"))
+    else:
+        optimized = optimize(config, model_dir=model.path, data_dir=data.path, progress=progress)
+        optimize_dir = optimized.path
+        outcomes.append(StageOutcome("optimize", optimized.path, optimized.reused, _why(
+            optimized.reused, "model, data, optimize and train settings and code")))
+        if not config.bench.enabled:
+            outcomes.append(StageOutcome("bench", optimized.path, True, "not run: bench.enabled is false"))
+        else:
+            measured = bench(config, optimize_dir=optimized.path, data_dir=data.path, progress=progress)
+            bench_dir, candidate = measured.path, measured.candidate
+            outcomes.append(StageOutcome("bench", measured.path, measured.reused, _why(
+                measured.reused, "variants, test data, bench settings, machine and code")))
     # Each run gets a folder of its own: the resolved config it ran with and its report.
     run_dir = config.workdir / "runs" / f"{dt.datetime.now():%Y%m%d-%H%M%S}-{config.name}"
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -60,9 +81,10 @@ def run_pipeline(config: SignpostConfig, *, progress: bool = True) -> RunResult:
     label = f"{registered.name} v{registered.version} as {CHALLENGER}" if registered else None
     report = write_run_report(
         run_dir / "report.html", config_name=config.name, outcomes=outcomes, data_dir=data.path,
-        model_dir=model.path, evaluation_dir=evaluation.path, registered=label,
+        model_dir=model.path, evaluation_dir=evaluation.path, registered=label, optimize_dir=optimize_dir,
+        bench_dir=bench_dir,
     )
-    return RunResult(outcomes, evaluation, registered, report)
+    return RunResult(outcomes, evaluation, registered, report, candidate)
 
 
 def evaluate_and_register(
