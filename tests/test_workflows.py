@@ -148,10 +148,12 @@ def test_mlops_pipeline_is_prepare_train_evaluate_passing_artifacts() -> None:
     assert workflow["env"]["CONFIG"] == "${{ inputs.config || 'configs/demo.yaml' }}"
 
     jobs = workflow["jobs"]
-    assert list(jobs) == ["prepare", "train", "evaluate"]
+    assert list(jobs) == ["prepare", "train", "evaluate", "optimize", "bench", "compare"]
     assert "needs" not in jobs["prepare"] and jobs["train"]["needs"] == "prepare"
     assert set(jobs["evaluate"]["needs"]) == {"prepare", "train"}
     for name, job in jobs.items():
+        if name in ("optimize", "bench", "compare"):
+            continue  # below
         assert job["runs-on"] == "ubuntu-24.04"
         _setup_python(job)
         _installs_cpu_torch_first(job, then="pip install --quiet -c constraints.txt -e .")
@@ -185,3 +187,26 @@ def test_mlops_evaluate_tracks_only_with_a_server_and_always_reports() -> None:
         "reports must outlive a failed gate"
     )
     assert any('>> "$GITHUB_STEP_SUMMARY"' in step.get("run", "") for step in after)
+
+
+def test_mlops_optimizes_and_benchmarks_on_both_architectures_then_compares() -> None:
+    jobs = _workflow("mlops.yml")["jobs"]
+    assert set(jobs["optimize"]["needs"]) == {"prepare", "train", "evaluate"}, "only a model past the gate"
+    assert set(jobs["bench"]["needs"]) == {"prepare", "optimize"} and jobs["compare"]["needs"] == "bench"
+    for name in ("optimize", "bench"):
+        job = jobs[name]
+        assert set(job["strategy"]["matrix"]["runner"]) == RUNNERS and job["runs-on"] == "${{ matrix.runner }}"
+        _setup_python(job)
+        _installs_cpu_torch_first(job, then="pip install --quiet -c constraints.txt -e .")
+        assert f'signpost {name} --config "$CONFIG"' in "\n".join(_scripts(job))
+    uploads = {s["with"]["name"]: s["with"]["path"] for s in _uses(jobs["optimize"], "actions/upload-artifact@v4")}
+    downloads = {s["with"]["name"]: s["with"]["path"] for s in _uses(jobs["bench"], "actions/download-artifact@v4")}
+    assert uploads == {"optimized-${{ matrix.runner }}": "artifacts/optimize"}
+    assert downloads["optimized-${{ matrix.runner }}"] == "artifacts/optimize"
+    bench_uploads = {s["with"]["name"] for s in _uses(jobs["bench"], "actions/upload-artifact@v4")}
+    compare_downloads = {s["with"]["name"] for s in _uses(jobs["compare"], "actions/download-artifact@v4")}
+    assert bench_uploads == {"bench-${{ matrix.runner }}"}
+    assert compare_downloads == {f"bench-{runner}" for runner in RUNNERS}
+    script = "\n".join(_scripts(jobs["compare"]))
+    assert "signpost bench --compare" in script and '>> "$GITHUB_STEP_SUMMARY"' in script
+    assert any('>> "$GITHUB_STEP_SUMMARY"' in s for s in _scripts(jobs["bench"]))
