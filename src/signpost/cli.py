@@ -56,6 +56,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         else logging.INFO,
         format="%(levelname)s %(name)s: %(message)s",
     )
+    if not getattr(args, "verbose", False):
+        _quiet_libraries()
     if not hasattr(args, "handler"):
         parser.print_help()
         return EXIT_USAGE
@@ -71,6 +73,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Stage errors (LayoutError, PrepareError, DownloadError, ...) subclass these and carry a full message.
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_FAILURE
+
+
+# Libraries the optimize stage drives log their internals at INFO (every ONNX optimizer pass) or warn about things
+# that do not apply here (torchao's GPU-only kernels, torchvision ops the ONNX exporter would register); -v shows them.
+_NOISY_LOGGERS = {"onnxscript": logging.WARNING, "onnx_ir": logging.WARNING, "torch.onnx": logging.ERROR,
+                  "torchao": logging.ERROR, "torch.utils._pytree": logging.ERROR}
+
+
+def _quiet_libraries() -> None:
+    import warnings
+
+    for name, level in _NOISY_LOGGERS.items():
+        logging.getLogger(name).setLevel(level)
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
 
 
 def _build_parser() -> argparse.ArgumentParser:

@@ -190,6 +190,11 @@ def bench(
                                                            ("variant", "runtime", "math"))
             out = tmp / "cells" / f"{i:03d}-{cell['variant']}-{cell['runtime']}-{cell['math']}-{cell['threads']}t.json"
             measured.append(_measure(cell, out, data_dir, cfg, profile_cell["batch"] if is_profiled else 0))
+            done = measured[-1]
+            summary = (", ".join(f"batch {b['batch']}: {b['images_per_s']:,.0f}/s" for b in done["batches"])
+                       if done["status"] == "ok" else f"failed: {done['reason']}")
+            log.info("cell %d/%d %s/%s/%s/%dt: %s", i + 1, len(cells), cell["variant"], cell["runtime"],
+                     cell["math"], cell["threads"], summary)
         rows = _table_rows(measured, rows_by_name, peaks)
         results = {
             "machine": machine,

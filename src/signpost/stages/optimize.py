@@ -150,7 +150,8 @@ def optimize(config: SignpostConfig, *, model_dir: Path, data_dir: Path, progres
             extra={"variants": table, "seconds": time.perf_counter() - started},
         )
     for v in variants:
-        log.info("%-14s %-8s test %s  size %s  %s", v.name, v.status, _pct(v.test_acc), _kb(v.size_bytes), v.reason)
+        status = "control" if v.role == "control" else v.status
+        log.info("%-14s %-8s test %s  size %s  %s", v.name, status, _pct(v.test_acc), _kb(v.size_bytes), v.reason)
     return OptimizeResult(path, False, table, manifest)
 
 
@@ -181,6 +182,7 @@ class _VariantMaker:
         self.model_dir, self.data_dir = model_dir, data_dir
         self.val, self.test, self.progress = val, test, progress
         self.example = torch.randn(2, 3, card.image_size, card.image_size)
+        self.parent_test_acc: float | None = None  # set by the fp32 variant, which comes first
 
     # --- float variants: weights + card, exported forms ------------------------------------------------------
 
@@ -198,7 +200,9 @@ class _VariantMaker:
             variant.size_bytes = (folder / WEIGHTS).stat().st_size
             variant.parameters = count_parameters(model)
             variant.mflops = count_mflops(model, card.image_size)
-            if role == "candidate":
+            if name == "fp32":
+                self.parent_test_acc = variant.test_acc
+            if role == "candidate" and self._within_budget(variant):
                 self._exports(folder, model, variant)
             self._finish(folder, variant, card)
         variant.seconds = time.perf_counter() - started
@@ -222,6 +226,13 @@ class _VariantMaker:
                 log.warning("%s: ONNX export failed: %s", variant.name, exc)
                 variant.settings["onnx_error"] = _short(exc)
 
+    def _within_budget(self, variant: Variant) -> bool:
+        """Whether ``variant`` is within the accuracy budget; over it, it gets no exported forms (it is never
+        shipped, and AOTInductor packaging is the slowest step here). ``_apply_budget`` marks it afterwards."""
+        if self.parent_test_acc is None or variant.test_acc is None:
+            return True
+        return self.parent_test_acc - variant.test_acc <= self.config.optimize.accuracy_budget + _TOLERANCE
+
     # --- int8 ------------------------------------------------------------------------------------------------
 
     def int8_variant(self, root: Path, name: str, parent: nn.Module, *, dynamic: bool,
@@ -240,7 +251,8 @@ class _VariantMaker:
                                  "source": source}
             variant.val_acc, variant.test_acc = self._scores(program.module())
             variant.forms.append("program")
-            self._exports(folder, program, variant)  # before saving, which drops the example inputs AOTI needs
+            if self._within_budget(variant):
+                self._exports(folder, program, variant)  # before saving, which drops the example inputs AOTI needs
             save_program(program, folder / PROGRAM)
             (folder / CARD).write_text(card.model_dump_json(indent=2) + "\n", encoding="utf-8")
             variant.size_bytes = (folder / PROGRAM).stat().st_size
