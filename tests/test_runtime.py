@@ -14,6 +14,7 @@ from torch._dynamo.utils import counters
 from signpost.artifacts import ArtifactError
 from signpost.models import build_model
 from signpost.optimize.prune import prune_model
+from signpost.optimize.quantize import quantize_int8
 from signpost.runtime import ONNX, PROGRAM, RuntimeUnavailable, load_predictor, load_program
 
 
@@ -91,3 +92,19 @@ def test_pruning_halves_the_widths_and_keeps_the_classes(architecture: str) -> N
     assert pruned.eval()(torch.randn(2, 3, 32, 32)).shape == (2, 43)
     with pytest.raises(ValueError, match="between 0 and 1"):
         prune_model(model, 1.0)
+
+
+@pytest.mark.parametrize("architecture", ["signnet", "traffic_sign_net"])
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_int8_quantization_keeps_the_function(architecture: str, dynamic: bool) -> None:
+    torch.manual_seed(0)
+    model = build_model(architecture, 43, 32).eval()
+    calibration = [torch.randn(16, 3, 32, 32) for _ in range(2)]
+    program, settings = quantize_int8(model, calibration, torch.randn(2, 3, 32, 32), dynamic=dynamic)
+    assert settings["scheme"] == ("dynamic" if dynamic else "static")
+    assert settings["calibration_batches"] == (0 if dynamic else 2)
+    x = calibration[0][:5]
+    with torch.no_grad():
+        expected, got = model(x), program.module()(x)
+    assert got.shape == (5, 43)
+    assert (got - expected).abs().max() < 0.1 * expected.abs().max()  # int8 rounding, not a different function

@@ -67,9 +67,17 @@ def available_runtimes(folder: Path) -> list[str]:
 
 
 def load_predictor(
-    folder: Path, runtime: str = "eager", *, bf16: bool = False, threads: int | None = None
+    folder: Path,
+    runtime: str = "eager",
+    *,
+    bf16: bool = False,
+    threads: int | None = None,
+    warmup: tuple[int, ...] = WARMUP_BATCHES,
 ) -> Predictor:
     """Load the model artifact in ``folder`` for ``runtime``. Files are checked against the manifest first.
+
+    ``warmup``: batch sizes the ``compile`` runtime compiles for before returning; the default covers every shape
+    regime, so no later call compiles. A caller that will only ever use some batch sizes can name just those.
 
     Raises ``RuntimeUnavailable`` when the artifact has no form this runtime reads, ``ArtifactError`` when a file
     does not match the manifest, ``ValueError`` for an unknown runtime.
@@ -96,7 +104,7 @@ def load_predictor(
     module = load_model(folder, verify=False)[0] if form == "weights" else load_program(folder / PROGRAM)
     if runtime == "eager":  # the module as a user would call it (NCHW, no compilation): the baseline
         return Predictor(runtime, form, card, _no_grad(module))
-    return Predictor(runtime, form, card, _compiled(module, bf16=bf16, image_size=card.image_size),
+    return Predictor(runtime, form, card, _compiled(module, bf16=bf16, image_size=card.image_size, warmup=warmup),
                      channels_last=True)
 
 
@@ -142,7 +150,9 @@ def _no_grad(module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
     return forward
 
 
-def _compiled(module: nn.Module, *, bf16: bool, image_size: int) -> Callable[[torch.Tensor], torch.Tensor]:
+def _compiled(
+    module: nn.Module, *, bf16: bool, image_size: int, warmup: tuple[int, ...]
+) -> Callable[[torch.Tensor], torch.Tensor]:
     import torch._inductor.config as inductor_config
 
     inductor_config.freezing = True  # fold weights into constants and prepack them for oneDNN
@@ -157,7 +167,7 @@ def _compiled(module: nn.Module, *, bf16: bool, image_size: int) -> Callable[[to
 
     # Inductor splits the batch dimension into regimes with a graph each: 1 (specialised), 2-15 and 16+ (its
     # convolution layout heuristics guard on them). Compiling all three now means no call ever compiles later.
-    for batch in WARMUP_BATCHES:
+    for batch in warmup:
         forward(torch.zeros(batch, 3, image_size, image_size))
     return forward
 

@@ -70,7 +70,11 @@ def quantize_int8(
     prepared = prepare_pt2e(captured, _quantizer(dynamic))
     batches = 0
     with torch.no_grad():
-        if not dynamic:
+        if dynamic:
+            # Activation scales are computed per call, but the weight observers still need one forward pass, or
+            # convert_pt2e falls back to default scales and the model computes garbage.
+            prepared(example)
+        else:
             for x in calibration:
                 prepared(x)
                 batches += 1

@@ -15,6 +15,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import PowerNorm
 from matplotlib.figure import Figure
+from matplotlib.patches import Patch
 from matplotlib.ticker import MaxNLocator
 
 DPI = 110
@@ -190,6 +191,11 @@ def bench_chart_png(rows: Sequence[Mapping[str, Any]], batch: int, path: Path) -
     left.set_xlabel("images/s (higher is better)")
     left.set_title(f"throughput at batch {batch}" + ("" if at_batch else " (nothing measured)"), fontsize=11)
     left.margins(x=0.18)
+    runtimes = [rt for rt in _RUNTIME_COLOURS if any(r["runtime"] == rt for r in at_batch)]
+    if runtimes:
+        left.legend(handles=[Patch(color=_RUNTIME_COLOURS[rt], label=rt) for rt in runtimes]
+                    + ([Patch(facecolor="white", edgecolor="black", hatch="//", label="over the accuracy budget")]
+                       if any(r["status"] == "rejected" for r in at_batch) else []), fontsize=8, loc="lower right")
     for variant in sorted({r["variant"] for r in measured}):
         points = {}
         for r in measured:

@@ -171,10 +171,14 @@ def bench(
     variants = list(variant_folders(optimize_dir))
     rows_by_name = {row["name"]: row for row, _ in variants}
     cells = plan(variants, cfg)
-    unknown = sorted(set(cfg.variants or ()) - set(rows_by_name))
+    table = json.loads((optimize_dir / VARIANTS_FILE).read_text(encoding="utf-8"))
+    unknown = sorted(set(cfg.variants or ()) - {row["name"] for row in table})
     if unknown:
         raise ValueError(f"bench.variants names {unknown}, which {optimize_dir} does not have; it has "
-                         f"{', '.join(rows_by_name)}")
+                         f"{', '.join(row['name'] for row in table)}")
+    for name in sorted(set(cfg.variants or ()) - set(rows_by_name)):
+        log.warning("bench.variants names %s, which was not made (%s): it is left out", name,
+                    next(row["reason"] for row in table if row["name"] == name))
     if BASELINE[0] not in {c["variant"] for c in cells} or "eager" not in cfg.runtimes:
         log.warning("the matrix leaves out eager fp32, the speedup baseline: the speedup column will be empty")
     profile_cell = _parse_profile(profile, cells, cfg)
