@@ -290,8 +290,10 @@ def _pct(value: float | None) -> str:
 
 def _model_data(config: SignpostConfig, model: Path) -> Path:
     """The prepared data a model was trained on, as its card names it."""
+    from signpost.artifacts import read_manifest
     from signpost.models.artifact import CARD
 
+    read_manifest(model)  # a missing or unfinished folder is a clear error, not a missing file deep inside it
     card = json.loads((model / CARD).read_text(encoding="utf-8"))
     return config.workdir / "data" / card["data_artifact"]
 

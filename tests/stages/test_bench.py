@@ -132,3 +132,12 @@ def test_cli_bench_rejects_a_bad_profile_spec(optimized: dict, capsys: pytest.Ca
                  "tracking.backend=none"])
     assert code == 1
     assert "expected variant/runtime/math/batch" in capsys.readouterr().err
+
+
+def test_cli_bench_names_a_folder_that_is_not_an_optimize_artifact(
+    optimized: dict, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["bench", "--optimized", str(optimized["model_dir"]), "tracking.backend=none"]) == 1
+    assert "is a 'train' artifact, not the output of `signpost optimize`" in capsys.readouterr().err
+    assert main(["optimize", "--model", str(optimized["model_dir"] / "missing"), "tracking.backend=none"]) == 1
+    assert "artifact folder not found" in capsys.readouterr().err

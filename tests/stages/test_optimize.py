@@ -135,3 +135,17 @@ def test_cli_optimize_without_a_model_says_what_to_run(tmp_path: Path, capsys: p
     code = main(["optimize", f"workdir={tmp_path}", "tracking.backend=none"])
     assert code == 1
     assert "run `signpost train` first" in capsys.readouterr().err
+
+
+def test_a_candidate_over_the_budget_gets_no_exported_forms(optimized: dict) -> None:
+    from signpost.stages.optimize import _VariantMaker
+
+    maker = object.__new__(_VariantMaker)  # only the budget check is exercised: no data, no training
+    maker.config = optimized["config"].model_copy(
+        update={"optimize": optimized["config"].optimize.model_copy(update={"accuracy_budget": 0.01})}
+    )
+    maker.parent_test_acc = 0.95
+    assert maker._within_budget(Variant("a", "m", {}, test_acc=0.945))
+    assert not maker._within_budget(Variant("b", "m", {}, test_acc=0.93))
+    maker.parent_test_acc = None  # the fp32 parent itself, scored first
+    assert maker._within_budget(Variant("fp32", "fp32", {}, test_acc=0.5))

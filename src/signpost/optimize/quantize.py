@@ -105,7 +105,7 @@ def save_program(program: torch.export.ExportedProgram, path: Path) -> None:
         for key in ("stack_trace", "from_node", "nn_module_stack", "source_fn_stack", "torch_fn"):
             node.meta.pop(key, None)
     program._example_inputs = None
-    raw = path.with_name(path.name + ".raw")
+    raw = path.with_name(f"{path.stem}.uncompressed.pt2")  # torch.export.save wants the .pt2 suffix
     try:
         torch.export.save(program, str(raw))
         with zipfile.ZipFile(raw) as src, zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED, compresslevel=9) as dst:

@@ -155,6 +155,9 @@ def bench(
     ``profile`` names one cell as ``variant/runtime/math/batch`` (e.g. ``int8/compile/default/64``) to profile.
     """
     optimize_dir, data_dir = Path(optimize_dir), Path(data_dir)
+    stage = read_manifest(optimize_dir).get("stage")
+    if stage != "optimize":
+        raise ValueError(f"{optimize_dir} is a {stage!r} artifact, not the output of `signpost optimize`")
     opt_manifest = verify_artifact(optimize_dir, [VARIANTS_FILE])
     data_manifest = verify_artifact(data_dir, ["test.safetensors"])
     cfg = config.bench
@@ -411,9 +414,3 @@ def _machine_line(results: dict[str, Any]) -> str:
     return (f"{m['cpu']} ({m['arch']}, {m['physical_cores']} cores, {' '.join(m['isa'])}), torch "
             f"{m['libraries'].get('torch', '?')}, BLAS {m.get('blas') or '?'}")
 
-
-def read_bench(path: Path) -> dict[str, Any]:
-    """The results of a finished bench artifact (its files checked against the manifest)."""
-    read_manifest(path)
-    verify_artifact(path, [RESULTS])
-    return json.loads((Path(path) / RESULTS).read_text(encoding="utf-8"))
