@@ -108,3 +108,22 @@ def test_int8_quantization_keeps_the_function(architecture: str, dynamic: bool) 
         expected, got = model(x), program.module()(x)
     assert got.shape == (5, 43)
     assert (got - expected).abs().max() < 0.1 * expected.abs().max()  # int8 rounding, not a different function
+
+
+def test_the_arm_quantizer_annotates_the_same_graph(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On arm64 runners quantize_int8 takes torchao's Arm Inductor quantizer; its annotation runs on any CPU."""
+    import signpost.optimize.quantize as quantize
+
+    monkeypatch.setattr(quantize, "quantizer_name", lambda: "arm_inductor")
+    torch.manual_seed(0)
+    model = build_model("signnet", 43, 32).eval()
+    calibration = [torch.randn(16, 3, 32, 32)]
+    program, settings = quantize.quantize_int8(model, calibration, torch.randn(2, 3, 32, 32))
+    assert settings["quantizer"] == "arm_inductor"
+    nodes = {str(node.target) for node in program.graph.nodes}
+    assert any("quantize_per_tensor" in n for n in nodes)  # activations
+    tensors = [*program.state_dict.values(), *program.constants.values()]
+    assert any(t.dtype == torch.int8 and t.dim() == 4 for t in tensors)  # conv weights stored as int8
+    x = calibration[0][:4]
+    with torch.no_grad():
+        assert (program.module()(x) - model(x)).abs().max() < 0.1 * model(x).abs().max()
