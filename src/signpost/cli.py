@@ -263,6 +263,10 @@ def _print_bench(path: Path, reused: bool, results: dict) -> None:
               f"{candidate['reason']}")
     else:
         print("  deployable: none (no variant within the accuracy budget was measured at the deploy batch size)")
+    for batch, best in (results.get("candidates_by_batch") or {}).items():
+        if best:
+            print(f"  fastest at batch {batch}: {best['variant']} on {best['runtime']} ({best['math']}), "
+                  f"{best['images_per_s']:,.0f} images/s")
 
 
 def _optimized_data(config: SignpostConfig, optimized: Path) -> Path:

@@ -216,6 +216,9 @@ def bench(
             "seconds": time.perf_counter() - started,
         }
         results["candidate"] = choose(rows, cfg.deploy_batch_size, optimize_dir)
+        # The best cell at every measured batch size: a server can run single images on one runtime (often ONNX
+        # Runtime, whose per-call overhead is lowest) and batches on another.
+        results["candidates_by_batch"] = {str(b): choose(rows, b, optimize_dir) for b in cfg.batch_sizes}
         (tmp / RESULTS).write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")
         (tmp / TABLE).write_text(markdown_table(results) + "\n", encoding="utf-8")
         if results["candidate"]:
@@ -352,6 +355,11 @@ def markdown_table(results: dict[str, Any]) -> str:
     if results.get("candidate"):
         c = results["candidate"]
         lines += ["", f"Deployable choice: **{c['variant']} / {c['runtime']} / {c['math']}** — {c['reason']}."]
+    by_batch = {b: c for b, c in (results.get("candidates_by_batch") or {}).items() if c}
+    if by_batch:
+        lines += ["", "Fastest within the budget at each batch size: " + "; ".join(
+            f"{b}: {c['variant']} / {c['runtime']} / {c['math']} ({c['images_per_s']:,.0f} images/s)"
+            for b, c in by_batch.items()) + "."]
     return "\n".join(lines)
 
 
