@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import sys
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -57,7 +58,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(levelname)s %(name)s: %(message)s",
     )
     if not getattr(args, "verbose", False):
-        _quiet_libraries()
+        # torch.export's own pytree internals, deserializing a saved program; nothing a user can act on.
+        warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
     if not hasattr(args, "handler"):
         parser.print_help()
         return EXIT_USAGE
@@ -73,20 +75,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Stage errors (LayoutError, PrepareError, DownloadError, ...) subclass these and carry a full message.
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_FAILURE
-
-
-# Libraries the optimize stage drives log their internals at INFO (every ONNX optimizer pass) or warn about things
-# that do not apply here (torchao's GPU-only kernels, torchvision ops the ONNX exporter would register); -v shows them.
-_NOISY_LOGGERS = {"onnxscript": logging.WARNING, "onnx_ir": logging.WARNING, "torch.onnx": logging.ERROR,
-                  "torchao": logging.ERROR, "torch.utils._pytree": logging.ERROR}
-
-
-def _quiet_libraries() -> None:
-    import warnings
-
-    for name, level in _NOISY_LOGGERS.items():
-        logging.getLogger(name).setLevel(level)
-    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
 
 
 def _build_parser() -> argparse.ArgumentParser:

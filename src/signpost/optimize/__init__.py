@@ -1,1 +1,30 @@
 """Model optimization: int8 quantization, structured pruning, compiled and exported forms."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator
+
+# Libraries used here that log their internals (every ONNX optimizer pass) or warn about things that do not apply
+# (torchvision ops the ONNX exporter would register, torchao's GPU-only kernels). torch resets its own loggers'
+# levels when it is imported, so the CLI cannot set these once up front; with debug logging on, nothing is hidden.
+_NOISY = {"torch.onnx": logging.ERROR, "torch.utils._pytree": logging.ERROR, "onnxscript": logging.WARNING,
+          "onnx_ir": logging.WARNING, "torchao": logging.ERROR}
+
+
+@contextlib.contextmanager
+def quiet_libraries() -> Iterator[None]:
+    """Raise the noisy libraries' log levels inside the block (not when the root logger is at DEBUG)."""
+    if logging.getLogger().isEnabledFor(logging.DEBUG):
+        yield
+        return
+    loggers = {name: logging.getLogger(name) for name in _NOISY}
+    previous = {name: logger.level for name, logger in loggers.items()}
+    for name, logger in loggers.items():
+        logger.setLevel(max(_NOISY[name], logger.level))
+    try:
+        yield
+    finally:
+        for name, logger in loggers.items():
+            logger.setLevel(previous[name])

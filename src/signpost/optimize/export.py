@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from signpost.optimize import quiet_libraries
 from signpost.optimize.quantize import export_batch_dynamic
 
 log = logging.getLogger(__name__)
@@ -32,7 +33,7 @@ def write_aoti(model: nn.Module | torch.export.ExportedProgram, example: torch.T
 def write_onnx(model: nn.Module, example: torch.Tensor, path: Path) -> None:
     """Export ``model`` to ONNX at ``path`` with a dynamic batch dimension."""
     batch = torch.export.Dim("batch", min=1, max=1024)
-    with warnings.catch_warnings(), torch.no_grad():
+    with warnings.catch_warnings(), torch.no_grad(), quiet_libraries():
         warnings.simplefilter("ignore")  # the exporter's deprecation chatter about options it sets itself
         program = torch.onnx.export(
             model.eval(), (example,), dynamo=True, opset_version=ONNX_OPSET, input_names=["images"],

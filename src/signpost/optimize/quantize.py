@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from signpost.optimize import quiet_libraries
 from signpost.runtime import MAX_BATCH
 
 
@@ -33,10 +34,11 @@ def register_lowering() -> str:
     pairs as separate ops. Returns the quantizer's name.
     """
     name = quantizer_name()
-    if name == "arm_inductor":
-        import torchao.quantization.pt2e.quantizer.arm_inductor_quantizer
-    else:
-        import torchao.quantization.pt2e.quantizer.x86_inductor_quantizer  # noqa: F401
+    with quiet_libraries():  # torchao's import warns about GPU-only kernels it cannot load on a CPU build
+        if name == "arm_inductor":
+            import torchao.quantization.pt2e.quantizer.arm_inductor_quantizer
+        else:
+            import torchao.quantization.pt2e.quantizer.x86_inductor_quantizer  # noqa: F401
     return name
 
 
@@ -63,6 +65,7 @@ def quantize_int8(
 
     Returns the quantized program and the settings that made it. ``model`` is not modified.
     """
+    register_lowering()
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
     model = model.eval()
