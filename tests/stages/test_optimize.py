@@ -34,6 +34,7 @@ def test_every_variant_is_made_and_recorded(optimized: dict) -> None:
         assert manifest["config"]["method"] == row["method"]
         assert 0.0 <= manifest["metrics"]["val_acc"] <= 1.0 and 0.0 <= manifest["metrics"]["test_acc"] <= 1.0
         assert row["size_bytes"] > 0 and row["mflops"] > 0
+        assert manifest["within_budget"] is True and manifest["accuracy_budget"] == 1.0  # the fixture's budget
     assert rows["int8"]["settings"]["scheme"] == "static"
     assert rows["int8"]["settings"]["calibration_batches"] == 2
     assert rows["pruned"]["settings"]["ratio"] == 0.5 and rows["pruned"]["settings"]["widths"] == [16, 24, 48, 64]

@@ -353,8 +353,11 @@ class _VariantMaker:
             folder, stage=f"{STAGE}.variant", key=hash_json([self.parent_key, variant.name, variant.settings]),
             inputs={"parent_model": self.model_dir.name, "parent_key": self.parent_key, "data": self.data_dir.name},
             config={"method": variant.method, **variant.settings}, code=code_version(*_CODE), metrics=metrics,
-            extra={"variant": variant.name, "forms": variant.forms, "architecture": card.architecture,
-                   "architecture_options": card.architecture_options},
+            extra={"variant": variant.name, "role": variant.role, "forms": variant.forms,
+                   "architecture": card.architecture, "architecture_options": card.architecture_options,
+                   # The verdict travels with the folder, so a variant picked up on its own still says it.
+                   "within_budget": self._within_budget(variant), "parent_test_acc": self.parent_test_acc,
+                   "accuracy_budget": self.config.optimize.accuracy_budget},
         )
 
 
