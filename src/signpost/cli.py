@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from signpost import __version__
+from signpost import GLIBC_TUNABLES, __version__
 from signpost.artifacts import ArtifactError, latest_artifact
 from signpost.config import ConfigError, SignpostConfig, load_config
 
@@ -29,12 +29,6 @@ EXIT_USAGE = 2
 EXIT_GATE = 3  # the model was evaluated and failed the gate
 EXIT_REGRESSION = 4  # bench --compare found B slower than A beyond the threshold
 EXIT_INTERRUPTED = 130
-
-
-# glibc returns freed blocks above 128 KiB to the kernel and takes them back page fault by page fault: with large
-# thresholds a training or serving process reuses its memory instead, measured at 1.5-1.7x the training throughput
-# on this project's CPUs (see BENCHMARKS.md). It only takes effect when set before the process starts.
-GLIBC_TUNABLES = "glibc.malloc.mmap_threshold=1073741824:glibc.malloc.trim_threshold=17179869184"
 
 
 def entry() -> None:

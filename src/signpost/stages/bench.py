@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from signpost import GLIBC_TUNABLES
 from signpost.artifacts import (
     artifact_path,
     atomic_dir,
@@ -48,7 +49,6 @@ STAGE = "bench"
 _CODE = (__name__, "signpost.bench_worker", "signpost.runtime", "signpost.optimize")
 RESULTS, TABLE, CHART, CANDIDATE = "results.json", "results.md", "chart.png", "candidate.json"
 BASELINE = ("fp32", "eager", "default")  # variant, runtime, math of the speedup baseline
-GLIBC_TUNABLES = "glibc.malloc.mmap_threshold=1073741824:glibc.malloc.trim_threshold=17179869184"
 # Math settings each runtime can honour: ONNX Runtime uses its own kernels (MLAS), not oneDNN's settings; an
 # AOTInductor package has its kernels compiled in, so only oneDNN's fpmath mode still reaches it.
 _RUNTIME_MATH = {"eager": ("default", "bf16", "no-onednn"), "compile": ("default", "bf16", "no-onednn"),
