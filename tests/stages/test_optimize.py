@@ -14,8 +14,9 @@ import torch
 from signpost.artifacts import read_manifest, verify_artifact
 from signpost.cli import main
 from signpost.models.artifact import WEIGHTS, load_model
+from signpost.optimize import variant_folders
 from signpost.runtime import AOTI, ONNX, PROGRAM, available_runtimes
-from signpost.stages.optimize import Variant, _apply_budget, optimize, variant_folders
+from signpost.stages.optimize import Variant, _apply_budget, optimize
 
 
 def _rows(optimized: dict) -> dict[str, dict]:

@@ -3,8 +3,15 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from signpost.artifacts import is_complete
+
+VARIANTS_FILE = "variants.json"  # the optimize artifact's table of variants, one row each
 
 # Libraries used here that log their internals (every ONNX optimizer pass) or warn about things that do not apply
 # (torchvision ops the ONNX exporter would register, torchao's GPU-only kernels). torch resets its own loggers'
@@ -28,3 +35,11 @@ def quiet_libraries() -> Iterator[None]:
     finally:
         for name, logger in loggers.items():
             logger.setLevel(previous[name])
+
+
+def variant_folders(optimize_dir: Path) -> Iterator[tuple[dict[str, Any], Path]]:
+    """(variant row, folder) for every variant of an optimize artifact that was made (ok or rejected)."""
+    table = json.loads((Path(optimize_dir) / VARIANTS_FILE).read_text(encoding="utf-8"))
+    for row in table:
+        if row["path"] and is_complete(Path(optimize_dir) / row["path"]):
+            yield row, Path(optimize_dir) / row["path"]

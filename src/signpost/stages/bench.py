@@ -39,9 +39,9 @@ from signpost.artifacts import (
     write_manifest,
 )
 from signpost.config import BenchConfig, SignpostConfig, config_to_dict
+from signpost.optimize import VARIANTS_FILE, variant_folders
 from signpost.report.plots import bench_chart_png
 from signpost.runtime import available_runtimes
-from signpost.stages.optimize import VARIANTS_FILE, variant_folders
 
 log = logging.getLogger(__name__)
 

@@ -25,7 +25,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,6 +47,7 @@ from signpost.config import SignpostConfig, config_to_dict
 from signpost.data.cache import CachedSplit, load_split
 from signpost.data.loader import BatchLoader
 from signpost.models.artifact import CARD, WEIGHTS, ModelCard, load_model, save_model
+from signpost.optimize import VARIANTS_FILE
 from signpost.optimize.export import write_aoti, write_onnx
 from signpost.optimize.prune import count_parameters, prune_model
 from signpost.optimize.quantize import quantize_int8, save_program
@@ -59,7 +60,6 @@ STAGE = "optimize"
 _CODE = (__name__, "signpost.optimize", "signpost.runtime", "signpost.stages.train", "signpost.models",
          "signpost.data.loader")
 TRAINING = f"{STAGE}/training"  # where fine-tuning and student runs keep their own artifacts and checkpoints
-VARIANTS_FILE = "variants.json"
 _TOLERANCE = 1e-9
 _EVAL_BATCH = 256
 
@@ -411,12 +411,3 @@ def _pct(value: float | None) -> str:
 
 def _kb(value: int | None) -> str:
     return "-" if value is None else f"{value / 1024:.0f} KiB"
-
-
-def variant_folders(optimize_dir: Path) -> Iterator[tuple[dict[str, Any], Path]]:
-    """(variant row, folder) for every variant of an optimize artifact that was made (ok or rejected)."""
-    table = json.loads((Path(optimize_dir) / VARIANTS_FILE).read_text(encoding="utf-8"))
-    for row in table:
-        if row["path"] and is_complete(Path(optimize_dir) / row["path"]):
-            yield row, Path(optimize_dir) / row["path"]
-
