@@ -130,8 +130,9 @@ def plan(variants: list[tuple[dict[str, Any], Path]], cfg: BenchConfig) -> list[
             continue
         if cfg.variants is not None and row["name"] not in cfg.variants:
             continue
+        available = available_runtimes(folder)
         for runtime in cfg.runtimes:
-            if runtime not in available_runtimes(folder):
+            if runtime not in available:
                 continue
             for math in cfg.math:
                 if math not in _RUNTIME_MATH[runtime]:

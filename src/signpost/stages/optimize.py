@@ -22,6 +22,7 @@ stage's recipe, checkpoints and resume) whose own artifacts live in ``optimize/t
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import time
@@ -52,7 +53,7 @@ from signpost.optimize.export import write_aoti, write_onnx
 from signpost.optimize.prune import count_parameters, prune_model
 from signpost.optimize.quantize import quantize_int8, save_program
 from signpost.runtime import AOTI, ONNX, PROGRAM
-from signpost.stages.train import Derived, Recipe
+from signpost.stages.train import CHECKPOINT_STATE, Derived, Recipe
 
 log = logging.getLogger(__name__)
 
@@ -245,7 +246,7 @@ class _VariantMaker:
         started = time.perf_counter()
         with _failures(variant):
             folder.mkdir()
-            calibration = [] if dynamic else self._calibration_batches(opt.calibration_batches)
+            calibration = [] if dynamic else self._calibration_batches()
             program, variant.settings = quantize_int8(parent, calibration, self.example, dynamic=dynamic)
             variant.settings |= {"calibration_batch_size": 0 if dynamic else opt.calibration_batch_size,
                                  "source": source}
@@ -271,8 +272,10 @@ class _VariantMaker:
                            "too small to gain from it (no Linear with 512+ inputs)")
         return self.int8_variant(root, "dynamic-int8", parent, dynamic=True)
 
-    def _calibration_batches(self, count: int) -> list[torch.Tensor]:
-        """The first ``count`` training batches, normalized as in training but not augmented."""
+    @functools.cache  # noqa: B019 - one maker per optimize call; int8 and pruned-int8 share the batches
+    def _calibration_batches(self) -> list[torch.Tensor]:
+        """The first ``optimize.calibration_batches`` training batches, normalized as in training, not augmented."""
+        count = self.config.optimize.calibration_batches
         train = load_split(self.data_dir / "train.safetensors")
         loader = BatchLoader(train.images, train.labels, self.config.optimize.calibration_batch_size,
                              mean=self.card.mean, std=self.card.std, shuffle=True, seed=self.config.seed)
@@ -332,7 +335,7 @@ class _VariantMaker:
         try:
             if not is_complete(recipe.path):
                 log.info("training %s (%s)", derived.name, derived.identity["method"])
-                recipe.setup(resume=(recipe.checkpoint_dir / "checkpoint.json").is_file())
+                recipe.setup(resume=(recipe.checkpoint_dir / CHECKPOINT_STATE).is_file())
                 recipe.run()
                 recipe.finish()
             else:
