@@ -10,7 +10,8 @@ import pytest
 
 from signpost.cli import main
 
-COMMANDS = ["prepare", "train", "evaluate", "optimize", "bench", "promote", "rollback", "synth", "run"]
+COMMANDS = ["prepare", "train", "evaluate", "optimize", "bench", "serve", "package", "promote", "rollback", "synth",
+            "run"]
 
 
 def _signpost(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:

@@ -109,6 +109,32 @@ def _build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--threshold", type=float, default=0.10,
                        help="--compare: a cell more than this fraction slower in B is a regression (default 0.10)")
 
+    serve = _stage_parser(sub, "serve", "serve a model over HTTP: predict, health, readiness, metrics", _serve)
+    serve.add_argument("--model", required=True,
+                       help="a model folder (train/ or an optimize variant), a bench folder (serves its candidate), "
+                       "or models:/<registered model>@<alias>")
+    serve.add_argument("--host", help="interface to listen on (default serve.host, 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="port (default serve.port, 8000)")
+    serve.add_argument("--runtime", choices=("auto", "eager", "compile", "aoti", "onnxruntime"),
+                       help="how to run the model (default serve.runtime)")
+
+    package = _stage_parser(sub, "package", "write a container build context for a model; build and push the "
+                            "multi-arch image", _package)
+    package.add_argument("--model", help="a model folder, a bench folder (packages its candidate) or "
+                         "models:/<name>@<alias> (default: the newest bench candidate, else the newest trained model)")
+    package.add_argument("--runtime", choices=("auto", "eager", "onnxruntime", "aoti", "compile"), default="auto",
+                         help="how the image runs the model (default: the candidate's if portable, else ONNX Runtime "
+                         "when the model has ONNX, else eager)")
+    package.add_argument("--build", action="store_true", help="build the image (docker buildx, buildah or podman)")
+    package.add_argument("--push", metavar="REGISTRY/IMAGE:TAG", help="push the built image (implies --build)")
+    package.add_argument("--platform", action="append", dest="platforms", metavar="OS/ARCH",
+                         help="build for this platform (repeatable; default package.platforms)")
+    package.add_argument("--engine", choices=("docker", "buildah", "podman"), help="default: the first that works")
+    package.add_argument("--build-arg", action="append", default=[], metavar="KEY=VALUE",
+                         help="a Dockerfile build argument, e.g. BASE_IMAGE=localhost/python:3.11 (repeatable)")
+    package.add_argument("--volume", action="append", default=[], metavar="SRC:DST[:ro]",
+                         help="mount a host folder into the build's RUN steps (buildah/podman; repeatable)")
+
     _stage_parser(sub, "promote", "move the registry's champion alias to the challenger", _promote)
     _stage_parser(sub, "rollback", "move the champion alias back to the previous champion", _rollback)
 
@@ -296,6 +322,49 @@ def _print_evaluation(result: EvaluateResult, version: ModelVersion | None) -> N
         print("  gate: FAILED")
         for failure in result.failures:
             print(f"    - {failure}")
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from signpost.serve.app import create_app
+
+    extra = [f"serve.{key}={value}" for key, value in (("host", args.host), ("port", args.port)) if value is not None]
+    config = _config(args, extra)
+    app = create_app(config, args.model, runtime=args.runtime)
+    print(f"serve: {args.model} on http://{config.serve.host}:{config.serve.port} (docs at /docs); Ctrl-C stops")
+    # uvicorn turns SIGTERM and SIGINT into a graceful shutdown: open requests are answered, then the app's
+    # shutdown writes every queued prediction record.
+    uvicorn.run(app, host=config.serve.host, port=config.serve.port, log_level="warning" if args.quiet else "info",
+                access_log=bool(args.verbose), timeout_graceful_shutdown=30)
+    return 0
+
+
+def _package(args: argparse.Namespace) -> int:
+    from signpost.stages.package import build_image, package
+
+    config = _config(args)
+    model = args.model or latest_artifact(config.workdir, "bench", config.name) or _newest(
+        config, "train", "signpost train")
+    build_args = {}
+    for item in args.build_arg:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--build-arg {item!r}: expected KEY=VALUE")
+        build_args[key] = value
+    result = package(config, model=str(model), runtime=args.runtime)
+    image = result.manifest["image"]
+    print(f"package: {'reused' if result.reused else 'wrote'} {result.context}")
+    print(f"  serves {result.manifest['inputs']['model']} on {image['runtime']} ({image['runtime_reason']})")
+    print(f"  tags: {', '.join(image['tags'])}; platforms: {', '.join(args.platforms or image['platforms'])}")
+    if args.build or args.push or config.package.build:
+        build_image(result, config, engine=args.engine, platforms=args.platforms, build_args=build_args,
+                    volumes=args.volume, push=args.push)
+        print(f"  built {', '.join(result.images)}" + (f"; pushed {result.pushed}" if result.pushed else ""))
+    else:
+        print(f"  build it: docker buildx build --platform {','.join(image['platforms'])} -t "
+              f"{image['name']}:{image['tags'][0]} {result.context}   (or signpost package --build)")
+    return 0
 
 
 def _promote(args: argparse.Namespace) -> int:

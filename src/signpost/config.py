@@ -175,6 +175,43 @@ class BenchConfig(StrictModel):
     deploy_batch_size: int = Field(64, ge=1, description="the batch size the deployable choice is made for")
 
 
+class ServeConfig(StrictModel):
+    """The HTTP inference service: batching, limits, and where predictions are logged."""
+
+    host: str = Field("127.0.0.1", description="interface to listen on; 0.0.0.0 inside a container")
+    port: int = Field(8000, ge=0, le=65535)
+    runtime: Literal["auto", "eager", "compile", "aoti", "onnxruntime"] = Field(
+        "auto", description="auto: the bench candidate's runtime, else ONNX Runtime if the model has ONNX, else eager"
+    )
+    threads: int | None = Field(None, ge=1, description="intra-op threads for inference; default: all cores")
+    batching: bool = Field(True, description="gather concurrent requests into one forward pass")
+    max_batch_size: int = Field(64, ge=1, le=1024, description="images in one forward pass")
+    max_wait_ms: float = Field(1.0, ge=0.0, description="longest a request waits for others to join its batch")
+    max_queue: int = Field(512, ge=1, description="images waiting for a forward pass; beyond it: 503 + Retry-After")
+    request_timeout_s: float = Field(10.0, gt=0.0, description="a request still unanswered after this gets 504")
+    max_upload_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="largest request body")
+    max_image_pixels: int = Field(25_000_000, ge=64, description="largest declared width x height of one image")
+    max_batch_images: int = Field(64, ge=1, description="images in one /v1/predict/batch request")
+    top_k: int = Field(5, ge=1, description="classes listed per prediction (at most the model's)")
+    prediction_log: str | None = Field(
+        None, description="SQLAlchemy URL of the prediction log; default: SQLite (WAL) at workdir/serve/predictions.db"
+    )
+    log_batch_size: int = Field(256, ge=1, description="records written per transaction")
+    log_interval_s: float = Field(0.5, gt=0.0, description="longest a record waits before it is written")
+
+
+class PackageConfig(StrictModel):
+    """The container image: its build context, base, platforms and where it is pushed."""
+
+    base_image: str = Field("python:3.11-slim-bookworm", description="a Python 3.11 base (the Dockerfile's BASE_IMAGE)")
+    torch_index_url: str = Field(
+        "https://download.pytorch.org/whl/cpu", description="where the image's pip finds CPU-only PyTorch wheels"
+    )
+    platforms: list[str] = Field(["linux/amd64", "linux/arm64"], min_length=1)
+    image: str = Field("signpost", description="image name (without registry or tag)")
+    build: bool = Field(False, description="`signpost run`: also build the image (docker buildx, buildah or podman)")
+
+
 class TrackingConfig(StrictModel):
     """Experiment tracking and the model registry."""
 
@@ -197,6 +234,8 @@ class SignpostConfig(StrictModel):
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     optimize: OptimizeConfig = Field(default_factory=OptimizeConfig)
     bench: BenchConfig = Field(default_factory=BenchConfig)
+    serve: ServeConfig = Field(default_factory=ServeConfig)
+    package: PackageConfig = Field(default_factory=PackageConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
 

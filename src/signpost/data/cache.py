@@ -42,6 +42,18 @@ class CorruptImageError(ValueError):
     """An image file that cannot be decoded."""
 
 
+class ImageTooLargeError(CorruptImageError):
+    """An image whose declared size is over the pixel limit (a decompression bomb, or just too big)."""
+
+
+class NotAnImageError(CorruptImageError):
+    """Bytes that are not an image in any format Pillow reads."""
+
+
+class UnsupportedImageError(CorruptImageError):
+    """An image in a format outside the accepted ``formats``."""
+
+
 @dataclass
 class DecodedImages:
     """Decoded samples, row for row; rows of failed images are left zero and listed in ``failures``."""
@@ -75,33 +87,43 @@ class DecodedImages:
         self.failures.update({start + i: reason for i, reason in chunk.failures.items()})
 
 
-def open_image(data: bytes) -> Image.Image:
-    """Decode image bytes to an RGB PIL image, refusing empty, truncated, unknown or oversized input."""
+def open_image(data: bytes, *, max_pixels: int = MAX_PIXELS, formats: frozenset[str] | None = None) -> Image.Image:
+    """Decode image bytes to an RGB PIL image, refusing empty, truncated, unknown or oversized input.
+
+    The size is checked from the header, before any pixel is decoded. ``formats``: Pillow format names to accept
+    (e.g. ``{"PNG", "JPEG"}``); None accepts any format Pillow reads.
+    """
     if not data:
         raise CorruptImageError("empty file")
     fast = _PPM_HEADER.match(data)
-    if fast is not None:
+    if fast is not None and (formats is None or "PPM" in formats):
         # GTSRB is 50,000 small binary PPMs: reading the header here skips PIL's format probing (~20 µs/image).
         width, height = int(fast[1]), int(fast[2])
         start, need = fast.end(), int(fast[1]) * int(fast[2]) * 3
-        if width * height > MAX_PIXELS:
-            raise CorruptImageError(f"image too large ({width}x{height} pixels)")
+        if width * height > max_pixels:
+            raise ImageTooLargeError(f"image too large ({width}x{height} pixels, limit {max_pixels:,})")
         if width > 0 and height > 0 and len(data) - start >= need:
             return Image.frombuffer("RGB", (width, height), data[start : start + need], "raw", "RGB", 0, 1)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(data))
+            if formats is not None and image.format not in formats:
+                raise UnsupportedImageError(
+                    f"unsupported image format {image.format}; accepted: {', '.join(sorted(formats))}"
+                )
             width, height = image.size
-            if width * height > MAX_PIXELS:
-                raise CorruptImageError(f"image too large ({width}x{height} pixels)")
+            if width * height > max_pixels:
+                raise ImageTooLargeError(f"image too large ({width}x{height} pixels, limit {max_pixels:,})")
             image.load()
     except CorruptImageError:
         raise
     except Image.UnidentifiedImageError:
-        raise CorruptImageError("not an image format Pillow can read") from None
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise CorruptImageError(f"cannot decode: {exc}") from None
+        raise NotAnImageError("not an image in any format Pillow reads") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageTooLargeError(f"image too large: {exc}") from None
+    except (OSError, ValueError, SyntaxError, EOFError) as exc:
+        raise CorruptImageError(f"cannot decode (corrupt or truncated): {exc}") from None
     return _to_rgb(image)
 
 

@@ -47,6 +47,23 @@ def image_stats(images: np.ndarray) -> np.ndarray:
     ).astype(np.float32)
 
 
+EMBEDDING_DIMS = 8
+
+
+def embedding_summary(logits: np.ndarray, dims: int = EMBEDDING_DIMS) -> np.ndarray:
+    """A compact summary of model outputs ``[N, C]`` as float32 ``[N, dims]``, for embedding-drift checks.
+
+    The centred log-probabilities (the logits' direction, without the arbitrary offset) projected on ``dims`` fixed
+    random directions (seed 0, so every process projects alike): distances between outputs survive the projection
+    (Johnson-Lindenstrauss), eight floats per prediction are cheap to log, and a shift in what the model "sees"
+    moves their distribution even when the top class does not change.
+    """
+    logits = np.asarray(logits, dtype=np.float32)
+    centred = logits - logits.mean(axis=1, keepdims=True)
+    projection = np.random.default_rng(0).standard_normal((logits.shape[1], dims)).astype(np.float32)
+    return centred @ (projection / np.sqrt(logits.shape[1], dtype=np.float32))
+
+
 def _mean_std(v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Row means and population standard deviations of ``v`` [N, M], as E[v²] - E[v]² (one pass each)."""
     mean = v.mean(axis=1)

@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -78,7 +79,11 @@ def load_model(folder: Path, *, device: str | torch.device = "cpu", verify: bool
         raise ArtifactError(f"{folder / CARD}: cannot build its {card.architecture}: {exc}") from exc
     try:
         state = load_file(str(folder / WEIGHTS), device=str(device))
+    except (OSError, SafetensorError) as exc:
+        raise ArtifactError(f"{folder / WEIGHTS}: not a safetensors file ({exc}); refusing to read it otherwise") \
+            from exc
+    try:
         model.load_state_dict(state, strict=True)
-    except (OSError, RuntimeError, ValueError) as exc:
+    except (RuntimeError, ValueError) as exc:
         raise ArtifactError(f"{folder / WEIGHTS}: weights do not fit a {card.architecture}: {exc}") from exc
     return model.to(device).eval(), card

@@ -1,0 +1,177 @@
+"""The served model: where it comes from, how it is loaded, and one forward pass over a batch of decoded images.
+
+A model is named by a path or a registry URI:
+
+- a model artifact folder (``train/...`` or one variant of ``optimize/...``: it holds ``model_card.json``);
+- a bench folder (``bench/...``): its ``candidate.json`` names the variant and the runtime to serve;
+- ``models:/<registered model>@<alias>``: the MLflow registry version behind the alias, downloaded into the workdir.
+
+Loading goes through ``signpost.runtime.load_predictor``, which checks every file against the manifest's hashes
+and unpickles nothing, then warms the model up on every batch size it will see, so the first request is not slow.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from signpost.artifacts import ArtifactError, read_manifest
+from signpost.config import SignpostConfig
+from signpost.data.stats import embedding_summary
+from signpost.models.artifact import CARD, ModelCard
+from signpost.runtime import FORMS, Predictor, load_predictor
+
+log = logging.getLogger(__name__)
+
+REGISTRY_SCHEME = "models:/"
+CANDIDATE = "candidate.json"  # written by the bench stage: the variant and runtime to deploy
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """A resolved model: the artifact folder, the runtime to load it with, and the version to report."""
+
+    folder: Path
+    runtime: str  # "auto" until loaded
+    version: str  # what responses and the prediction log call this model
+    bf16: bool = False
+    origin: str = ""  # what the user asked for (path or models:/ URI)
+
+
+@dataclass(frozen=True)
+class Outputs:
+    """What one forward pass gives for each image of its batch, row for row."""
+
+    top_ids: np.ndarray  # int64 [B, k], most probable class first
+    top_probs: np.ndarray  # float32 [B, k]
+    entropy: np.ndarray  # float32 [B], nats
+    embeddings: np.ndarray  # float32 [B, EMBEDDING_DIMS]
+
+    def rows(self, start: int, end: int) -> Outputs:
+        return Outputs(self.top_ids[start:end], self.top_probs[start:end], self.entropy[start:end],
+                       self.embeddings[start:end])
+
+
+@dataclass
+class ServedModel:
+    """A loaded, warmed-up model and what clients are told about it."""
+
+    source: ModelSource
+    predictor: Predictor
+    card: ModelCard
+    loaded_at: float = field(default_factory=time.time)
+    # uint8 -> normalized float in one fused op: (x - mean*255) / (std*255), shaped to broadcast over [B, 3, H, W].
+    _shift: torch.Tensor = field(init=False, repr=False)
+    _scale: torch.Tensor = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self._shift = torch.tensor(self.card.mean, dtype=torch.float32).view(1, 3, 1, 1) * 255.0
+        self._scale = 1.0 / (torch.tensor(self.card.std, dtype=torch.float32).view(1, 3, 1, 1) * 255.0)
+
+    @property
+    def version(self) -> str:
+        return self.source.version
+
+    def forward(self, images: np.ndarray, top_k: int = 5) -> Outputs:
+        """Top-k classes, entropy and embedding summaries for uint8 images ``[B, H, W, 3]`` (as decoding makes
+        them), all computed here on the whole batch, so the request handlers only pick their rows.
+
+        The batch is permuted to NCHW as a view: for a channels-last predictor that is already its memory layout,
+        so no copy is made.
+        """
+        x = torch.from_numpy(images).permute(0, 3, 1, 2)
+        if not self.predictor.channels_last:
+            x = x.contiguous()
+        x = (x.float() - self._shift) * self._scale
+        logits = self.predictor(x).float()
+        log_probs = torch.log_softmax(logits, dim=1)
+        entropy = -(log_probs.exp() * log_probs).sum(dim=1)
+        top = torch.topk(log_probs, min(top_k, logits.shape[1]), dim=1)
+        return Outputs(top.indices.numpy(), top.values.exp().numpy(), entropy.numpy(),
+                       embedding_summary(logits.numpy()))
+
+    def describe(self) -> dict[str, Any]:
+        """The model card and serving facts, for ``GET /v1/model``."""
+        card = self.card.model_dump(mode="json", exclude={"config"})
+        return {
+            "version": self.version,
+            "origin": self.source.origin,
+            "artifact": self.source.folder.name,
+            "runtime": self.predictor.runtime,
+            "form": self.predictor.form,
+            "loaded_at": self.loaded_at,
+            "card": card,
+        }
+
+
+def resolve(spec: str | Path, config: SignpostConfig, runtime: str = "auto") -> ModelSource:
+    """Turn a path or ``models:/name@alias`` into a model artifact folder and a runtime (see the module doc)."""
+    text = str(spec)
+    if text.startswith(REGISTRY_SCHEME):
+        return _from_registry(text, config, runtime)
+    folder = Path(text)
+    if (folder / CANDIDATE).is_file():
+        candidate = json.loads((folder / CANDIDATE).read_text(encoding="utf-8"))
+        variant = Path(candidate["folder"])
+        if not variant.is_absolute() and not variant.exists():
+            variant = config.workdir / "optimize" / variant.parent.name / variant.name
+        chosen = candidate["runtime"] if runtime == "auto" else runtime
+        return ModelSource(variant, chosen, _version(variant), bf16=candidate.get("math") == "bf16", origin=text)
+    if not (folder / CARD).is_file():
+        raise ArtifactError(
+            f"{folder}: not a model artifact (no {CARD}) nor a bench folder (no {CANDIDATE}); pass a folder from "
+            f"train/, optimize/<name>/<variant>/ or bench/, or {REGISTRY_SCHEME}<registered model>@<alias>"
+        )
+    return ModelSource(folder, runtime, _version(folder), origin=text)
+
+
+def load(source: ModelSource, *, threads: int | None, max_batch: int) -> ServedModel:
+    """Load and warm up ``source``: the files are hash-checked, and every batch-size regime runs once."""
+    runtime = source.runtime
+    if runtime == "auto":
+        # ONNX Runtime when the artifact has the file: on the bench it is the fastest runtime at batch 1 and
+        # starts in a second; otherwise the module itself.
+        runtime = "onnxruntime" if (source.folder / FORMS["onnx"]).is_file() else "eager"
+    started = time.perf_counter()
+    warm = tuple(sorted({1, min(2, max_batch), min(16, max_batch)}))
+    predictor = load_predictor(source.folder, runtime, bf16=source.bf16, threads=threads, warmup=warm)
+    model = ServedModel(source, predictor, predictor.card)
+    size = predictor.card.image_size
+    for batch in (1, max_batch):  # the first call of each runtime allocates its buffers: pay that now
+        model.forward(np.zeros((batch, size, size, 3), dtype=np.uint8))
+    log.info("loaded %s (%s, %s form) in %.1f s", source.version, runtime, predictor.form,
+             time.perf_counter() - started)
+    return model
+
+
+def _from_registry(uri: str, config: SignpostConfig, runtime: str) -> ModelSource:
+    from signpost.tracking import Registry
+
+    name, sep, alias = uri[len(REGISTRY_SCHEME):].partition("@")
+    if not sep or not name or not alias:
+        raise ValueError(f"{uri!r}: expected {REGISTRY_SCHEME}<registered model>@<alias>, e.g. "
+                         f"{REGISTRY_SCHEME}{config.tracking.registered_model}@champion")
+    if name != config.tracking.registered_model:
+        raise ValueError(f"{uri!r}: this config's registry holds {config.tracking.registered_model!r}, not {name!r}; "
+                         "pass the config the model was registered with")
+    registry = Registry(config.tracking, config.workdir)
+    version = registry.get(alias)
+    if version is None:
+        raise ArtifactError(f"{name} has no {alias!r} version in the registry at {registry.uri}")
+    folder = registry.download(alias, config.workdir / "serve" / "models")
+    return ModelSource(folder, runtime, f"{name}/{version.version}", origin=uri)
+
+
+def _version(folder: Path) -> str:
+    """A model artifact's version: its folder name (derived from the hash of its inputs), with the optimize run's
+    name in front for a variant (``demo-1a2b3c4d/int8``)."""
+    read_manifest(folder)  # a missing or unfinished folder is a clear error here, not a missing file later
+    folder = folder.resolve()
+    return f"{folder.parent.name}/{folder.name}" if folder.parent.parent.name == "optimize" else folder.name

@@ -1,0 +1,225 @@
+"""The prediction log: every prediction the server makes, written off the request path, for monitoring.
+
+Requests hand their records to ``PredictionLog.add``, which only appends to an in-memory queue. A writer thread
+takes up to ``batch_size`` records at a time (or whatever has arrived after ``interval_s``) and inserts them in one
+transaction. The store is any SQLAlchemy URL; the default is a SQLite file in WAL mode (readers, such as the
+monitor, never block the writer, and a crash loses at most the transaction in flight). ``close`` writes everything
+still queued before it returns: the server calls it on shutdown (SIGTERM, SIGINT), so a stopped server has logged
+every prediction it answered.
+
+One row per image; the image statistics and the embedding summary are plain float columns, so a monitor can read
+a million rows into numpy arrays without parsing anything.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import queue
+import threading
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from sqlalchemy import (
+    Column,
+    Float,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    create_engine,
+    event,
+    func,
+    insert,
+    select,
+)
+from sqlalchemy.engine import Engine
+
+from signpost.data.stats import EMBEDDING_DIMS, STAT_NAMES, image_stats
+
+log = logging.getLogger(__name__)
+
+EMBEDDING_COLUMNS = tuple(f"emb{i}" for i in range(EMBEDDING_DIMS))
+
+metadata = MetaData()
+predictions = Table(
+    "predictions",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("ts", Float, nullable=False, index=True, doc="Unix time of the answer, seconds"),
+    Column("request_id", String(36), nullable=False),
+    Column("model_version", String(200), nullable=False),
+    Column("class_id", Integer, nullable=False),
+    Column("class_name", String(200), nullable=False),
+    Column("confidence", Float, nullable=False),
+    Column("entropy", Float, nullable=False, doc="of the class distribution, nats"),
+    Column("top_k", Text, nullable=False, doc="JSON [[class_id, probability], ...]"),
+    Column("latency_ms", Float, nullable=False, doc="server-side, from body received to answer"),
+    Column("width", Integer, nullable=False, doc="of the uploaded image, pixels"),
+    Column("height", Integer, nullable=False),
+    *(Column(name, Float, nullable=False) for name in STAT_NAMES),
+    *(Column(name, Float, nullable=False) for name in EMBEDDING_COLUMNS),
+)
+
+
+def default_url(workdir: Path) -> str:
+    """The default store: ``workdir/serve/predictions.db``."""
+    path = (Path(workdir) / "serve" / "predictions.db").resolve()
+    return f"sqlite:///{path}"
+
+
+def make_engine(url: str) -> Engine:
+    """An engine for ``url``; SQLite files get WAL mode, and their folder is created."""
+    if url.startswith("sqlite:///") and len(url) > len("sqlite:///"):
+        Path(url[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+    engine = create_engine(url)
+    if engine.dialect.name == "sqlite":
+
+        @event.listens_for(engine, "connect")
+        def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+            cursor = dbapi_connection.cursor()
+            cursor.execute("PRAGMA journal_mode=WAL")  # readers do not block the writer; a crash keeps commits
+            cursor.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable across a process crash
+            cursor.execute("PRAGMA busy_timeout=5000")  # ms to wait for a monitor holding a lock
+            cursor.close()
+
+    metadata.create_all(engine)
+    return engine
+
+
+def count(url: str) -> int:
+    """Number of records in the log at ``url``."""
+    engine = make_engine(url)
+    try:
+        with engine.connect() as conn:
+            return int(conn.execute(select(func.count()).select_from(predictions)).scalar_one())
+    finally:
+        engine.dispose()
+
+
+class PredictionLog:
+    """Batched, off-request-path writes of prediction records (see the module doc)."""
+
+    def __init__(self, url: str, *, batch_size: int = 256, interval_s: float = 0.5, max_pending: int = 1_000_000):
+        self.url = url
+        self.batch_size = batch_size
+        self.interval_s = interval_s
+        self.max_pending = max_pending
+        self.written = 0
+        self.dropped = 0  # records refused because the writer fell max_pending behind (counted, never silent)
+        self.failed_writes = 0
+        self._engine = make_engine(url)
+        self._queue: queue.SimpleQueue[dict[str, Any] | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._write_loop, name="signpost-prediction-log", daemon=True)
+        self._closed = False
+        self._thread.start()
+
+    def add(self, record: Mapping[str, Any]) -> None:
+        """Queue one record; never blocks, never raises.
+
+        A record holds the table's columns, except that ``top_k`` may be a list, and the image statistics and
+        embedding columns come as ``image`` (uint8 [H, W, 3], the preprocessed pixels) and ``embedding`` (float
+        [EMBEDDING_DIMS]): the writer computes the statistics a batch at a time, off the request path.
+        """
+        if self._closed or self._queue.qsize() >= self.max_pending:
+            self.dropped += 1
+            return
+        self._queue.put(dict(record))
+
+    def pending(self) -> int:
+        return self._queue.qsize()
+
+    def close(self, timeout_s: float = 30.0) -> None:
+        """Write every queued record, then stop the writer. Safe to call twice."""
+        if self._closed:
+            return
+        self._closed = True
+        self._queue.put(None)
+        self._thread.join(timeout_s)
+        if self._thread.is_alive():
+            log.error("the prediction log writer did not finish in %.0f s; %d records unwritten",
+                      timeout_s, self._queue.qsize())
+        self._engine.dispose()
+        log.info("prediction log closed: %d written, %d dropped, %d failed writes", self.written, self.dropped,
+                 self.failed_writes)
+
+    def _write_loop(self) -> None:
+        stop = False
+        while not stop:
+            rows: list[dict[str, Any]] = []
+            first = self._queue.get()
+            if first is None:
+                stop = True
+            else:
+                rows.append(first)
+            deadline = time.monotonic() + self.interval_s
+            while not stop and len(rows) < self.batch_size:
+                try:
+                    item = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
+                except queue.Empty:
+                    break
+                if item is None:
+                    stop = True
+                else:
+                    rows.append(item)
+            if stop:  # drain whatever arrived before close()
+                while True:
+                    try:
+                        item = self._queue.get_nowait()
+                    except queue.Empty:
+                        break
+                    if item is not None:
+                        rows.append(item)
+            for start in range(0, len(rows), self.batch_size):
+                self._write(rows[start : start + self.batch_size])
+
+    def _write(self, rows: list[dict[str, Any]]) -> None:
+        if not rows:
+            return
+        try:
+            rows = _columns(rows)
+        except Exception:  # a malformed record must not stop the writer: count the batch as lost, loudly
+            log.exception("%d prediction records could not be prepared for writing", len(rows))
+            self.failed_writes += len(rows)
+            return
+        for attempt in range(3):
+            try:
+                with self._engine.begin() as conn:
+                    conn.execute(insert(predictions), rows)
+                self.written += len(rows)
+                return
+            except Exception as exc:  # a locked or unreachable store: retry, then count the loss loudly
+                log.warning("writing %d prediction records failed (attempt %d): %s", len(rows), attempt + 1, exc)
+                time.sleep(0.2 * (attempt + 1))
+        self.failed_writes += len(rows)
+        log.error("dropped %d prediction records after 3 failed writes to %s", len(rows), self.url)
+
+
+def _columns(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Records as table rows: ``top_k`` as JSON, ``image`` -> the statistics columns (one vectorized call for the
+    whole batch), ``embedding`` -> emb0.., non-finite floats -> 0 (SQL has no NaN everywhere)."""
+    with_images = [i for i, row in enumerate(rows) if "image" in row]
+    if with_images:
+        stats = image_stats(np.stack([rows[i]["image"] for i in with_images]).transpose(0, 3, 1, 2))
+        stats = np.nan_to_num(stats, nan=0.0, posinf=0.0, neginf=0.0)
+        for i, values in zip(with_images, stats.tolist(), strict=True):
+            rows[i].update(zip(STAT_NAMES, values, strict=True))
+    out = []
+    for row in rows:
+        row.pop("image", None)
+        embedding = row.pop("embedding", None)
+        if embedding is not None:
+            values = np.nan_to_num(np.asarray(embedding, dtype=np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+            row.update(zip(EMBEDDING_COLUMNS, values.tolist(), strict=True))
+        if not isinstance(row.get("top_k"), str):
+            row["top_k"] = json.dumps(row.get("top_k", []))
+        for key in ("confidence", "entropy", "latency_ms"):
+            if not math.isfinite(row[key]):
+                row[key] = 0.0
+        out.append(row)
+    return out

@@ -1,0 +1,286 @@
+"""The service through its HTTP interface: predictions, health, metrics, access, reloads, and every bad input."""
+
+from __future__ import annotations
+
+import io
+import json
+import pickle
+import shutil
+import struct
+import time
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from signpost.artifacts import write_manifest
+from signpost.data.cache import load_split
+from signpost.models.artifact import CARD, WEIGHTS, load_model
+from tests.serve.conftest import image_bytes
+
+
+def _test_images(optimized: dict, n: int) -> tuple[list[bytes], np.ndarray]:
+    """``n`` test-split images as PNG files, and their labels."""
+    split = load_split(optimized["data_dir"] / "test.safetensors")
+    blobs = []
+    for image in split.images[:n].numpy():
+        buffer = io.BytesIO()
+        Image.fromarray(image.transpose(1, 2, 0)).save(buffer, "PNG")
+        blobs.append(buffer.getvalue())
+    return blobs, split.labels[:n].numpy()
+
+
+def test_predict_answers_what_the_model_says(make_client, optimized: dict) -> None:
+    client = make_client()
+    blobs, _ = _test_images(optimized, 4)
+    model, card = load_model(optimized["model_dir"])
+    split = load_split(optimized["data_dir"] / "test.safetensors")
+    mean = torch.tensor(card.mean).view(1, 3, 1, 1)
+    std = torch.tensor(card.std).view(1, 3, 1, 1)
+    with torch.no_grad():
+        expected = torch.softmax(model((split.images[:4].float() / 255 - mean) / std), 1)
+
+    for i, blob in enumerate(blobs):
+        answer = client.post("/v1/predict", content=blob, headers={"Content-Type": "image/png"})
+        assert answer.status_code == 200, answer.text
+        body = answer.json()
+        assert body["class_id"] == int(expected[i].argmax())
+        assert body["class_name"] == card.class_names[body["class_id"]]
+        assert body["confidence"] == pytest.approx(float(expected[i].max()), abs=1e-4)
+        confidences = [s["confidence"] for s in body["top_k"]]
+        assert confidences == sorted(confidences, reverse=True) and len(confidences) == 5
+        assert body["top_k"][0]["class_id"] == body["class_id"]
+        assert body["model_version"] == optimized["model_dir"].name
+        assert body["latency_ms"] > 0 and body["request_id"]
+
+
+def test_batch_answers_each_image_in_order(make_client, optimized: dict) -> None:
+    client = make_client()
+    blobs, _ = _test_images(optimized, 6)
+    singles = [client.post("/v1/predict", content=b, headers={"Content-Type": "image/png"}).json()["class_id"]
+               for b in blobs]
+    files = [("images", (f"{i}.png", b, "image/png")) for i, b in enumerate(blobs)]
+    answer = client.post("/v1/predict/batch", files=files)
+    assert answer.status_code == 200, answer.text
+    assert [p["class_id"] for p in answer.json()["predictions"]] == singles
+    one = client.post("/v1/predict", files=[("file", ("a.png", blobs[0], "image/png"))])
+    assert one.status_code == 200 and one.json()["class_id"] == singles[0]
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG", "BMP", "PPM", "WEBP", "GIF", "TIFF"])
+def test_every_accepted_format_is_classified(make_client, fmt: str) -> None:
+    client = make_client()
+    answer = client.post("/v1/predict", content=image_bytes(fmt), headers={"Content-Type": "application/octet-stream"})
+    assert answer.status_code == 200, answer.text
+
+
+def _png_declaring(width: int, height: int) -> bytes:
+    """A PNG whose header declares ``width`` x ``height`` (a decompression bomb's signature), with a tiny body."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(
+        b"IEND", b"")
+
+
+def _flipped(data: bytes) -> bytes:
+    """``data`` with bytes in the middle inverted: a valid header over a broken body."""
+    middle = len(data) // 2
+    return data[:middle] + bytes(255 - b for b in data[middle : middle + 64]) + data[middle + 64 :]
+
+
+def _ico() -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (32, 32), (200, 0, 0)).save(buffer, "ICO")
+    return buffer.getvalue()
+
+
+BAD_INPUTS = {
+    # name: (body, content type, status, error code)
+    "empty body": (b"", "image/png", 400, "empty_body"),
+    "not an image": (b"hello, this is text and not a picture", "image/png", 400, "not_an_image"),
+    "truncated image": (image_bytes("PNG", (64, 64))[:300], "image/png", 400, "corrupt_image"),
+    "corrupt image": (_flipped(image_bytes("PNG", (64, 64))), "image/png", 400, "corrupt_image"),
+    "unsupported format": (_ico(), "image/x-icon", 415, "unsupported_image"),
+    "decompression bomb": (_png_declaring(100_000, 100_000), "image/png", 413, "image_too_large"),
+    "over the size limit": (b"\0" * (200 * 1024), "image/png", 413, "payload_too_large"),
+    "wrong content type": (image_bytes(), "application/json", 415, "unsupported_media_type"),
+    "no content type": (image_bytes(), "", 415, "unsupported_media_type"),
+    "malformed multipart": (b"--x\r\nnot a part", "multipart/form-data; boundary=x", 400, None),
+}
+
+
+@pytest.mark.parametrize("name", list(BAD_INPUTS))
+def test_bad_input_is_a_named_4xx_and_the_service_keeps_serving(make_client, name: str) -> None:
+    client = make_client(None, "serve.max_upload_bytes=102400")
+    body, kind, status, code = BAD_INPUTS[name]
+    headers = {"Content-Type": kind} if kind else {}
+    answer = client.post("/v1/predict", content=body, headers=headers)
+    assert answer.status_code == status, answer.text
+    error = answer.json()["error"]
+    assert error["message"] and "Traceback" not in answer.text
+    if code:
+        assert error["code"] == code
+    good = client.post("/v1/predict", content=image_bytes(), headers={"Content-Type": "image/png"})
+    assert good.status_code == 200
+
+
+def test_batches_over_the_limit_and_bad_images_in_a_batch_are_4xx(make_client) -> None:
+    client = make_client(None, "serve.max_batch_images=2")
+    files = [("f", (f"{i}.png", image_bytes(seed=i), "image/png")) for i in range(3)]
+    answer = client.post("/v1/predict/batch", files=files)
+    assert answer.status_code == 413 and answer.json()["error"]["code"] == "too_many_images"
+    files = [("f", ("good.png", image_bytes(), "image/png")), ("f", ("bad.png", b"junk", "image/png"))]
+    answer = client.post("/v1/predict/batch", files=files)
+    assert answer.status_code == 400 and "image 1" in answer.json()["error"]["message"]
+    answer = client.post("/v1/predict/batch", content=image_bytes(), headers={"Content-Type": "image/png"})
+    assert answer.status_code == 415
+    two = [("f", ("a.png", image_bytes(), "image/png")), ("g", ("b.png", image_bytes(seed=1), "image/png"))]
+    assert client.post("/v1/predict", files=two).json()["error"]["code"] == "one_image_expected"
+    assert client.get("/v1/predict").status_code == 405
+    assert client.get("/nowhere").json()["error"]["code"] == "not_found"
+
+
+def test_health_readiness_model_card_metrics_and_docs(make_client, optimized: dict) -> None:
+    client = make_client()
+    assert client.get("/healthz").json() == {"status": "ok"}
+    ready = client.get("/readyz").json()
+    assert ready["ready"] and ready["model_version"] == optimized["model_dir"].name
+    info = client.get("/v1/model").json()
+    assert info["card"]["num_classes"] == 6 and info["runtime"] == "eager" and "config" not in info["card"]
+    for _ in range(3):
+        client.post("/v1/predict", content=image_bytes(), headers={"Content-Type": "image/png"})
+    client.post("/v1/predict", content=b"junk", headers={"Content-Type": "image/png"})
+    metrics = client.get("/metrics").text
+    assert 'signpost_requests_total{method="POST",route="/v1/predict",status="200"} 3.0' in metrics
+    assert 'signpost_requests_total{method="POST",route="/v1/predict",status="400"} 1.0' in metrics
+    assert "signpost_request_duration_seconds_bucket" in metrics and "signpost_batch_size_count" in metrics
+    assert f'signpost_model_info{{model_version="{optimized["model_dir"].name}",runtime="eager"}} 1.0' in metrics
+    assert "signpost_queue_depth" in metrics
+    paths = client.get("/openapi.json").json()["paths"]
+    assert {"/v1/predict", "/v1/predict/batch", "/healthz", "/readyz", "/v1/model"} <= set(paths)
+    assert client.get("/docs").status_code == 200
+
+
+def test_an_optimized_variant_is_served_on_onnxruntime_by_default(make_client, optimized: dict) -> None:
+    client = make_client(optimized["result"].path / "pruned")
+    info = client.get("/v1/model").json()
+    assert info["runtime"] == "onnxruntime" and info["version"].endswith("/pruned")
+    assert client.post("/v1/predict", content=image_bytes(), headers={"Content-Type": "image/png"}).status_code == 200
+    int8 = make_client(optimized["result"].path / "int8")
+    assert int8.get("/v1/model").json()["form"] == "program"
+    assert int8.post("/v1/predict", content=image_bytes(), headers={"Content-Type": "image/png"}).status_code == 200
+
+
+def test_a_tampered_model_is_refused_and_not_ready(make_client, optimized: dict, tmp_path: Path) -> None:
+    folder = Path(shutil.copytree(optimized["model_dir"], tmp_path / "tampered"))
+    with open(folder / WEIGHTS, "r+b") as fh:
+        fh.seek(-4, 2)
+        fh.write(b"\1\2\3\4")
+    client = make_client(folder, ready=False)
+    for _ in range(200):
+        ready = client.get("/readyz")
+        if "does not match its manifest" in ready.json()["detail"]:
+            break
+        client.get("/healthz")
+    assert ready.status_code == 503 and "does not match its manifest" in ready.json()["detail"]
+    answer = client.post("/v1/predict", content=image_bytes(), headers={"Content-Type": "image/png"})
+    assert answer.status_code == 503 and answer.json()["error"]["code"] == "not_ready"
+    assert client.get("/healthz").status_code == 200
+
+
+class _Payload:
+    """Unpickling this would create a file: the proof that something was unpickled."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self) -> tuple:
+        return (Path.touch, (self.path,))
+
+
+def test_a_pickled_model_is_never_unpickled(make_client, optimized: dict, tmp_path: Path) -> None:
+    folder = tmp_path / "pickled"
+    folder.mkdir()
+    marker = tmp_path / "unpickled"
+    (folder / WEIGHTS).write_bytes(pickle.dumps({"weight": _Payload(marker)}))
+    shutil.copy(optimized["model_dir"] / CARD, folder / CARD)
+    write_manifest(folder, stage="train", key="forged", inputs={}, config={}, code="x")  # a forger rehashes too
+    client = make_client(folder, ready=False)
+    for _ in range(200):
+        detail = client.get("/readyz").json()["detail"]
+        if detail != "loading the model":
+            break
+    assert "not a safetensors file" in detail, detail
+    assert not marker.exists()
+
+
+def test_api_key_guards_prediction_routes_only(make_client) -> None:
+    client = make_client(None, api_key="s3cret-key")
+    image = image_bytes()
+    png = {"Content-Type": "image/png"}
+    assert client.post("/v1/predict", content=image, headers=png).status_code == 401
+    wrong = client.post("/v1/predict", content=image, headers=png | {"X-API-Key": "s3cret-kez"})
+    assert wrong.status_code == 401 and wrong.json()["error"]["code"] == "unauthorized"
+    assert client.post("/v1/predict", content=image, headers=png | {"X-API-Key": "s3cret-key"}).status_code == 200
+    bearer = png | {"Authorization": "Bearer s3cret-key"}
+    assert client.post("/v1/predict", content=image, headers=bearer).status_code == 200
+    assert client.get("/healthz").status_code == 200 and client.get("/readyz").status_code == 200
+
+
+def test_admin_reload_switches_models_without_a_restart(make_client, optimized: dict) -> None:
+    client = make_client(None, admin_key="admin-key")
+    before = client.get("/v1/model").json()["version"]
+    pruned = str(optimized["result"].path / "pruned")
+    assert client.post("/v1/admin/reload", json={"model": pruned}).status_code == 401
+    answer = client.post("/v1/admin/reload", json={"model": pruned, "runtime": "eager"},
+                         headers={"X-Admin-Key": "admin-key"})
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["previous_version"] == before
+    assert client.get("/v1/model").json()["version"].endswith("/pruned")
+    bad = client.post("/v1/admin/reload", json={"model": "/no/such/model"}, headers={"X-Admin-Key": "admin-key"})
+    assert bad.status_code == 400 and "still serving" in bad.json()["error"]["message"]
+    assert client.get("/v1/model").json()["version"].endswith("/pruned")
+    both = client.post("/v1/admin/reload", json={"model": pruned, "alias": "champion"},
+                       headers={"X-Admin-Key": "admin-key"})
+    assert both.status_code == 400
+    assert client.post("/v1/predict", content=image_bytes(), headers={"Content-Type": "image/png"}).status_code == 200
+    no_admin = make_client()
+    assert no_admin.post("/v1/admin/reload", json={"model": pruned}).status_code == 403
+
+
+def test_a_slow_forward_pass_times_out_with_504_and_the_server_recovers(make_client) -> None:
+    client = make_client(None, "serve.request_timeout_s=0.2")
+    state = client.app.state.signpost
+    model = state.model
+    original = model.predictor.forward
+
+    def slow(x: torch.Tensor) -> torch.Tensor:
+        time.sleep(0.5)
+        return original(x)
+
+    model.predictor.forward = slow
+    answer = client.post("/v1/predict", content=image_bytes(), headers={"Content-Type": "image/png"})
+    assert answer.status_code == 504 and answer.json()["error"]["code"] == "timeout"
+    model.predictor.forward = original
+    time.sleep(0.6)  # the slow batch still holds the worker until it ends; then the next request is answered
+    assert client.post("/v1/predict", content=image_bytes(), headers={"Content-Type": "image/png"}).status_code == 200
+
+
+def test_model_uris_and_folders_are_checked_up_front(optimized: dict, tmp_path: Path) -> None:
+    from signpost.serve.model import resolve
+
+    config = optimized["config"]
+    with pytest.raises(Exception, match="not a model artifact"):
+        resolve(tmp_path, config)
+    with pytest.raises(ValueError, match="expected models:/"):
+        resolve("models:/no-alias", config)
+    with pytest.raises(ValueError, match="holds"):
+        resolve("models:/other-model@champion", config)
+    card = json.loads((optimized["model_dir"] / CARD).read_text())
+    assert resolve(optimized["model_dir"], config).version == optimized["model_dir"].name
+    assert card["num_classes"] == 6
