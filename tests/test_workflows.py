@@ -148,7 +148,7 @@ def test_mlops_pipeline_is_prepare_train_evaluate_passing_artifacts() -> None:
     assert workflow["env"]["CONFIG"] == "${{ inputs.config || 'configs/demo.yaml' }}"
 
     jobs = workflow["jobs"]
-    assert list(jobs) == ["prepare", "train", "evaluate", "optimize", "bench", "compare"]
+    assert list(jobs) == ["prepare", "train", "evaluate", "optimize", "bench", "compare", "package"]
     assert "needs" not in jobs["prepare"] and jobs["train"]["needs"] == "prepare"
     assert set(jobs["evaluate"]["needs"]) == {"prepare", "train"}
     for name, job in jobs.items():
@@ -210,3 +210,23 @@ def test_mlops_optimizes_and_benchmarks_on_both_architectures_then_compares() ->
     script = "\n".join(_scripts(jobs["compare"]))
     assert "signpost bench --compare" in script and '>> "$GITHUB_STEP_SUMMARY"' in script
     assert any('>> "$GITHUB_STEP_SUMMARY"' in s for s in _scripts(jobs["bench"]))
+
+
+def test_mlops_packages_the_candidate_after_the_gate_and_pushes_a_multi_arch_image() -> None:
+    workflow = _workflow("mlops.yml")
+    job = workflow["jobs"]["package"]
+    assert set(job["needs"]) == {"evaluate", "bench"}, "only a model past the gate, with its bench candidate"
+    assert job["permissions"] == {"contents": "read", "packages": "write"}
+    assert workflow["permissions"] == {"contents": "read"}, "only the package job may write packages"
+    _setup_python(job)
+    _installs_cpu_torch_first(job, then="pip install --quiet -c constraints.txt -e .")
+    scripts = "\n".join(_scripts(job))
+    assert 'signpost package --config "$CONFIG"' in scripts and "ghcr.io/" in scripts and ".lower()" in scripts
+    downloads = {s["with"]["name"] for s in _uses(job, "actions/download-artifact@v4")}
+    assert downloads == {"optimized-ubuntu-24.04", "bench-ubuntu-24.04"}
+    assert _uses(job, "docker/setup-qemu-action@v3") and _uses(job, "docker/setup-buildx-action@v3")
+    logins = _uses(job, "docker/login-action@v3")
+    assert [login["with"].get("registry") for login in logins] == ["ghcr.io", None]  # GHCR, then Docker Hub
+    assert "DOCKERHUB_USERNAME" in logins[1]["if"]
+    (build,) = _uses(job, "docker/build-push-action@v6")
+    assert build["with"]["push"] is True and "steps.context.outputs" in build["with"]["context"]

@@ -203,6 +203,7 @@ class ServeConfig(StrictModel):
 class PackageConfig(StrictModel):
     """The container image: its build context, base, platforms and where it is pushed."""
 
+    enabled: bool = Field(True, description="false: `signpost run` writes no build context")
     base_image: str = Field("python:3.11-slim-bookworm", description="a Python 3.11 base (the Dockerfile's BASE_IMAGE)")
     torch_index_url: str = Field(
         "https://download.pytorch.org/whl/cpu", description="where the image's pip finds CPU-only PyTorch wheels"

@@ -53,8 +53,9 @@ def test_run_registers_promotes_and_rolls_back(
     # Unchanged inputs: every stage is skipped, nothing new is registered.
     assert main(["run", *_args(synthetic_root, tmp_path, *LAX)]) == 0
     out = capsys.readouterr().out
-    assert out.count("skipped (") == 4 and "registered" not in out
+    assert out.count("skipped (") == 5 and "registered" not in out
     assert "optimize: skipped (not run: optimize.enabled is false)" in out
+    assert "package: skipped (model, runtime, package and serve settings and code unchanged)" in out
 
     assert main(["promote", *_args(synthetic_root, tmp_path)]) == 0
     assert "v1 is now the champion" in capsys.readouterr().out
@@ -86,6 +87,7 @@ def test_a_failing_gate_exits_3_and_registers_nothing(
     assert code == EXIT_GATE
     assert "gate: FAILED" in out and "evaluate.min_accuracy" in out
     assert "optimize: skipped (not run: the model failed the gate)" in out
+    assert "package: skipped (not run: the model failed the gate)" in out
     assert not (tmp_path / "mlflow.db").exists()
 
 
@@ -101,7 +103,10 @@ def test_the_report_renders_in_headless_chromium(
 ) -> None:
     assert main(["run", *_args(synthetic_root, tmp_path, *LAX, *SMALL_OPTIMIZE, "tracking.backend=none")]) == 0
     out = capsys.readouterr().out
-    assert "optimize: ran" in out and "bench: ran" in out and "deployable: " in out
+    assert "optimize: ran" in out and "bench: ran" in out and "deployable: " in out and "package: ran" in out
+    (context,) = (tmp_path / "package").glob("*/context")
+    candidate = json.loads(next((tmp_path / "bench").glob("*/candidate.json")).read_text())
+    assert f"/{candidate['variant']}" in (context / "Dockerfile").read_text()  # the deployable choice is packaged
     (report,) = (tmp_path / "runs").glob("*/report.html")
     html = report.read_text()
     assert "<h2>Optimized variants</h2>" in html and "<h2>Benchmark</h2>" in html and "Deployable choice" in html
@@ -111,6 +116,7 @@ def test_the_report_renders_in_headless_chromium(
     out = capsys.readouterr().out
     assert "optimize: skipped (model, data, optimize and train settings and code unchanged)" in out
     assert "bench: skipped (variants, test data, bench settings, machine and code unchanged)" in out
+    assert "package: skipped" in out
     browser = [_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                "--disable-background-networking", "--disable-component-update", "--disable-sync",
                f"--user-data-dir={tmp_path / 'profile'}"]

@@ -2,7 +2,8 @@
 
 Stages meet only at artifacts; this module calls them in order, decides what a passing model becomes in the
 registry, and reports why each stage ran or was skipped. A model that fails the gate goes no further: it is not
-optimized or benchmarked. Later stages (package) join the chain as they land.
+optimized, benchmarked or packaged. The package stage packages the bench's deployable candidate (or the trained
+model when there is no bench) and builds the image only when ``package.build`` is set.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from signpost.report.html import write_run_report
 from signpost.stages.bench import bench
 from signpost.stages.evaluate import EvaluateResult, evaluate
 from signpost.stages.optimize import optimize
+from signpost.stages.package import build_image, package
 from signpost.stages.prepare import prepare
 from signpost.stages.train import train
 from signpost.tracking import CHALLENGER, CHAMPION, ModelVersion, Registry, run_factory
@@ -47,7 +49,7 @@ class RunResult:
 
 def run_pipeline(config: SignpostConfig, *, progress: bool = True) -> RunResult:
     """Run every stage for ``config`` in order: prepare → train → evaluate (and register a passing model) →
-    optimize → bench."""
+    optimize → bench → package."""
     data = prepare(config, progress=progress)
     model = train(config, data_dir=data.path, progress=progress, tracking=run_factory(config))
     evaluation, registered = evaluate_and_register(config, model_dir=model.path, data_dir=data.path, progress=progress)
@@ -74,6 +76,17 @@ def run_pipeline(config: SignpostConfig, *, progress: bool = True) -> RunResult:
             bench_dir, candidate = measured.path, measured.candidate
             outcomes.append(StageOutcome("bench", measured.path, measured.reused, _why(
                 measured.reused, "variants, test data, bench settings, machine and code")))
+    if not evaluation.passed:
+        outcomes.append(StageOutcome("package", evaluation.path, True, "not run: the model failed the gate"))
+    elif not config.package.enabled:
+        outcomes.append(StageOutcome("package", model.path, True, "not run: package.enabled is false"))
+    else:
+        source = bench_dir if candidate else model.path  # the deployable variant and its runtime, when measured
+        packaged = package(config, model=str(source))
+        outcomes.append(StageOutcome("package", packaged.path, packaged.reused, _why(
+            packaged.reused, "model, runtime, package and serve settings and code")))
+        if config.package.build:
+            build_image(packaged, config)
     # Each run gets a folder of its own: the resolved config it ran with and its report.
     run_dir = config.workdir / "runs" / f"{dt.datetime.now():%Y%m%d-%H%M%S}-{config.name}"
     run_dir.mkdir(parents=True, exist_ok=True)
