@@ -174,6 +174,12 @@ def test_an_optimized_variant_is_served_on_onnxruntime_by_default(make_client, o
     int8 = make_client(optimized["result"].path / "int8")
     assert int8.get("/v1/model").json()["form"] == "program"
     assert int8.post("/v1/predict", content=image_bytes(), headers={"Content-Type": "image/png"}).status_code == 200
+    aoti = make_client(optimized["result"].path / "pruned", runtime="aoti")
+    assert aoti.get("/v1/model").json()["runtime"] == "aoti"
+    same = [c.post("/v1/predict", content=image_bytes(seed=3), headers={"Content-Type": "image/png"}).json()
+            for c in (client, aoti)]
+    assert same[0]["class_id"] == same[1]["class_id"]
+    assert same[0]["confidence"] == pytest.approx(same[1]["confidence"], abs=1e-3)
 
 
 def test_a_tampered_model_is_refused_and_not_ready(make_client, optimized: dict, tmp_path: Path) -> None:
@@ -284,3 +290,26 @@ def test_model_uris_and_folders_are_checked_up_front(optimized: dict, tmp_path: 
     card = json.loads((optimized["model_dir"] / CARD).read_text())
     assert resolve(optimized["model_dir"], config).version == optimized["model_dir"].name
     assert card["num_classes"] == 6
+
+
+def test_serving_and_reloading_by_registry_alias(make_client, optimized: dict, tmp_path: Path) -> None:
+    from signpost.tracking import CHAMPION, Registry, start_run
+
+    work = tmp_path / "work0"  # make_client's first workdir: the registry lives there
+    config = optimized["config"].model_copy(deep=True)
+    config.workdir = work
+    config.tracking.backend = "mlflow"
+    registry = Registry(config.tracking, work)
+    for folder, alias in ((optimized["model_dir"], CHAMPION), (optimized["result"].path / "pruned", "challenger")):
+        with start_run(config.tracking, workdir=work, experiment="t", run_name=folder.name,
+                       system_metrics=False) as run:
+            registry.register(run, folder, alias=alias)
+    client = make_client(f"models:/{config.tracking.registered_model}@{CHAMPION}", "tracking.backend=mlflow",
+                         admin_key="k")
+    assert client.get("/v1/model").json()["version"] == f"{config.tracking.registered_model}/1"
+    answer = client.post("/v1/admin/reload", json={"alias": "challenger"}, headers={"X-Admin-Key": "k"})
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["model_version"] == f"{config.tracking.registered_model}/2"
+    assert client.post("/v1/predict", content=image_bytes(), headers={"Content-Type": "image/png"}).status_code == 200
+    missing = client.post("/v1/admin/reload", json={"alias": "nope"}, headers={"X-Admin-Key": "k"})
+    assert missing.status_code == 400 and "no 'nope' version" in missing.json()["error"]["message"]
