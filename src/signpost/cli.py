@@ -28,6 +28,7 @@ EXIT_FAILURE = 1
 EXIT_USAGE = 2
 EXIT_GATE = 3  # the model was evaluated and failed the gate
 EXIT_REGRESSION = 4  # bench --compare found B slower than A beyond the threshold
+EXIT_DRIFT = 5  # monitor: the window drifted; retraining is needed
 EXIT_INTERRUPTED = 130
 
 
@@ -134,6 +135,18 @@ def _build_parser() -> argparse.ArgumentParser:
                          help="a Dockerfile build argument, e.g. BASE_IMAGE=localhost/python:3.11 (repeatable)")
     package.add_argument("--volume", action="append", default=[], metavar="SRC:DST[:ro]",
                          help="mount a host folder into the build's RUN steps (buildah/podman; repeatable)")
+
+    monitor = _stage_parser(sub, "monitor", "check the prediction log for drift and latency; alert; exit 5 when "
+                            "retraining is needed", _monitor)
+    window = monitor.add_mutually_exclusive_group()
+    window.add_argument("--last", type=int, metavar="N", help="the newest N predictions (default monitor.window)")
+    window.add_argument("--since", metavar="DURATION", help="predictions of the last 30m, 2h, 1d, ...")
+    monitor.add_argument("--log", metavar="URL", help="prediction log SQLAlchemy URL (default: serve.prediction_log, "
+                         "else the workdir's SQLite file)")
+    monitor.add_argument("--data", type=Path, help="prepared data for the reference (default: the newest)")
+    monitor.add_argument("--evaluation", type=Path, help="evaluation for the confidence reference (default: newest)")
+    monitor.add_argument("--model", type=Path, help="model for the embedding reference (default: the newest trained)")
+    monitor.add_argument("--no-alerts", action="store_true", help="report only; send no alerts")
 
     _stage_parser(sub, "promote", "move the registry's champion alias to the challenger", _promote)
     _stage_parser(sub, "rollback", "move the champion alias back to the previous champion", _rollback)
@@ -365,6 +378,41 @@ def _package(args: argparse.Namespace) -> int:
         print(f"  build it: docker buildx build --platform {','.join(image['platforms'])} -t "
               f"{image['name']}:{image['tags'][0]} {result.context}   (or signpost package --build)")
     return 0
+
+
+def _monitor(args: argparse.Namespace) -> int:
+    from signpost.stages.monitor import monitor, since_seconds
+
+    config = _config(args)
+    result = monitor(
+        config, data_dir=args.data or _newest(config, "data", "signpost prepare"), log_url=args.log,
+        last=args.last, since=since_seconds(args.since) if args.since else None,
+        evaluation_dir=args.evaluation or latest_artifact(config.workdir, "evaluate", config.name),
+        model_dir=args.model or latest_artifact(config.workdir, "train", config.name), alerts=not args.no_alerts,
+    )
+    r = result.result
+    verdict = r["verdict"]
+    print(f"monitor: {r['window']['rows']:,} predictions -> {result.path / 'report.html'}")
+    if not verdict.get("enough_data"):
+        print(f"  {verdict['note']}")
+        return 0
+    p, i, h = r["prediction_drift"], r["input_drift"], r["health"]
+    print(f"  predictions: class PSI {p['class_psi']:.3f}, JS {p['class_js']:.3f}, mean confidence "
+          f"{p['mean_confidence']:.3f}{' — DRIFT' if p['drifted'] else ''}")
+    drifted = [name for name, f in i["features"].items() if f["drifted"]]
+    listed = f": {', '.join(drifted)}" if drifted else ""
+    print(f"  inputs: {len(drifted)} of {len(i['features'])} statistics drifted{listed}"
+          f"{' — DRIFT' if i['drifted'] else ''}")
+    embedding = r["embedding_drift"]
+    print(f"  embeddings: {'DRIFT' if embedding['drifted'] else embedding.get('note', 'stable')}")
+    print(f"  latency p99 {h['latency_p99_ms']:.1f} ms (SLO {h['slo_ms']:.0f} ms)"
+          f"{' — BREACHED' if h['breached'] else ''}")
+    for alert in r.get("alerts", []):
+        outcome = "sent" if alert["ok"] else alert["error"]
+        print(f"  alert {alert['status']} {alert['incident']} -> {alert['sink']}: {outcome}")
+    reasons = ", ".join(verdict["reasons"])
+    print(f"  verdict: {f'retrain ({reasons})' if verdict['retrain'] else 'no retraining needed'}")
+    return EXIT_DRIFT if verdict["retrain"] else 0
 
 
 def _promote(args: argparse.Namespace) -> int:

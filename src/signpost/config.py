@@ -213,6 +213,43 @@ class PackageConfig(StrictModel):
     build: bool = Field(False, description="`signpost run`: also build the image (docker buildx, buildah or podman)")
 
 
+class AlertSinkConfig(StrictModel):
+    """Where an alert goes. Secrets never live in the config: it names the environment variables that hold them."""
+
+    kind: Literal["log", "webhook", "slack", "github"]
+    url: str | None = Field(None, description="webhook / slack: the URL to POST to")
+    secret_env: str = Field("SIGNPOST_WEBHOOK_SECRET", description="webhook: variable holding the HMAC-SHA256 key")
+    repository: str | None = Field(None, pattern=r"^[\w.-]+/[\w.-]+$", description="github: owner/name")
+    token_env: str = Field("GITHUB_TOKEN", description="github: variable holding the token")
+    api_url: str = Field("https://api.github.com", description="github: the REST API root")
+
+    @model_validator(mode="after")
+    def _complete(self) -> AlertSinkConfig:
+        if self.kind in ("webhook", "slack") and not self.url:
+            raise ValueError(f"a {self.kind} alert sink needs a url")
+        if self.kind == "github" and not self.repository:
+            raise ValueError("a github alert sink needs a repository (owner/name)")
+        return self
+
+
+class MonitorConfig(StrictModel):
+    """What `signpost monitor` compares, and when a difference is drift. Defaults follow Evidently's."""
+
+    window: int = Field(5000, ge=1, description="the newest N predictions (unless --since is given)")
+    min_window: int = Field(200, ge=1, description="fewer predictions than this: no verdict")
+    psi_threshold: float = Field(0.1, gt=0.0, description="population stability index at which a feature drifts")
+    js_threshold: float = Field(0.1, gt=0.0, description="Jensen-Shannon distance of the class distribution")
+    ks_max_window: int = Field(1000, ge=1, description="up to this many values: KS test; above: normed Wasserstein")
+    ks_p_value: float = Field(0.05, gt=0.0, lt=1.0)
+    wasserstein_threshold: float = Field(0.1, gt=0.0, description="Wasserstein distance / reference std")
+    drift_share: float = Field(0.5, gt=0.0, le=1.0, description="input drift when this share of features drift")
+    confidence_shift: float = Field(0.1, gt=0.0, description="largest change of the mean confidence")
+    latency_p99_ms: float = Field(50.0, gt=0.0, description="the service-level objective for p99 latency")
+    accuracy_drop: float = Field(0.05, gt=0.0, le=1.0, description="live accuracy this far under the evaluation's")
+    cooldown_minutes: float = Field(60.0, ge=0.0, description="one alert per incident and sink within this time")
+    alerts: list[AlertSinkConfig] = Field(default_factory=lambda: [AlertSinkConfig(kind="log")])
+
+
 class TrackingConfig(StrictModel):
     """Experiment tracking and the model registry."""
 
@@ -237,6 +274,7 @@ class SignpostConfig(StrictModel):
     bench: BenchConfig = Field(default_factory=BenchConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
     package: PackageConfig = Field(default_factory=PackageConfig)
+    monitor: MonitorConfig = Field(default_factory=MonitorConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
 

@@ -212,3 +212,36 @@ def bench_chart_png(rows: Sequence[Mapping[str, Any]], batch: int, path: Path) -
         right.legend(fontsize=8)
     right.grid(True, which="both", alpha=0.3)
     fig.savefig(path, dpi=DPI)
+
+
+def drift_png(panels: Sequence[Mapping[str, Any]], path: Path, title: str) -> None:
+    """Reference against current distributions, one small panel each.
+
+    A panel: ``name``, ``edges`` (bin edges, or None for categories), ``reference`` and ``current`` (counts, drawn
+    as shares so windows of any size compare), ``drifted`` (the panel's title turns red).
+    """
+    cols = min(4, max(1, len(panels)))
+    rows = math.ceil(len(panels) / cols)
+    fig = _figure(3.2 * cols, 2.3 * rows + 0.4)
+    fig.suptitle(title)
+    for i, panel in enumerate(panels):
+        ax = fig.add_subplot(rows, cols, i + 1)
+        ref = np.asarray(panel["reference"], dtype=np.float64)
+        cur = np.asarray(panel["current"], dtype=np.float64)
+        ref, cur = ref / max(ref.sum(), 1), cur / max(cur.sum(), 1)
+        if panel.get("edges") is not None:
+            edges = np.asarray(panel["edges"], dtype=np.float64)
+            ax.stairs(ref, edges, fill=True, alpha=0.45, color="#4c72b0", label="reference")
+            ax.stairs(cur, edges, linewidth=1.6, color="#dd8452", label="current")
+        else:
+            x = np.arange(len(ref))
+            ax.bar(x - 0.2, ref, width=0.4, color="#4c72b0", alpha=0.7, label="reference")
+            ax.bar(x + 0.2, cur, width=0.4, color="#dd8452", label="current")
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True, nbins=8))
+        ax.set_title(f"{panel['name']}{' — drift' if panel.get('drifted') else ''}", fontsize=9,
+                     color="#c44e52" if panel.get("drifted") else "black")
+        ax.tick_params(labelsize=7)
+        ax.set_yticks([])
+        if i == 0:
+            ax.legend(fontsize=7, frameon=False)
+    fig.savefig(path)

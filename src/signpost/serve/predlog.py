@@ -19,7 +19,7 @@ import math
 import queue
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +38,7 @@ from sqlalchemy import (
     insert,
     select,
 )
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Engine, make_url
 
 from signpost.data.stats import EMBEDDING_DIMS, STAT_NAMES, image_stats
 
@@ -73,6 +73,11 @@ def default_url(workdir: Path) -> str:
     return f"sqlite:///{path}"
 
 
+def redact(url: str) -> str:
+    """``url`` with any password hidden, for reports and logs."""
+    return make_url(url).render_as_string(hide_password=True)
+
+
 def make_engine(url: str) -> Engine:
     """An engine for ``url``; SQLite files get WAL mode, and their folder is created."""
     if url.startswith("sqlite:///") and len(url) > len("sqlite:///"):
@@ -98,6 +103,43 @@ def count(url: str) -> int:
     try:
         with engine.connect() as conn:
             return int(conn.execute(select(func.count()).select_from(predictions)).scalar_one())
+    finally:
+        engine.dispose()
+
+
+def read_window(
+    url: str, columns: list[str], *, last: int | None = None, since: float | None = None, chunk: int = 100_000
+) -> Iterator[np.ndarray]:
+    """The newest ``last`` records (or those since Unix time ``since``), numeric ``columns`` only, as float64
+    arrays ``[rows, len(columns)]`` of at most ``chunk`` rows, oldest first: a caller that folds each chunk into
+    running totals reads any window in bounded memory.
+
+    The rows come through the driver's own cursor: SQLAlchemy's row objects cost ~3x the time on a million rows.
+    """
+    unknown = [name for name in columns if name not in predictions.c]
+    if unknown:
+        raise ValueError(f"the prediction log has no column {unknown}")
+    engine = make_engine(url)
+    try:
+        with engine.connect() as conn:
+            ids = select(predictions.c.id)
+            if since is not None:
+                ids = ids.where(predictions.c.ts >= since)
+            if last is not None:
+                ids = ids.order_by(predictions.c.id.desc()).limit(last)
+            first = conn.execute(select(func.min(ids.subquery().c.id))).scalar()
+        if first is None:
+            return
+        where = f"id >= {int(first)}" + (f" AND ts >= {float(since)!r}" if since is not None else "")
+        raw = engine.raw_connection()
+        try:
+            cursor = raw.cursor()
+            cursor.execute(f"SELECT {', '.join(columns)} FROM predictions WHERE {where} ORDER BY id")
+            while rows := cursor.fetchmany(chunk):
+                yield np.array(rows, dtype=np.float64)
+            cursor.close()
+        finally:
+            raw.close()
     finally:
         engine.dispose()
 

@@ -1,0 +1,85 @@
+"""How long `signpost monitor` takes over a large prediction log (the goal: 1,000,000 predictions in <= 10 s).
+
+Writes N synthetic prediction records into a fresh SQLite log (WAL, as the server makes it; not timed), their image
+statistics drawn around the reference's own so that the verdict is "no drift", then times the monitor over the
+whole window (reading, folding, the drift tests, the report) and its peak memory.
+
+    python benchmarks/monitor_scale.py                       # 1,000,000 rows, the newest prepared demo data
+    python benchmarks/monitor_scale.py --rows 200000 --data artifacts/data/demo-...
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import os
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from signpost.config import load_config
+from signpost.data.cache import load_split
+from signpost.data.stats import STAT_NAMES
+from signpost.serve import predlog
+from signpost.stages.monitor import monitor
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", type=int, default=1_000_000)
+    parser.add_argument("--data", help="prepared data folder for the reference (default: the newest under artifacts/)")
+    parser.add_argument("--model", help="model folder for the embedding reference (default: none)")
+    args = parser.parse_args()
+    data = args.data or max(glob.glob("artifacts/data/*/"), key=os.path.getmtime, default=None)
+    if data is None:
+        sys.exit("no prepared data: run `make demo` first, or pass --data")
+
+    work = Path(tempfile.mkdtemp(prefix="monitor-scale-"))
+    url = predlog.default_url(work)
+    started = time.perf_counter()
+    _fill(url, Path(data), args.rows)
+    print(f"wrote {args.rows:,} records to {url} in {time.perf_counter() - started:.1f} s (not timed below)")
+
+    config = load_config(None, [f"workdir={work}", "tracking.backend=none", "name=scale"])
+    started = time.perf_counter()
+    result = monitor(config, data_dir=Path(data), log_url=url, last=args.rows, alerts=False,
+                     model_dir=Path(args.model) if args.model else None)
+    seconds = time.perf_counter() - started
+    peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    verdict = result.result["verdict"]
+    rows = result.result["window"]["rows"]
+    said = f"retrain {verdict['reasons']}" if verdict["retrain"] else "no drift"
+    print(f"monitor over {rows:,} predictions: {seconds:.2f} s ({rows / seconds:,.0f} predictions/s), peak RSS "
+          f"{peak_mib:.0f} MiB, {os.cpu_count()} cores; verdict: {said}")
+    met = rows >= 1_000_000 and seconds <= 10
+    print(f"goal, 1,000,000 predictions in <= 10 s: {'met' if met else 'not met' if rows >= 1_000_000 else 'n/a'}")
+
+
+def _fill(url: str, data: Path, rows: int) -> None:
+    """Records whose statistics are resampled from the validation split (so: no drift), inserted in bulk."""
+    val = load_split(data / "val.safetensors")
+    rng = np.random.default_rng(0)
+    engine = predlog.make_engine(url)
+    columns = [c.name for c in predlog.predictions.columns if c.name != "id"]
+    sql = f"INSERT INTO predictions ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})"
+    stats, sizes, labels = val.stats.numpy(), val.sizes.numpy(), val.labels.numpy()
+    for start in range(0, rows, 100_000):
+        n = min(100_000, rows - start)
+        pick = rng.integers(0, len(labels), n)
+        confidence = rng.uniform(0.6, 1.0, n)
+        numbers = np.column_stack([labels[pick], confidence, rng.uniform(0, 1, n), rng.gamma(4, 1.0, n),
+                                   sizes[pick], stats[pick], rng.normal(0, 1, (n, len(predlog.EMBEDDING_COLUMNS)))])
+        batch = [(float(start + i), f"r{start + i}", "v1", int(row[0]), "c", float(row[1]), float(row[2]), "[]",
+                  float(row[3]), int(row[4]), int(row[5]), *row[6 : 6 + len(STAT_NAMES)].tolist(),
+                  *row[6 + len(STAT_NAMES):].tolist()) for i, row in enumerate(numbers)]
+        with engine.begin() as conn:
+            conn.exec_driver_sql(sql, batch)
+    engine.dispose()
+
+
+if __name__ == "__main__":
+    main()

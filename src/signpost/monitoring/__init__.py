@@ -1,0 +1,1 @@
+"""Monitoring pieces shared by the monitor stage: drift statistics and alert sinks."""

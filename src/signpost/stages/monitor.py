@@ -1,0 +1,311 @@
+"""monitor: compare a window of the prediction log with the reference saved at prepare and evaluate time.
+
+Reads the newest ``monitor.window`` predictions (or those since a time) a chunk at a time, folding each chunk into
+running histograms, counts and a bounded uniform sample, so a million rows take bounded memory. Then:
+
+- prediction drift: the predicted class distribution against the validation split's (PSI and Jensen-Shannon), and
+  the mean confidence against the evaluation's;
+- input drift: every image statistic (brightness, contrast, sharpness, colour, size) against the validation split:
+  KS for small windows, normed Wasserstein for large ones, and PSI; the inputs drift when ``drift_share`` of them do;
+- embedding drift: the logged output summaries against the same summaries of the model on the validation split,
+  when the model is at hand;
+- service health: latency p99 against ``monitor.latency_p99_ms``.
+
+It writes ``result.json``, a drift chart and ``report.html`` under ``monitor/<name>-<time>/``, sends alerts for
+incidents that started or cleared (``signpost.monitoring.alerts``), and says whether retraining is needed (the CLI
+exits 5 then).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import html
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from signpost.artifacts import read_manifest, verify_artifact
+from signpost.config import MonitorConfig, SignpostConfig, config_to_dict
+from signpost.data.cache import load_split
+from signpost.data.stats import STAT_NAMES
+from signpost.monitoring.alerts import AlertManager, Incident
+from signpost.monitoring.drift import histogram, jensen_shannon, ks_test, psi, wasserstein_normed
+from signpost.report.plots import drift_png
+from signpost.serve import predlog
+
+log = logging.getLogger(__name__)
+
+STAGE = "monitor"
+INPUTS = (*STAT_NAMES, "width", "height")
+EMBEDDINGS = predlog.EMBEDDING_COLUMNS
+COLUMNS = ["class_id", "confidence", "latency_ms", *INPUTS, *EMBEDDINGS]
+SAMPLE = 5000  # values per feature kept for KS / Wasserstein (a uniform sample of the window)
+LATENCY_EDGES = np.logspace(-2, 5, 1401)  # 0.01 ms .. 100 s, 0.5 % wide bins: p99 to within 0.5 %
+CONFIDENCE_BINS = 10  # equal-width bins of top-1 confidence, unless the evaluation's calibration has others
+
+
+@dataclass
+class MonitorResult:
+    path: Path
+    result: dict[str, Any]
+
+    @property
+    def retrain(self) -> bool:
+        return bool(self.result["verdict"]["retrain"])
+
+
+@dataclass
+class Reference:
+    """What the live window is compared with."""
+
+    name: str
+    class_counts: np.ndarray
+    edges: dict[str, np.ndarray]  # per input feature and embedding dimension
+    samples: dict[str, np.ndarray]
+    confidence: np.ndarray | None  # counts over equal-width confidence bins, from the evaluation's calibration
+    top1: float | None
+
+
+def monitor(
+    config: SignpostConfig,
+    *,
+    data_dir: Path,
+    log_url: str | None = None,
+    last: int | None = None,
+    since: float | None = None,
+    evaluation_dir: Path | None = None,
+    model_dir: Path | None = None,
+    alerts: bool = True,
+) -> MonitorResult:
+    """Check the prediction log's window against the reference; see the module doc."""
+    cfg = config.monitor
+    url = log_url or config.serve.prediction_log or predlog.default_url(config.workdir)
+    reference = load_reference(Path(data_dir), evaluation_dir, model_dir)
+    window = _read(url, last=None if since is not None else (last or cfg.window), since=since,
+                   reference=reference)
+    result = evaluate_window(window, reference, cfg)
+    result["log"] = predlog.redact(url)
+    result["reference"] = reference.name
+    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%d-%H%M%S-%f")[:-3]  # ms: two runs, two folders
+    path = config.workdir / STAGE / f"{config.name}-{stamp}"
+    path.mkdir(parents=True, exist_ok=True)
+    if window["rows"]:
+        _chart(window, reference, result, path / "drift.png")
+    if alerts:
+        manager = AlertManager(cfg.alerts, config.workdir / STAGE / "alerts.json", cfg.cooldown_minutes * 60)
+        result["alerts"] = manager.update(_incidents(result), source=f"signpost monitor ({config.name}, {stamp})")
+    (path / "result.json").write_text(json.dumps(result, indent=1, default=float) + "\n", encoding="utf-8")
+    (path / "report.html").write_text(_html(result, config), encoding="utf-8")
+    return MonitorResult(path, result)
+
+
+def load_reference(data_dir: Path, evaluation_dir: Path | None, model_dir: Path | None) -> Reference:
+    """The validation split's statistics and class mix, the evaluation's confidence histogram and accuracy, and
+    (with a model) the model's output summaries on the validation split."""
+    verify_artifact(data_dir, ["val.safetensors"])
+    val = load_split(data_dir / "val.safetensors")
+    num_classes = int(read_manifest(data_dir)["dataset"]["num_classes"])
+    values = {name: val.stats[:, j].numpy().astype(np.float64) for j, name in enumerate(STAT_NAMES)}
+    values["width"] = val.sizes[:, 0].numpy().astype(np.float64)
+    values["height"] = val.sizes[:, 1].numpy().astype(np.float64)
+    if model_dir is not None:
+        values.update(_reference_embeddings(model_dir, val.images.numpy()))
+    edges = {name: np.histogram_bin_edges(v, bins=20) for name, v in values.items()}
+    confidence = top1 = None
+    if evaluation_dir is not None:
+        report = json.loads((Path(evaluation_dir) / "report.json").read_text(encoding="utf-8"))
+        confidence = np.array([b["count"] for b in report["calibration"]["bins"]], dtype=np.float64)
+        top1 = float(report["metrics"]["top1"])
+    return Reference(data_dir.name, np.bincount(val.labels.numpy(), minlength=num_classes).astype(np.float64),
+                     edges, values, confidence, top1)
+
+
+def _reference_embeddings(model_dir: Path, images: np.ndarray) -> dict[str, np.ndarray]:
+    from signpost.serve.model import load, resolve
+
+    model = load(resolve(model_dir, SignpostConfig()), threads=None, max_batch=256)
+    hwc = np.ascontiguousarray(images.transpose(0, 2, 3, 1))
+    summaries = np.concatenate([model.forward(hwc[i : i + 256]).embeddings for i in range(0, len(hwc), 256)])
+    return {name: summaries[:, j].astype(np.float64) for j, name in enumerate(EMBEDDINGS)}
+
+
+def _read(url: str, *, last: int | None, since: float | None, reference: Reference) -> dict[str, Any]:
+    """Fold the window into counts, histograms and a uniform sample (bottom-k of random keys), chunk by chunk."""
+    rng = np.random.default_rng(0)
+    features = [name for name in (*INPUTS, *EMBEDDINGS) if name in reference.edges]
+    index = {name: COLUMNS.index(name) for name in COLUMNS}
+    classes = np.zeros(len(reference.class_counts), dtype=np.float64)
+    bins = CONFIDENCE_BINS if reference.confidence is None else len(reference.confidence)
+    confidence = np.zeros(bins)
+    latency = np.zeros(len(LATENCY_EDGES) - 1)
+    hist = {name: np.zeros(len(reference.edges[name]) - 1) for name in features}
+    sample_keys = np.empty(0)
+    sample = np.empty((0, len(features)))
+    rows, confidence_sum = 0, 0.0
+    for chunk in predlog.read_window(url, COLUMNS, last=last, since=since):
+        rows += len(chunk)
+        ids = chunk[:, index["class_id"]].astype(np.int64)
+        classes += np.bincount(np.clip(ids, 0, len(classes) - 1), minlength=len(classes))[: len(classes)]
+        conf = chunk[:, index["confidence"]]
+        confidence_sum += float(conf.sum())
+        confidence += np.histogram(conf, bins=bins, range=(0.0, 1.0))[0]
+        latency += histogram(chunk[:, index["latency_ms"]], LATENCY_EDGES)
+        columns = chunk[:, [index[name] for name in features]]
+        for j, name in enumerate(features):
+            hist[name] += histogram(columns[:, j], reference.edges[name])
+        keys = np.concatenate([sample_keys, rng.random(len(chunk))])
+        pool = np.concatenate([sample, columns])
+        keep = np.argpartition(keys, SAMPLE)[:SAMPLE] if len(keys) > SAMPLE else np.arange(len(keys))
+        sample_keys, sample = keys[keep], pool[keep]
+    return {"rows": rows, "classes": classes, "confidence": confidence,
+            "mean_confidence": confidence_sum / rows if rows else None, "latency": latency, "hist": hist,
+            "sample": {name: sample[:, j] for j, name in enumerate(features)}, "features": features}
+
+
+def evaluate_window(window: dict[str, Any], reference: Reference, cfg: MonitorConfig) -> dict[str, Any]:
+    """The drift, health and quality verdicts for a folded window."""
+    rows = window["rows"]
+    result: dict[str, Any] = {"window": {"rows": rows}, "settings": config_to_dict(cfg)}
+    if rows < cfg.min_window:
+        result["verdict"] = {"retrain": False, "reasons": [], "enough_data": False,
+                             "note": f"{rows} predictions in the window; at least {cfg.min_window} are needed "
+                                     "(monitor.min_window)"}
+        return result
+    class_psi = psi(reference.class_counts, window["classes"])
+    class_js = jensen_shannon(reference.class_counts, window["classes"])
+    prediction = {"class_psi": class_psi, "class_js": class_js,
+                  "drifted": class_psi >= cfg.psi_threshold or class_js >= cfg.js_threshold,
+                  "mean_confidence": window["mean_confidence"]}
+    if reference.confidence is not None:
+        edges = np.linspace(0, 1, len(reference.confidence) + 1)
+        ref_mean = float((reference.confidence * (edges[:-1] + edges[1:]) / 2).sum() / reference.confidence.sum())
+        shift = window["mean_confidence"] - ref_mean
+        prediction |= {"reference_confidence": ref_mean, "confidence_shift": shift,
+                       "confidence_psi": psi(reference.confidence, window["confidence"])}
+        prediction["drifted"] = prediction["drifted"] or abs(shift) >= cfg.confidence_shift
+    result["prediction_drift"] = prediction
+
+    def feature_drift(name: str) -> dict[str, Any]:
+        current, ref = window["sample"][name], reference.samples[name]
+        entry: dict[str, Any] = {"psi": psi(histogram(ref, reference.edges[name]), window["hist"][name])}
+        if rows <= cfg.ks_max_window:
+            statistic, p_value = ks_test(ref, current)
+            entry |= {"method": "ks", "statistic": statistic, "p_value": p_value,
+                      "drifted": p_value < cfg.ks_p_value}
+        else:
+            distance = wasserstein_normed(ref, current)
+            entry |= {"method": "wasserstein", "statistic": distance,
+                      "drifted": distance >= cfg.wasserstein_threshold}
+        entry["reference_mean"] = float(ref.mean())
+        entry["current_mean"] = float(current.mean())
+        return entry
+
+    inputs = {name: feature_drift(name) for name in INPUTS if name in window["features"]}
+    share = sum(f["drifted"] for f in inputs.values()) / max(len(inputs), 1)
+    result["input_drift"] = {"features": inputs, "drifted_share": share, "drifted": share >= cfg.drift_share}
+    embeddings = {name: feature_drift(name) for name in EMBEDDINGS if name in window["features"]}
+    if embeddings:
+        e_share = sum(f["drifted"] for f in embeddings.values()) / len(embeddings)
+        result["embedding_drift"] = {"dimensions": embeddings, "drifted_share": e_share,
+                                     "drifted": e_share >= cfg.drift_share}
+    else:
+        result["embedding_drift"] = {"drifted": False, "note": "not measured: no model given for the reference"}
+    p99 = _quantile(window["latency"], 0.99)
+    result["health"] = {"latency_p99_ms": p99, "latency_p50_ms": _quantile(window["latency"], 0.5),
+                        "slo_ms": cfg.latency_p99_ms, "breached": p99 > cfg.latency_p99_ms,
+                        "errors": "counted by the server's /metrics (signpost_requests_total by status); the log "
+                                  "holds answered requests only"}
+    reasons = [name for name, part in (("prediction drift", prediction), ("input drift", result["input_drift"]),
+                                       ("embedding drift", result["embedding_drift"])) if part["drifted"]]
+    result["verdict"] = {"retrain": bool(reasons), "reasons": reasons, "enough_data": True}
+    return result
+
+
+def _quantile(counts: np.ndarray, q: float) -> float:
+    total = counts.sum()
+    if total == 0:
+        return 0.0
+    i = int(np.searchsorted(np.cumsum(counts), q * total))
+    return float(LATENCY_EDGES[min(i + 1, len(LATENCY_EDGES) - 1)])
+
+
+def _incidents(result: dict[str, Any]) -> list[Incident]:
+    incidents = []
+    if not result["verdict"].get("enough_data"):
+        return incidents
+    p = result["prediction_drift"]
+    if p["drifted"]:
+        incidents.append(Incident("prediction-drift", f"class PSI {p['class_psi']:.3f}, JS {p['class_js']:.3f}, "
+                                  f"mean confidence {p['mean_confidence']:.3f}", p))
+    i = result["input_drift"]
+    if i["drifted"]:
+        names = [n for n, f in i["features"].items() if f["drifted"]]
+        incidents.append(Incident("input-drift", f"{len(names)} of {len(i['features'])} image statistics drifted: "
+                                  f"{', '.join(names)}", {"features": names}))
+    e = result["embedding_drift"]
+    if e["drifted"]:
+        incidents.append(Incident("embedding-drift", f"{e['drifted_share']:.0%} of the output summaries drifted",
+                                  {}))
+    h = result["health"]
+    if h["breached"]:
+        incidents.append(Incident("latency", f"p99 {h['latency_p99_ms']:.1f} ms over the {h['slo_ms']:.0f} ms "
+                                  "SLO", h))
+    return incidents
+
+
+def _chart(window: dict[str, Any], reference: Reference, result: dict[str, Any], path: Path) -> None:
+    panels = [{"name": "predicted class", "edges": None, "reference": reference.class_counts,
+               "current": window["classes"], "drifted": result.get("prediction_drift", {}).get("drifted")}]
+    features = result.get("input_drift", {}).get("features", {})
+    for name in INPUTS:
+        if name in window["hist"]:
+            panels.append({"name": name, "edges": reference.edges[name],
+                           "reference": histogram(reference.samples[name], reference.edges[name]),
+                           "current": window["hist"][name], "drifted": features.get(name, {}).get("drifted")})
+    drift_png(panels, path, f"Reference (validation split) against the last {window['rows']:,} predictions")
+
+
+def _html(result: dict[str, Any], config: SignpostConfig) -> str:
+    verdict = result["verdict"]
+    rows = []
+    for name, f in result.get("input_drift", {}).get("features", {}).items():
+        rows.append(f"<tr{' class=drift' if f['drifted'] else ''}><td>{html.escape(name)}</td><td>{f['method']}</td>"
+                    f"<td>{f['statistic']:.4f}</td><td>{f.get('p_value', float('nan')):.4f}</td>"
+                    f"<td>{f['psi']:.4f}</td><td>{f['reference_mean']:.4f}</td><td>{f['current_mean']:.4f}</td></tr>")
+    prediction = result.get("prediction_drift", {})
+    health = result.get("health", {})
+    chart = '<img src="drift.png" alt="reference against current distributions">' if result["window"]["rows"] else ""
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>Signpost drift report — {html.escape(config.name)}</title>
+<style>body{{font-family:system-ui,sans-serif;margin:2rem;max-width:70rem}}td,th{{padding:.2rem .6rem;text-align:right}}
+td:first-child{{text-align:left}}tr.drift td{{color:#c44e52;font-weight:600}}img{{max-width:100%}}</style></head>
+<body><h1>Drift report — {html.escape(config.name)}</h1>
+<p>{result['window']['rows']:,} predictions from <code>{html.escape(str(result.get('log', '')))}</code> against
+<code>{html.escape(str(result.get('reference', '')))}</code>.</p>
+<h2>Verdict</h2><p><b>{'retrain' if verdict['retrain'] else 'no retraining needed'}</b>
+{html.escape('; '.join(verdict.get('reasons', [])) or verdict.get('note', ''))}</p>
+<h2>Predictions</h2><p>class PSI {prediction.get('class_psi', float('nan')):.4f}, Jensen-Shannon
+{prediction.get('class_js', float('nan')):.4f}, mean confidence {prediction.get('mean_confidence') or float('nan'):.4f}
+(reference {prediction.get('reference_confidence', float('nan')):.4f})</p>
+<h2>Inputs</h2><table><tr><th>feature</th><th>test</th><th>statistic</th><th>p-value</th><th>PSI</th>
+<th>reference mean</th><th>current mean</th></tr>{''.join(rows)}</table>
+<h2>Service</h2><p>latency p50 {health.get('latency_p50_ms', float('nan')):.2f} ms, p99
+{health.get('latency_p99_ms', float('nan')):.2f} ms (SLO {health.get('slo_ms', float('nan')):.0f} ms)</p>
+{chart}
+</body></html>
+"""
+
+
+def since_seconds(text: str) -> float:
+    """``30m``, ``2h``, ``1d`` or seconds -> a Unix time that far in the past."""
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    value, unit = (text[:-1], text[-1]) if text and text[-1] in units else (text, "s")
+    try:
+        return time.time() - float(value) * units[unit]
+    except ValueError:
+        raise ValueError(f"--since {text!r}: expected a duration such as 30m, 2h or 1d") from None
