@@ -10,28 +10,30 @@ import pytest
 from sqlalchemy import insert
 
 from signpost.cli import EXIT_DRIFT, main
-from signpost.data.cache import load_split
 from signpost.data.stats import STAT_NAMES
 from signpost.serve import predlog
-from signpost.stages.monitor import monitor
+from signpost.stages.monitor import load_reference, monitor
 
 
 def _write_log(url: str, data_dir: Path, n: int, *, darken: float = 1.0, only_class: int | None = None,
                latency_ms: float = 5.0) -> None:
-    """``n`` records resampled from the validation split: its statistics, sizes and labels as predictions."""
-    val = load_split(data_dir / "val.safetensors")
+    """``n`` records drawn from the monitor's own reference (the training images as served, the training class
+    mix), as if served."""
+    reference = load_reference(data_dir, None, None)
     rng = np.random.default_rng(1)
-    pick = rng.integers(0, len(val.labels), n)
-    stats = val.stats.numpy()[pick].astype(np.float64)
-    for name in ("brightness", "red", "green", "blue", "contrast"):
-        stats[:, STAT_NAMES.index(name)] *= darken
+    pick = rng.integers(0, len(reference.samples["brightness"]), n)
+    classes = reference.class_counts / reference.class_counts.sum()
+    labels = rng.choice(len(classes), size=n, p=classes)
     rows = []
     for i, j in enumerate(pick):
-        label = int(val.labels[j]) if only_class is None else only_class
-        row = {"ts": 1000.0 + i, "request_id": f"r{i}", "model_version": "v1", "class_id": label, "class_name": "c",
+        row = {"ts": 1000.0 + i, "request_id": f"r{i}", "model_version": "v1",
+               "class_id": int(labels[i]) if only_class is None else only_class, "class_name": "c",
                "confidence": float(rng.uniform(0.7, 1.0)), "entropy": 0.2, "top_k": "[]",
-               "latency_ms": latency_ms, "width": int(val.sizes[j, 0]), "height": int(val.sizes[j, 1])}
-        row.update(zip(STAT_NAMES, stats[i].tolist(), strict=True))
+               "latency_ms": latency_ms, "width": int(reference.samples["width"][j]),
+               "height": int(reference.samples["height"][j])}
+        for name in STAT_NAMES:
+            scale = darken if name in ("brightness", "red", "green", "blue", "contrast") else 1.0
+            row[name] = float(reference.samples[name][j]) * scale
         row.update({name: 0.0 for name in predlog.EMBEDDING_COLUMNS})
         rows.append(row)
     engine = predlog.make_engine(url)
@@ -58,6 +60,7 @@ def test_a_window_like_the_reference_raises_nothing(config, optimized: dict, tmp
     method = "ks" if rows <= config.monitor.ks_max_window else "wasserstein"
     assert {f["method"] for f in r["input_drift"]["features"].values()} == {method}
     assert r["alerts"] == [] and not r["health"]["breached"]
+    assert "as served" in r["reference"]  # measured from the training files, the server's way
     assert {p.name for p in result.path.iterdir()} == {"result.json", "report.html", "drift.png"}
 
 

@@ -3,10 +3,11 @@
 Reads the newest ``monitor.window`` predictions (or those since a time) a chunk at a time, folding each chunk into
 running histograms, counts and a bounded uniform sample, so a million rows take bounded memory. Then:
 
-- prediction drift: the predicted class distribution against the validation split's (PSI and Jensen-Shannon), and
+- prediction drift: the predicted class distribution against the training data's (PSI and Jensen-Shannon), and
   the mean confidence against the evaluation's;
-- input drift: every image statistic (brightness, contrast, sharpness, colour, size) against the validation split:
-  KS for small windows, normed Wasserstein for large ones, and PSI; the inputs drift when ``drift_share`` of them do;
+- input drift: every image statistic (brightness, contrast, sharpness, colour, size) against the training images
+  measured as the server measures uploads: KS for small windows, normed Wasserstein for large ones, and PSI; the
+  inputs drift when ``drift_share`` of them do;
 - embedding drift: the logged output summaries against the same summaries of the model on the validation split,
   when the model is at hand;
 - service health: latency p99 against ``monitor.latency_p99_ms``.
@@ -29,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from signpost.artifacts import read_manifest, verify_artifact
+from signpost.artifacts import verify_artifact
 from signpost.config import MonitorConfig, SignpostConfig, config_to_dict
 from signpost.data.cache import load_split
 from signpost.data.stats import STAT_NAMES
@@ -46,6 +47,7 @@ EMBEDDINGS = predlog.EMBEDDING_COLUMNS
 COLUMNS = ["class_id", "confidence", "latency_ms", *INPUTS, *EMBEDDINGS]
 SAMPLE = 5000  # values per feature kept for KS / Wasserstein (a uniform sample of the window)
 LATENCY_EDGES = np.logspace(-2, 5, 1401)  # 0.01 ms .. 100 s, 0.5 % wide bins: p99 to within 0.5 %
+REFERENCE_FILES = 2000  # training source files measured for the input reference
 CONFIDENCE_BINS = 10  # equal-width bins of top-1 confidence, unless the evaluation's calibration has others
 
 
@@ -85,7 +87,7 @@ def monitor(
     """Check the prediction log's window against the reference; see the module doc."""
     cfg = config.monitor
     url = log_url or config.serve.prediction_log or predlog.default_url(config.workdir)
-    reference = load_reference(Path(data_dir), evaluation_dir, model_dir)
+    reference = load_reference(Path(data_dir), evaluation_dir, model_dir, cache_dir=config.workdir / STAGE)
     window = _read(url, last=None if since is not None else (last or cfg.window), since=since,
                    reference=reference)
     result = evaluate_window(window, reference, cfg)
@@ -104,25 +106,77 @@ def monitor(
     return MonitorResult(path, result)
 
 
-def load_reference(data_dir: Path, evaluation_dir: Path | None, model_dir: Path | None) -> Reference:
-    """The validation split's statistics and class mix, the evaluation's confidence histogram and accuracy, and
-    (with a model) the model's output summaries on the validation split."""
-    verify_artifact(data_dir, ["val.safetensors"])
+def load_reference(data_dir: Path, evaluation_dir: Path | None, model_dir: Path | None,
+                   cache_dir: Path | None = None) -> Reference:
+    """The training images as the server sees them, the training class mix, the evaluation's confidence histogram
+    and accuracy, and (with a model) the model's output summaries on the validation split.
+
+    The server measures whole uploaded images, while the prepared splits are crops around each sign's ROI, so the
+    input reference is made the server's way: a sample of the training source files, decoded whole and measured
+    with the server's code (cached per data version in ``cache_dir``). When the source files are gone, the
+    validation split's own statistics stand in, and the result says so.
+    """
+    manifest = verify_artifact(data_dir, ["val.safetensors"])
+    dataset = manifest["dataset"]
+    histogram_ = dataset.get("class_histogram", {})
+    class_counts = np.add(histogram_.get("train", 0), histogram_.get("val", 0)).astype(np.float64)
     val = load_split(data_dir / "val.safetensors")
-    num_classes = int(read_manifest(data_dir)["dataset"]["num_classes"])
-    values = {name: val.stats[:, j].numpy().astype(np.float64) for j, name in enumerate(STAT_NAMES)}
-    values["width"] = val.sizes[:, 0].numpy().astype(np.float64)
-    values["height"] = val.sizes[:, 1].numpy().astype(np.float64)
+    if class_counts.ndim == 0:
+        class_counts = np.bincount(val.labels.numpy(), minlength=int(dataset["num_classes"])).astype(np.float64)
+    values, name = _served_view(data_dir, manifest, cache_dir)
+    if values is None:
+        name = f"{data_dir.name} (validation split: ROI crops, not whole images)"
+        values = {n: val.stats[:, j].numpy().astype(np.float64) for j, n in enumerate(STAT_NAMES)}
+        values["width"] = val.sizes[:, 0].numpy().astype(np.float64)
+        values["height"] = val.sizes[:, 1].numpy().astype(np.float64)
     if model_dir is not None:
         values.update(_reference_embeddings(model_dir, val.images.numpy()))
-    edges = {name: np.histogram_bin_edges(v, bins=20) for name, v in values.items()}
+    edges = {n: np.histogram_bin_edges(v, bins=20) for n, v in values.items()}
     confidence = top1 = None
     if evaluation_dir is not None:
         report = json.loads((Path(evaluation_dir) / "report.json").read_text(encoding="utf-8"))
         confidence = np.array([b["count"] for b in report["calibration"]["bins"]], dtype=np.float64)
         top1 = float(report["metrics"]["top1"])
-    return Reference(data_dir.name, np.bincount(val.labels.numpy(), minlength=num_classes).astype(np.float64),
-                     edges, values, confidence, top1)
+    return Reference(name, class_counts, edges, values, confidence, top1)
+
+
+def _served_view(data_dir: Path, manifest: dict[str, Any], cache_dir: Path | None,
+                 max_files: int = REFERENCE_FILES) -> tuple[dict[str, np.ndarray] | None, str]:
+    """Statistics of up to ``max_files`` training source files decoded whole, as the server decodes uploads."""
+    from signpost.data.cache import open_image, preprocess
+    from signpost.data.stats import image_stats
+
+    name = f"{data_dir.name} (training images, whole, as served)"
+    cached = None if cache_dir is None else Path(cache_dir) / f"reference-{manifest['key'][:16]}.npz"
+    if cached is not None and cached.is_file():
+        with np.load(cached) as stored:
+            return {n: stored[n] for n in stored.files}, name
+    root = Path(manifest.get("inputs", {}).get("root", ""))
+    sources = data_dir / "sources.tsv"
+    if not root.is_dir() or not sources.is_file():
+        return None, ""
+    rows = [line.split("\t") for line in sources.read_text(encoding="utf-8").splitlines()[1:]]
+    train = [row[0] for row in rows if row[-1] == "train"]
+    picked = [train[i] for i in np.random.default_rng(0).permutation(len(train))[:max_files]]
+    size = int(manifest["dataset"]["image_size"])
+    images, sizes = [], []
+    for rel in picked:
+        try:
+            image = open_image((root / rel).read_bytes())
+        except (OSError, ValueError):
+            continue
+        images.append(preprocess(image, size))
+        sizes.append(image.size)
+    if len(images) < 50:
+        return None, ""
+    stats = image_stats(np.stack(images).transpose(0, 3, 1, 2))
+    values = {n: stats[:, j].astype(np.float64) for j, n in enumerate(STAT_NAMES)}
+    values["width"] = np.array([w for w, _ in sizes], dtype=np.float64)
+    values["height"] = np.array([h for _, h in sizes], dtype=np.float64)
+    if cached is not None:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        np.savez(cached, **values)
+    return values, name
 
 
 def _reference_embeddings(model_dir: Path, images: np.ndarray) -> dict[str, np.ndarray]:
