@@ -148,6 +148,17 @@ def _build_parser() -> argparse.ArgumentParser:
     monitor.add_argument("--model", type=Path, help="model for the embedding reference (default: the newest trained)")
     monitor.add_argument("--no-alerts", action="store_true", help="report only; send no alerts")
 
+    simulate = _stage_parser(sub, "simulate", "send clean then drifted traffic to a running service and monitor "
+                             "each window", _simulate)
+    simulate.add_argument("--url", default="http://127.0.0.1:8000", help="the service (default %(default)s)")
+    simulate.add_argument("--data", type=Path, help="prepared data whose source files are sent (default: the newest)")
+    simulate.add_argument("--per-window", type=int, default=500, help="requests per window (default 500)")
+    simulate.add_argument("--clean-windows", type=int, default=4, help="undrifted windows first (default 4)")
+    simulate.add_argument("--drifts", default="dark,blur,mix", help="drifted windows, in order (default %(default)s)")
+    simulate.add_argument("--concurrency", type=int, default=8, help="concurrent requests (default 8)")
+    simulate.add_argument("--log", metavar="URL", help="the service's prediction log (default: as monitor)")
+    simulate.add_argument("--model", type=Path, help="model for the embedding reference (default: the newest)")
+
     _stage_parser(sub, "promote", "move the registry's champion alias to the challenger", _promote)
     _stage_parser(sub, "rollback", "move the champion alias back to the previous champion", _rollback)
 
@@ -413,6 +424,30 @@ def _monitor(args: argparse.Namespace) -> int:
     reasons = ", ".join(verdict["reasons"])
     print(f"  verdict: {f'retrain ({reasons})' if verdict['retrain'] else 'no retraining needed'}")
     return EXIT_DRIFT if verdict["retrain"] else 0
+
+
+def _simulate(args: argparse.Namespace) -> int:
+    from signpost.stages.simulate import simulate, summary
+
+    config = _config(args)
+    windows = simulate(
+        config, url=args.url, data_dir=args.data or _newest(config, "data", "signpost prepare"),
+        per_window=args.per_window, clean_windows=args.clean_windows,
+        drifts=tuple(d for d in args.drifts.split(",") if d), concurrency=args.concurrency,
+        api_key=os.environ.get("SIGNPOST_API_KEY"), log_url=args.log,
+        evaluation_dir=latest_artifact(config.workdir, "evaluate", config.name),
+        model_dir=args.model or latest_artifact(config.workdir, "train", config.name),
+    )
+    print(f"{'window':>6}  {'traffic':8} {'sent':>5} {'failed':>6}  monitor")
+    for i, w in enumerate(windows, 1):
+        said = f"DRIFT: {', '.join(w.reasons)}" if w.retrain else "no drift"
+        print(f"{i:>6}  {w.kind:8} {w.sent:>5} {w.failed:>6}  {said}" + (f"; alerts: {'; '.join(w.alerts)}"
+                                                                          if w.alerts else ""))
+    s = summary(windows)
+    print(f"false alarms: {s['false_alarms']} of {s['clean_windows']} clean windows "
+          f"({s['false_alarm_rate']:.0%}); drift detected: "
+          + ", ".join(f"{k} {'yes' if v else 'NO'}" for k, v in s["detected"].items()))
+    return 0 if s["all_detected"] and s["false_alarms"] == 0 else EXIT_FAILURE
 
 
 def _promote(args: argparse.Namespace) -> int:

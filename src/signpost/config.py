@@ -243,6 +243,8 @@ class MonitorConfig(StrictModel):
     ks_p_value: float = Field(0.05, gt=0.0, lt=1.0)
     wasserstein_threshold: float = Field(0.1, gt=0.0, description="Wasserstein distance / reference std")
     drift_share: float = Field(0.5, gt=0.0, le=1.0, description="input drift when this share of features drift")
+    psi_major: float = Field(0.25, gt=0.0, description="input drift also when one feature's PSI reaches this "
+                             "(0.25: the usual 'significant shift')")
     confidence_shift: float = Field(0.1, gt=0.0, description="largest change of the mean confidence")
     latency_p99_ms: float = Field(50.0, gt=0.0, description="the service-level objective for p99 latency")
     accuracy_drop: float = Field(0.05, gt=0.0, le=1.0, description="live accuracy this far under the evaluation's")

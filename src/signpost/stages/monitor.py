@@ -3,11 +3,12 @@
 Reads the newest ``monitor.window`` predictions (or those since a time) a chunk at a time, folding each chunk into
 running histograms, counts and a bounded uniform sample, so a million rows take bounded memory. Then:
 
-- prediction drift: the predicted class distribution against the training data's (PSI and Jensen-Shannon), and
-  the mean confidence against the evaluation's;
+- prediction drift: the predicted class distribution against the training data's (PSI or Jensen-Shannon over
+  the threshold, and a chi-square test saying it is not a small window's noise), and the mean confidence against
+  the evaluation's;
 - input drift: every image statistic (brightness, contrast, sharpness, colour, size) against the training images
   measured as the server measures uploads: KS for small windows, normed Wasserstein for large ones, and PSI; the
-  inputs drift when ``drift_share`` of them do;
+  inputs drift when ``drift_share`` of them do, or one of them shifts by a PSI of ``psi_major`` or more;
 - embedding drift: the logged output summaries against the same summaries of the model on the validation split,
   when the model is at hand;
 - service health: latency p99 against ``monitor.latency_p99_ms``.
@@ -35,7 +36,7 @@ from signpost.config import MonitorConfig, SignpostConfig, config_to_dict
 from signpost.data.cache import load_split
 from signpost.data.stats import STAT_NAMES
 from signpost.monitoring.alerts import AlertManager, Incident
-from signpost.monitoring.drift import histogram, jensen_shannon, ks_test, psi, wasserstein_normed
+from signpost.monitoring.drift import chi_square_p, histogram, jensen_shannon, ks_test, psi, wasserstein_normed
 from signpost.report.plots import drift_png
 from signpost.serve import predlog
 
@@ -108,41 +109,47 @@ def monitor(
 
 def load_reference(data_dir: Path, evaluation_dir: Path | None, model_dir: Path | None,
                    cache_dir: Path | None = None) -> Reference:
-    """The training images as the server sees them, the training class mix, the evaluation's confidence histogram
-    and accuracy, and (with a model) the model's output summaries on the validation split.
+    """What "normal" looks like: the training images as the server sees them and, with a model, what the model
+    says about them (its predicted class mix, confidences and output summaries); without a model, the training
+    label mix and the evaluation's confidence histogram.
 
     The server measures whole uploaded images, while the prepared splits are crops around each sign's ROI, so the
-    input reference is made the server's way: a sample of the training source files, decoded whole and measured
-    with the server's code (cached per data version in ``cache_dir``). When the source files are gone, the
-    validation split's own statistics stand in, and the result says so.
+    reference images are made the server's way: a sample of the training source files, decoded whole with the
+    server's code (cached per data version in ``cache_dir``). When the source files are gone, the validation
+    split stands in, and the reference's name says so.
     """
     manifest = verify_artifact(data_dir, ["val.safetensors"])
     dataset = manifest["dataset"]
-    histogram_ = dataset.get("class_histogram", {})
-    class_counts = np.add(histogram_.get("train", 0), histogram_.get("val", 0)).astype(np.float64)
-    val = load_split(data_dir / "val.safetensors")
-    if class_counts.ndim == 0:
-        class_counts = np.bincount(val.labels.numpy(), minlength=int(dataset["num_classes"])).astype(np.float64)
-    values, name = _served_view(data_dir, manifest, cache_dir)
+    counts = dataset.get("class_histogram", {})
+    class_counts = np.add(counts.get("train", 0), counts.get("val", 0)).astype(np.float64)
+    values, images, name = _served_view(data_dir, manifest, cache_dir)
     if values is None:
+        val = load_split(data_dir / "val.safetensors")
         name = f"{data_dir.name} (validation split: ROI crops, not whole images)"
         values = {n: val.stats[:, j].numpy().astype(np.float64) for j, n in enumerate(STAT_NAMES)}
         values["width"] = val.sizes[:, 0].numpy().astype(np.float64)
         values["height"] = val.sizes[:, 1].numpy().astype(np.float64)
-    if model_dir is not None:
-        values.update(_reference_embeddings(model_dir, val.images.numpy()))
-    edges = {n: np.histogram_bin_edges(v, bins=20) for n, v in values.items()}
+        images = np.ascontiguousarray(val.images.numpy().transpose(0, 2, 3, 1))
+        if class_counts.ndim == 0:
+            class_counts = np.bincount(val.labels.numpy(), minlength=int(dataset["num_classes"])).astype(float)
     confidence = top1 = None
     if evaluation_dir is not None:
         report = json.loads((Path(evaluation_dir) / "report.json").read_text(encoding="utf-8"))
         confidence = np.array([b["count"] for b in report["calibration"]["bins"]], dtype=np.float64)
         top1 = float(report["metrics"]["top1"])
+    if model_dir is not None:
+        outputs = _model_outputs(model_dir, images)
+        values.update({n: outputs.embeddings[:, j].astype(np.float64) for j, n in enumerate(EMBEDDINGS)})
+        class_counts = np.bincount(outputs.top_ids[:, 0], minlength=len(class_counts)).astype(np.float64)
+        confidence = np.histogram(outputs.top_probs[:, 0], bins=CONFIDENCE_BINS, range=(0.0, 1.0))[0].astype(float)
+        name += f"; predictions of {Path(model_dir).name}"
+    edges = {n: np.histogram_bin_edges(v, bins=20) for n, v in values.items()}
     return Reference(name, class_counts, edges, values, confidence, top1)
 
 
-def _served_view(data_dir: Path, manifest: dict[str, Any], cache_dir: Path | None,
-                 max_files: int = REFERENCE_FILES) -> tuple[dict[str, np.ndarray] | None, str]:
-    """Statistics of up to ``max_files`` training source files decoded whole, as the server decodes uploads."""
+def _served_view(data_dir: Path, manifest: dict[str, Any], cache_dir: Path | None, max_files: int = REFERENCE_FILES
+                 ) -> tuple[dict[str, np.ndarray] | None, np.ndarray | None, str]:
+    """Statistics and pixels of up to ``max_files`` training source files decoded whole, as the server decodes."""
     from signpost.data.cache import open_image, preprocess
     from signpost.data.stats import image_stats
 
@@ -150,42 +157,45 @@ def _served_view(data_dir: Path, manifest: dict[str, Any], cache_dir: Path | Non
     cached = None if cache_dir is None else Path(cache_dir) / f"reference-{manifest['key'][:16]}.npz"
     if cached is not None and cached.is_file():
         with np.load(cached) as stored:
-            return {n: stored[n] for n in stored.files}, name
+            values = {n: stored[n] for n in stored.files if n != "images"}
+            return values, stored["images"], name
     root = Path(manifest.get("inputs", {}).get("root", ""))
     sources = data_dir / "sources.tsv"
     if not root.is_dir() or not sources.is_file():
-        return None, ""
+        return None, None, ""
     rows = [line.split("\t") for line in sources.read_text(encoding="utf-8").splitlines()[1:]]
     train = [row[0] for row in rows if row[-1] == "train"]
     picked = [train[i] for i in np.random.default_rng(0).permutation(len(train))[:max_files]]
     size = int(manifest["dataset"]["image_size"])
-    images, sizes = [], []
+    decoded, sizes = [], []
     for rel in picked:
         try:
             image = open_image((root / rel).read_bytes())
         except (OSError, ValueError):
             continue
-        images.append(preprocess(image, size))
+        decoded.append(preprocess(image, size))
         sizes.append(image.size)
-    if len(images) < 50:
-        return None, ""
-    stats = image_stats(np.stack(images).transpose(0, 3, 1, 2))
+    if len(decoded) < 50:
+        return None, None, ""
+    images = np.stack(decoded)
+    stats = image_stats(images.transpose(0, 3, 1, 2))
     values = {n: stats[:, j].astype(np.float64) for j, n in enumerate(STAT_NAMES)}
     values["width"] = np.array([w for w, _ in sizes], dtype=np.float64)
     values["height"] = np.array([h for _, h in sizes], dtype=np.float64)
     if cached is not None:
         cached.parent.mkdir(parents=True, exist_ok=True)
-        np.savez(cached, **values)
-    return values, name
+        np.savez(cached, images=images, **values)
+    return values, images, name
 
 
-def _reference_embeddings(model_dir: Path, images: np.ndarray) -> dict[str, np.ndarray]:
-    from signpost.serve.model import load, resolve
+def _model_outputs(model_dir: Path, images: np.ndarray) -> Any:
+    """The served model's outputs on the reference images (uint8 [N, S, S, 3]), the way the server computes them."""
+    from signpost.serve.model import Outputs, load, resolve
 
     model = load(resolve(model_dir, SignpostConfig()), threads=None, max_batch=256)
-    hwc = np.ascontiguousarray(images.transpose(0, 2, 3, 1))
-    summaries = np.concatenate([model.forward(hwc[i : i + 256]).embeddings for i in range(0, len(hwc), 256)])
-    return {name: summaries[:, j].astype(np.float64) for j, name in enumerate(EMBEDDINGS)}
+    parts = [model.forward(images[i : i + 256], top_k=1) for i in range(0, len(images), 256)]
+    return Outputs(*(np.concatenate([getattr(p, f) for p in parts]) for f in
+                     ("top_ids", "top_probs", "entropy", "embeddings")))
 
 
 def _read(url: str, *, last: int | None, since: float | None, reference: Reference) -> dict[str, Any]:
@@ -232,8 +242,11 @@ def evaluate_window(window: dict[str, Any], reference: Reference, cfg: MonitorCo
         return result
     class_psi = psi(reference.class_counts, window["classes"])
     class_js = jensen_shannon(reference.class_counts, window["classes"])
-    prediction = {"class_psi": class_psi, "class_js": class_js,
-                  "drifted": class_psi >= cfg.psi_threshold or class_js >= cfg.js_threshold,
+    class_p = chi_square_p(reference.class_counts, window["classes"])
+    # Material (PSI or JS over the threshold) and significant (not the noise of a small window).
+    prediction = {"class_psi": class_psi, "class_js": class_js, "class_p_value": class_p,
+                  "drifted": (class_psi >= cfg.psi_threshold or class_js >= cfg.js_threshold)
+                  and class_p < cfg.ks_p_value,
                   "mean_confidence": window["mean_confidence"]}
     if reference.confidence is not None:
         edges = np.linspace(0, 1, len(reference.confidence) + 1)
@@ -261,7 +274,10 @@ def evaluate_window(window: dict[str, Any], reference: Reference, cfg: MonitorCo
 
     inputs = {name: feature_drift(name) for name in INPUTS if name in window["features"]}
     share = sum(f["drifted"] for f in inputs.values()) / max(len(inputs), 1)
-    result["input_drift"] = {"features": inputs, "drifted_share": share, "drifted": share >= cfg.drift_share}
+    # Many features moving a little, or one (blur: sharpness) moving a lot.
+    major = [name for name, f in inputs.items() if f["drifted"] and f["psi"] >= cfg.psi_major]
+    result["input_drift"] = {"features": inputs, "drifted_share": share, "major": major,
+                             "drifted": share >= cfg.drift_share or bool(major)}
     embeddings = {name: feature_drift(name) for name in EMBEDDINGS if name in window["features"]}
     if embeddings:
         e_share = sum(f["drifted"] for f in embeddings.values()) / len(embeddings)
