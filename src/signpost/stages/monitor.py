@@ -157,8 +157,9 @@ def _served_view(data_dir: Path, manifest: dict[str, Any], cache_dir: Path | Non
     cached = None if cache_dir is None else Path(cache_dir) / f"reference-{manifest['key'][:16]}.npz"
     if cached is not None and cached.is_file():
         with np.load(cached) as stored:
-            values = {n: stored[n] for n in stored.files if n != "images"}
-            return values, stored["images"], name
+            if {"images", *STAT_NAMES, "width", "height"} <= set(stored.files):  # else: an older layout, remade
+                values = {n: stored[n] for n in stored.files if n != "images"}
+                return values, stored["images"], name
     root = Path(manifest.get("inputs", {}).get("root", ""))
     sources = data_dir / "sources.tsv"
     if not root.is_dir() or not sources.is_file():
