@@ -115,7 +115,7 @@ def test_actionlint_exits_2_on_an_unreadable_file(tmp_path: Path) -> None:
     assert result.returncode == 2 and "missing.yml" in result.stderr
 
 
-@pytest.mark.parametrize("name", ["ci.yml", "mlops.yml"])
+@pytest.mark.parametrize("name", ["ci.yml", "mlops.yml", "monitor.yml"])
 def test_workflows_are_least_privilege_with_timeouts_and_no_expressions_in_scripts(name: str) -> None:
     workflow = _workflow(name)
     assert workflow["permissions"] == {"contents": "read"}
@@ -230,3 +230,21 @@ def test_mlops_packages_the_candidate_after_the_gate_and_pushes_a_multi_arch_ima
     assert "DOCKERHUB_USERNAME" in logins[1]["if"]
     (build,) = _uses(job, "docker/build-push-action@v6")
     assert build["with"]["push"] is True and "steps.context.outputs" in build["with"]["context"]
+
+
+def test_scheduled_monitoring_opens_issues_and_dispatches_retraining_on_drift() -> None:
+    workflow = _workflow("monitor.yml")
+    assert workflow["on"]["schedule"] and "workflow_dispatch" in workflow["on"]
+    job = workflow["jobs"]["monitor"]
+    assert job["permissions"] == {"contents": "read", "issues": "write", "actions": "write"}
+    assert job["env"]["PREDICTION_LOG"] == "${{ secrets.SIGNPOST_PREDICTION_LOG }}"
+    _setup_python(job)
+    _installs_cpu_torch_first(job, then="pip install --quiet -c constraints.txt -e .")
+    scripts = "\n".join(_scripts(job))
+    assert 'signpost monitor --config "$CONFIG"' in scripts and "kind: github" in scripts
+    (dispatch,) = [step for step in job["steps"] if step.get("name") == "Dispatch retraining"]
+    assert dispatch["if"] == "${{ steps.monitor.outputs.code == '5' }}"
+    assert "gh workflow run mlops.yml" in dispatch["run"]
+    restored = _uses(job, "actions/cache/restore@v4")
+    saved = _uses(job, "actions/cache/save@v4")
+    assert restored[0]["with"]["path"] == saved[0]["with"]["path"] == "artifacts/monitor/alerts.json"
