@@ -177,6 +177,7 @@ class Classified:
     """One request's images, classified: what the handler answers and logs."""
 
     model_version: str
+    class_names: list[str]  # of the model that classified them (a reload may have swapped models since)
     outputs: Outputs
     images: np.ndarray  # uint8 [n, S, S, 3], as the model saw them
     sizes: np.ndarray  # [n, 2] original width, height
@@ -206,7 +207,7 @@ def _processor(state: ServerState) -> Callable[[list[list[bytes]]], list[Classif
             start = 0
             for i, images, sizes in decoded:
                 end = start + len(images)
-                results[i] = Classified(model.version, outputs.rows(start, end), images, sizes)
+                results[i] = Classified(model.version, model.card.class_names, outputs.rows(start, end), images, sizes)
                 start = end
         return results
 
@@ -444,7 +445,7 @@ async def _classify(state: ServerState, blobs: list[bytes], started: float) -> l
     if isinstance(result, ApiError):
         raise result
     latency_ms = (time.perf_counter() - started) * 1000
-    answers = _answers(result, state.model.card.class_names if state.model else [], latency_ms, _request_id())
+    answers = _answers(result, latency_ms, _request_id())
     state.metrics.predictions.labels(result.model_version).inc(len(answers))
     if state.log is not None:
         _log_records(state.log, answers, result)
@@ -459,7 +460,8 @@ def _request_id() -> str:
     return f"{_ID_PREFIX}-{next(_ID_COUNTER):x}"
 
 
-def _answers(result: Classified, names: list[str], latency_ms: float, request_id: str) -> list[dict[str, Any]]:
+def _answers(result: Classified, latency_ms: float, request_id: str) -> list[dict[str, Any]]:
+    names = result.class_names
     answers = []
     for ids, probs in zip(result.outputs.top_ids.tolist(), result.outputs.top_probs.tolist(), strict=True):
         scores = [{"class_id": c, "class_name": names[c] if c < len(names) else str(c), "confidence": p}

@@ -338,16 +338,17 @@ def _chart(window: dict[str, Any], reference: Reference, result: dict[str, Any],
             panels.append({"name": name, "edges": reference.edges[name],
                            "reference": histogram(reference.samples[name], reference.edges[name]),
                            "current": window["hist"][name], "drifted": features.get(name, {}).get("drifted")})
-    drift_png(panels, path, f"Reference (validation split) against the last {window['rows']:,} predictions")
+    drift_png(panels, path, f"Reference (filled) against the last {window['rows']:,} predictions (line)")
 
 
 def _html(result: dict[str, Any], config: SignpostConfig) -> str:
     verdict = result["verdict"]
     rows = []
     for name, f in result.get("input_drift", {}).get("features", {}).items():
+        p_value = f"{f['p_value']:.4f}" if "p_value" in f else "–"  # Wasserstein has none
         rows.append(f"<tr{' class=drift' if f['drifted'] else ''}><td>{html.escape(name)}</td><td>{f['method']}</td>"
-                    f"<td>{f['statistic']:.4f}</td><td>{f.get('p_value', float('nan')):.4f}</td>"
-                    f"<td>{f['psi']:.4f}</td><td>{f['reference_mean']:.4f}</td><td>{f['current_mean']:.4f}</td></tr>")
+                    f"<td>{f['statistic']:.4f}</td><td>{p_value}</td><td>{f['psi']:.4f}</td>"
+                    f"<td>{f['reference_mean']:.4f}</td><td>{f['current_mean']:.4f}</td></tr>")
     prediction = result.get("prediction_drift", {})
     health = result.get("health", {})
     chart = '<img src="drift.png" alt="reference against current distributions">' if result["window"]["rows"] else ""
@@ -365,11 +366,20 @@ td:first-child{{text-align:left}}tr.drift td{{color:#c44e52;font-weight:600}}img
 (reference {prediction.get('reference_confidence', float('nan')):.4f})</p>
 <h2>Inputs</h2><table><tr><th>feature</th><th>test</th><th>statistic</th><th>p-value</th><th>PSI</th>
 <th>reference mean</th><th>current mean</th></tr>{''.join(rows)}</table>
+<h2>Model outputs</h2><p>{html.escape(_embedding_line(result))}</p>
 <h2>Service</h2><p>latency p50 {health.get('latency_p50_ms', float('nan')):.2f} ms, p99
 {health.get('latency_p99_ms', float('nan')):.2f} ms (SLO {health.get('slo_ms', float('nan')):.0f} ms)</p>
 {chart}
 </body></html>
 """
+
+
+def _embedding_line(result: dict[str, Any]) -> str:
+    embedding = result.get("embedding_drift", {})
+    if "dimensions" not in embedding:
+        return embedding.get("note", "not measured")
+    return (f"{embedding['drifted_share']:.0%} of the {len(embedding['dimensions'])} output-summary dimensions "
+            f"drifted{' — drift' if embedding['drifted'] else ''}")
 
 
 def since_seconds(text: str) -> float:
