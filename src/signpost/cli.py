@@ -417,7 +417,8 @@ def _monitor(args: argparse.Namespace) -> int:
     embedding = r["embedding_drift"]
     print(f"  embeddings: {'DRIFT' if embedding['drifted'] else embedding.get('note', 'stable')}")
     print(f"  latency p99 {h['latency_p99_ms']:.1f} ms (SLO {h['slo_ms']:.0f} ms)"
-          f"{' — BREACHED' if h['breached'] else ''}")
+          f"{' — BREACHED' if h['latency_breached'] else ''}; errors {h['error_rate']:.1%}"
+          f"{' — BREACHED' if h['errors_breached'] else ''}")
     for alert in r.get("alerts", []):
         outcome = "sent" if alert["ok"] else alert["error"]
         print(f"  alert {alert['status']} {alert['incident']} -> {alert['sink']}: {outcome}")

@@ -247,6 +247,8 @@ class MonitorConfig(StrictModel):
                              "(0.25: the usual 'significant shift')")
     confidence_shift: float = Field(0.1, gt=0.0, description="largest change of the mean confidence")
     latency_p99_ms: float = Field(50.0, gt=0.0, description="the service-level objective for p99 latency")
+    max_error_rate: float = Field(0.05, ge=0.0, le=1.0, description="share of prediction requests answered with an "
+                                  "error (4xx/5xx) above which the service is unhealthy")
     accuracy_drop: float = Field(0.05, gt=0.0, le=1.0, description="live accuracy this far under the evaluation's")
     cooldown_minutes: float = Field(60.0, ge=0.0, description="one alert per incident and sink within this time")
     alerts: list[AlertSinkConfig] = Field(default_factory=lambda: [AlertSinkConfig(kind="log")])

@@ -111,3 +111,20 @@ def test_the_cli_exits_5_on_drift_and_says_when_there_is_too_little_data(
     assert "at least 200 are needed" in capsys.readouterr().out
     report = sorted((config.workdir / "monitor").glob("*/result.json"))
     assert json.loads(report[0].read_text())["verdict"]["retrain"]
+
+
+def test_a_high_error_rate_is_an_incident(config, optimized: dict, tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'log.db'}"
+    _write_log(url, optimized["data_dir"], 300)  # ts 1000 .. 1299
+    engine = predlog.make_engine(url)
+    with engine.begin() as conn:
+        conn.execute(insert(predlog.request_errors), [
+            {"ts": 1000.0 + i * 4, "route": "/v1/predict", "status": 400, "code": "corrupt_image"}
+            for i in range(60)])
+        conn.execute(insert(predlog.request_errors), [{"ts": 50.0, "route": "/v1/predict", "status": 400,
+                                                       "code": "old"}])  # outside the window: not counted
+    engine.dispose()
+    r = monitor(config, data_dir=optimized["data_dir"], log_url=url).result
+    assert r["health"]["errors"] == 60 and r["health"]["error_rate"] == pytest.approx(60 / 360)
+    assert r["health"]["errors_breached"] and not r["verdict"]["retrain"]  # unhealthy, not drifted
+    assert [a["incident"] for a in r["alerts"]] == ["errors"]

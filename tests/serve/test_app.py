@@ -313,3 +313,20 @@ def test_serving_and_reloading_by_registry_alias(make_client, optimized: dict, t
     assert client.post("/v1/predict", content=image_bytes(), headers={"Content-Type": "image/png"}).status_code == 200
     missing = client.post("/v1/admin/reload", json={"alias": "nope"}, headers={"X-Admin-Key": "k"})
     assert missing.status_code == 400 and "no 'nope' version" in missing.json()["error"]["message"]
+
+
+def test_failed_prediction_requests_are_logged_for_the_error_rate(optimized: dict, tmp_path: Path) -> None:
+    from fastapi.testclient import TestClient
+
+    from signpost.serve.app import create_app
+    from signpost.serve.predlog import count, default_url, error_count
+    from tests.serve.conftest import serve_config, wait_ready
+
+    config = serve_config(optimized, tmp_path / "work")
+    with TestClient(create_app(config, str(optimized["model_dir"]))) as client:
+        wait_ready(client)
+        for body in (b"", b"junk", image_bytes(), image_bytes(seed=2)):
+            client.post("/v1/predict", content=body, headers={"Content-Type": "image/png"})
+        client.get("/nowhere")  # not a prediction request: not counted
+    url = default_url(config.workdir)
+    assert count(url) == 2 and error_count(url, 0, time.time() + 1) == 2

@@ -490,7 +490,10 @@ def _add_error_handlers(app: FastAPI) -> None:
         return {"error": {"code": code, "message": message}}
 
     @app.exception_handler(ApiError)
-    async def api_error(_request: Request, exc: ApiError) -> JSONResponse:
+    async def api_error(request: Request, exc: ApiError) -> JSONResponse:
+        state: ServerState = request.app.state.signpost
+        if state.log is not None and request.url.path.startswith("/v1/predict"):
+            state.log.add_error(request.url.path, exc.status, exc.code)  # the monitor's error rate
         return JSONResponse(body(exc.code, exc.message), status_code=exc.status, headers=exc.headers)
 
     @app.exception_handler(RequestValidationError)

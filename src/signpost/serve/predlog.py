@@ -73,6 +73,30 @@ def default_url(workdir: Path) -> str:
     return f"sqlite:///{path}"
 
 
+request_errors = Table(
+    "request_errors",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("ts", Float, nullable=False, index=True, doc="Unix time of the answer, seconds"),
+    Column("route", String(100), nullable=False),
+    Column("status", Integer, nullable=False),
+    Column("code", String(100), nullable=False, doc="the error code the client was given"),
+)
+_ERROR = "__error__"  # marks a queued request_errors row among prediction records
+
+
+def error_count(url: str, since: float, until: float) -> int:
+    """Prediction requests answered with an error between Unix times ``since`` and ``until``."""
+    engine = make_engine(url)
+    try:
+        with engine.connect() as conn:
+            query = select(func.count()).select_from(request_errors).where(
+                request_errors.c.ts >= since, request_errors.c.ts <= until)
+            return int(conn.execute(query).scalar_one())
+    finally:
+        engine.dispose()
+
+
 def redact(url: str) -> str:
     """``url`` with any password hidden, for reports and logs."""
     return make_url(url).render_as_string(hide_password=True)
@@ -173,6 +197,13 @@ class PredictionLog:
             return
         self._queue.put(dict(record))
 
+    def add_error(self, route: str, status: int, code: str) -> None:
+        """Queue one answered-with-an-error prediction request (for the monitor's error rate); never blocks."""
+        if self._closed or self._queue.qsize() >= self.max_pending:
+            self.dropped += 1
+            return
+        self._queue.put({_ERROR: True, "ts": time.time(), "route": route, "status": status, "code": code})
+
     def pending(self) -> int:
         return self._queue.qsize()
 
@@ -221,6 +252,14 @@ class PredictionLog:
                 self._write(rows[start : start + self.batch_size])
 
     def _write(self, rows: list[dict[str, Any]]) -> None:
+        errors = [{k: v for k, v in row.items() if k != _ERROR} for row in rows if _ERROR in row]
+        if errors:
+            try:
+                with self._engine.begin() as conn:
+                    conn.execute(insert(request_errors), errors)
+            except Exception as exc:  # error counts are a health signal, not the record of an answer
+                log.warning("writing %d request-error records failed: %s", len(errors), exc)
+            rows = [row for row in rows if _ERROR not in row]
         if not rows:
             return
         try:

@@ -11,7 +11,8 @@ running histograms, counts and a bounded uniform sample, so a million rows take 
   inputs drift when ``drift_share`` of them do, or one of them shifts by a PSI of ``psi_major`` or more;
 - embedding drift: the logged output summaries against the same summaries of the model on the validation split,
   when the model is at hand;
-- service health: latency p99 against ``monitor.latency_p99_ms``.
+- service health: latency p99 against ``monitor.latency_p99_ms``, and the share of prediction requests answered
+  with an error (the server logs those too) against ``monitor.max_error_rate``.
 
 It writes ``result.json``, a drift chart and ``report.html`` under ``monitor/<name>-<time>/``, sends alerts for
 incidents that started or cleared (``signpost.monitoring.alerts``), and says whether retraining is needed (the CLI
@@ -45,7 +46,7 @@ log = logging.getLogger(__name__)
 STAGE = "monitor"
 INPUTS = (*STAT_NAMES, "width", "height")
 EMBEDDINGS = predlog.EMBEDDING_COLUMNS
-COLUMNS = ["class_id", "confidence", "latency_ms", *INPUTS, *EMBEDDINGS]
+COLUMNS = ["ts", "class_id", "confidence", "latency_ms", *INPUTS, *EMBEDDINGS]
 SAMPLE = 5000  # values per feature kept for KS / Wasserstein (a uniform sample of the window)
 LATENCY_EDGES = np.logspace(-2, 5, 1401)  # 0.01 ms .. 100 s, 0.5 % wide bins: p99 to within 0.5 %
 REFERENCE_FILES = 2000  # training source files measured for the input reference
@@ -212,8 +213,11 @@ def _read(url: str, *, last: int | None, since: float | None, reference: Referen
     sample_keys = np.empty(0)
     sample = np.empty((0, len(features)))
     rows, confidence_sum = 0, 0.0
+    first_ts, last_ts = np.inf, -np.inf
     for chunk in predlog.read_window(url, COLUMNS, last=last, since=since):
         rows += len(chunk)
+        first_ts = min(first_ts, float(chunk[:, index["ts"]].min()))
+        last_ts = max(last_ts, float(chunk[:, index["ts"]].max()))
         ids = chunk[:, index["class_id"]].astype(np.int64)
         classes += np.bincount(np.clip(ids, 0, len(classes) - 1), minlength=len(classes))[: len(classes)]
         conf = chunk[:, index["confidence"]]
@@ -227,7 +231,9 @@ def _read(url: str, *, last: int | None, since: float | None, reference: Referen
         pool = np.concatenate([sample, columns])
         keep = np.argpartition(keys, SAMPLE)[:SAMPLE] if len(keys) > SAMPLE else np.arange(len(keys))
         sample_keys, sample = keys[keep], pool[keep]
-    return {"rows": rows, "classes": classes, "confidence": confidence,
+    errors = predlog.error_count(url, first_ts, last_ts) if rows else 0
+    return {"rows": rows, "errors": errors, "span": (first_ts, last_ts) if rows else None,
+            "classes": classes, "confidence": confidence,
             "mean_confidence": confidence_sum / rows if rows else None, "latency": latency, "hist": hist,
             "sample": {name: sample[:, j] for j, name in enumerate(features)}, "features": features}
 
@@ -287,10 +293,12 @@ def evaluate_window(window: dict[str, Any], reference: Reference, cfg: MonitorCo
     else:
         result["embedding_drift"] = {"drifted": False, "note": "not measured: no model given for the reference"}
     p99 = _quantile(window["latency"], 0.99)
+    error_rate = window["errors"] / (window["errors"] + rows)
     result["health"] = {"latency_p99_ms": p99, "latency_p50_ms": _quantile(window["latency"], 0.5),
-                        "slo_ms": cfg.latency_p99_ms, "breached": p99 > cfg.latency_p99_ms,
-                        "errors": "counted by the server's /metrics (signpost_requests_total by status); the log "
-                                  "holds answered requests only"}
+                        "slo_ms": cfg.latency_p99_ms, "latency_breached": p99 > cfg.latency_p99_ms,
+                        "errors": window["errors"], "error_rate": error_rate, "max_error_rate": cfg.max_error_rate,
+                        "errors_breached": error_rate > cfg.max_error_rate}
+    result["health"]["breached"] = result["health"]["latency_breached"] or result["health"]["errors_breached"]
     reasons = [name for name, part in (("prediction drift", prediction), ("input drift", result["input_drift"]),
                                        ("embedding drift", result["embedding_drift"])) if part["drifted"]]
     result["verdict"] = {"retrain": bool(reasons), "reasons": reasons, "enough_data": True}
@@ -323,9 +331,12 @@ def _incidents(result: dict[str, Any]) -> list[Incident]:
         incidents.append(Incident("embedding-drift", f"{e['drifted_share']:.0%} of the output summaries drifted",
                                   {}))
     h = result["health"]
-    if h["breached"]:
+    if h["latency_breached"]:
         incidents.append(Incident("latency", f"p99 {h['latency_p99_ms']:.1f} ms over the {h['slo_ms']:.0f} ms "
                                   "SLO", h))
+    if h["errors_breached"]:
+        incidents.append(Incident("errors", f"{h['error_rate']:.1%} of prediction requests failed ({h['errors']}); "
+                                  f"the limit is {h['max_error_rate']:.1%}", h))
     return incidents
 
 
@@ -368,7 +379,8 @@ td:first-child{{text-align:left}}tr.drift td{{color:#c44e52;font-weight:600}}img
 <th>reference mean</th><th>current mean</th></tr>{''.join(rows)}</table>
 <h2>Model outputs</h2><p>{html.escape(_embedding_line(result))}</p>
 <h2>Service</h2><p>latency p50 {health.get('latency_p50_ms', float('nan')):.2f} ms, p99
-{health.get('latency_p99_ms', float('nan')):.2f} ms (SLO {health.get('slo_ms', float('nan')):.0f} ms)</p>
+{health.get('latency_p99_ms', float('nan')):.2f} ms (SLO {health.get('slo_ms', float('nan')):.0f} ms);
+{health.get('errors', 0)} failed prediction requests ({health.get('error_rate', 0.0):.2%})</p>
 {chart}
 </body></html>
 """
