@@ -10,8 +10,8 @@ import pytest
 
 from signpost.cli import main
 
-COMMANDS = ["prepare", "train", "evaluate", "optimize", "bench", "serve", "package", "promote", "rollback", "synth",
-            "run"]
+COMMANDS = ["prepare", "train", "evaluate", "optimize", "bench", "serve", "package", "monitor", "simulate",
+            "feedback add", "promote", "rollback", "synth", "run"]
 
 
 def _signpost(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
@@ -23,7 +23,7 @@ def _signpost(*args: str, cwd: Path | None = None) -> subprocess.CompletedProces
 @pytest.mark.parametrize("command", COMMANDS)
 def test_every_subcommand_has_help(command: str, capsys: pytest.CaptureFixture) -> None:
     with pytest.raises(SystemExit) as exit_info:
-        main([command, "--help"])
+        main([*command.split(), "--help"])
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
     assert "--config" in out and "KEY=VALUE" in out

@@ -159,6 +159,15 @@ def _build_parser() -> argparse.ArgumentParser:
     simulate.add_argument("--log", metavar="URL", help="the service's prediction log (default: as monitor)")
     simulate.add_argument("--model", type=Path, help="model for the embedding reference (default: the newest)")
 
+    feedback_group = sub.add_parser("feedback", help="labelled images from production, for monitoring and training",
+                                    description="labelled images from production, for monitoring and training")
+    feedback = _stage_parser(feedback_group.add_subparsers(title="actions", metavar="ACTION", required=True), "add",
+                             "store labelled images as a feedback batch", _feedback)
+    feedback.add_argument("--images", nargs="+", type=Path, default=[], help="image files, all with --label")
+    feedback.add_argument("--label", help="the class (id or name) of every --images file")
+    feedback.add_argument("--csv", type=Path, help="a CSV of path,label rows (paths relative to the CSV)")
+    feedback.add_argument("--data", type=Path, help="prepared data whose classes the labels name (default: newest)")
+
     _stage_parser(sub, "promote", "move the registry's champion alias to the challenger", _promote)
     _stage_parser(sub, "rollback", "move the champion alias back to the previous champion", _rollback)
 
@@ -423,6 +432,11 @@ def _monitor(args: argparse.Namespace) -> int:
         outcome = "sent" if alert["ok"] else alert["error"]
         print(f"  alert {alert['status']} {alert['incident']} -> {alert['sink']}: {outcome}")
     reasons = ", ".join(verdict["reasons"])
+    quality = r.get("quality", {})
+    if "accuracy" in quality:
+        print(f"  feedback: accuracy {quality['accuracy']:.3f} on {quality['images']} labelled images "
+              f"(evaluation {quality['baseline'] if quality['baseline'] is not None else '-'})"
+              f"{' — DROP' if quality['dropped'] else ''}")
     print(f"  verdict: {f'retrain ({reasons})' if verdict['retrain'] else 'no retraining needed'}")
     return EXIT_DRIFT if verdict["retrain"] else 0
 
@@ -449,6 +463,20 @@ def _simulate(args: argparse.Namespace) -> int:
           f"({s['false_alarm_rate']:.0%}); drift detected: "
           + ", ".join(f"{k} {'yes' if v else 'NO'}" for k, v in s["detected"].items()))
     return 0 if s["all_detected"] and s["false_alarms"] == 0 else EXIT_FAILURE
+
+
+def _feedback(args: argparse.Namespace) -> int:
+    from signpost.stages.feedback import add_feedback, read_items
+
+    config = _config(args)
+    if bool(args.images) == bool(args.csv) or (args.images and args.label is None):
+        raise ConfigError("feedback add: give --images FILE ... with --label CLASS, or --csv FILE")
+    items = read_items(args.csv) if args.csv else [(path, args.label) for path in args.images]
+    result = add_feedback(config, data_dir=args.data or _newest(config, "data", "signpost prepare"), items=items)
+    classes = ", ".join(f"{name} ×{n}" for name, n in result.manifest.get("classes", {}).items())
+    print(f"feedback: {'already stored' if result.reused else 'stored'} {result.manifest['metrics']['images']} "
+          f"images in {result.path} ({classes})")
+    return 0
 
 
 def _promote(args: argparse.Namespace) -> int:

@@ -11,6 +11,8 @@ running histograms, counts and a bounded uniform sample, so a million rows take 
   inputs drift when ``drift_share`` of them do, or one of them shifts by a PSI of ``psi_major`` or more;
 - embedding drift: the logged output summaries against the same summaries of the model on the validation split,
   when the model is at hand;
+- quality: with labelled feedback (``signpost feedback add``), the model's live accuracy overall and per class
+  against the evaluation's; a drop beyond ``monitor.accuracy_drop`` also calls for retraining;
 - service health: latency p99 against ``monitor.latency_p99_ms``, and the share of prediction requests answered
   with an error (the server logs those too) against ``monitor.max_error_rate``.
 
@@ -38,6 +40,7 @@ from signpost.data.cache import load_split
 from signpost.data.stats import STAT_NAMES
 from signpost.monitoring.alerts import AlertManager, Incident
 from signpost.monitoring.drift import chi_square_p, histogram, jensen_shannon, ks_test, psi, wasserstein_normed
+from signpost.monitoring.feedback import feedback_batches, load_batch
 from signpost.report.plots import drift_png
 from signpost.serve import predlog
 
@@ -93,6 +96,10 @@ def monitor(
     window = _read(url, last=None if since is not None else (last or cfg.window), since=since,
                    reference=reference)
     result = evaluate_window(window, reference, cfg)
+    result["quality"] = quality(feedback_batches(config.workdir, config.name), model_dir, reference, cfg)
+    if result["quality"].get("dropped"):
+        result["verdict"]["retrain"] = True
+        result["verdict"]["reasons"] = [*result["verdict"].get("reasons", []), "accuracy drop on feedback"]
     result["log"] = predlog.redact(url)
     result["reference"] = reference.name
     stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%d-%H%M%S-%f")[:-3]  # ms: two runs, two folders
@@ -305,6 +312,31 @@ def evaluate_window(window: dict[str, Any], reference: Reference, cfg: MonitorCo
     return result
 
 
+def quality(batches: list[Path], model_dir: Path | None, reference: Reference, cfg: MonitorConfig) -> dict[str, Any]:
+    """Live accuracy of the model on the labelled feedback, overall and per class, against the evaluation's."""
+    if not batches:
+        return {"note": "no labelled feedback (signpost feedback add)"}
+    if model_dir is None:
+        return {"note": "no model given to score the feedback with"}
+    from signpost.data.cache import open_image, preprocess
+    from signpost.serve.model import load, resolve
+
+    model = load(resolve(model_dir, SignpostConfig()), threads=None, max_batch=256)
+    size = model.card.image_size
+    items = [item for batch in batches for item in load_batch(batch)]
+    images = np.stack([preprocess(open_image(data), size) for data, _ in items])
+    labels = np.array([label for _, label in items])
+    predicted = np.concatenate([model.forward(images[i : i + 256], top_k=1).top_ids[:, 0]
+                                for i in range(0, len(images), 256)])
+    correct = predicted == labels
+    per_class = {int(c): float(correct[labels == c].mean()) for c in np.unique(labels)}
+    accuracy = float(correct.mean())
+    result: dict[str, Any] = {"images": len(labels), "batches": [b.name for b in batches], "accuracy": accuracy,
+                              "per_class": per_class, "baseline": reference.top1}
+    result["dropped"] = reference.top1 is not None and reference.top1 - accuracy > cfg.accuracy_drop
+    return result
+
+
 def _quantile(counts: np.ndarray, q: float) -> float:
     total = counts.sum()
     if total == 0:
@@ -315,6 +347,10 @@ def _quantile(counts: np.ndarray, q: float) -> float:
 
 def _incidents(result: dict[str, Any]) -> list[Incident]:
     incidents = []
+    q = result.get("quality", {})
+    if q.get("dropped"):
+        incidents.append(Incident("accuracy", f"live accuracy {q['accuracy']:.3f} on {q['images']} labelled feedback "
+                                  f"images, against {q['baseline']:.3f} at evaluation", q))
     if not result["verdict"].get("enough_data"):
         return incidents
     p = result["prediction_drift"]

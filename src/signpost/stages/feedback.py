@@ -1,0 +1,105 @@
+"""feedback: labelled images from production (reviewed samples, corrections) as a versioned artifact.
+
+``signpost feedback add`` takes image files with one label, or a CSV of ``path,label`` rows (a label is a class id
+or a class name), checks that every image decodes and every label is a class of the data, and writes
+``feedback/<name>-<hash>/``: the images under content-addressed names, ``labels.csv`` (file, class id, where it came
+from) and a manifest. The monitor scores the served model on every feedback batch (live accuracy, overall and per
+class, against the evaluation's).
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from signpost.artifacts import (
+    artifact_path,
+    atomic_dir,
+    code_version,
+    hash_json,
+    is_complete,
+    read_manifest,
+    write_manifest,
+)
+from signpost.config import SignpostConfig
+from signpost.data.cache import CorruptImageError, open_image
+from signpost.monitoring.feedback import LABELS, STAGE
+
+log = logging.getLogger(__name__)
+
+
+
+class FeedbackError(ValueError):
+    """Feedback that cannot be accepted; the message lists what is wrong."""
+
+
+@dataclass
+class FeedbackResult:
+    path: Path
+    reused: bool
+    manifest: dict[str, Any]
+
+
+def add_feedback(config: SignpostConfig, *, data_dir: Path, items: list[tuple[Path, str]]) -> FeedbackResult:
+    """Store ``items`` (image path, label as class id or name) as a feedback batch; the same batch twice is one."""
+    if not items:
+        raise FeedbackError("no feedback given: pass --images FILE ... --label CLASS, or --csv FILE")
+    class_names = read_manifest(data_dir)["dataset"]["class_names"]
+    by_name = {name.lower(): i for i, name in enumerate(class_names)}
+    problems: list[str] = []
+    accepted: list[tuple[str, bytes, int, str]] = []
+    for path, label in items:
+        text = str(label).strip()
+        class_id = int(text) if text.isdigit() else by_name.get(text.lower())
+        if class_id is None or not 0 <= class_id < len(class_names):
+            problems.append(f"{path}: label {text!r} is not a class id (0-{len(class_names) - 1}) or a class name")
+            continue
+        try:
+            data = Path(path).read_bytes()
+            open_image(data)
+        except (OSError, CorruptImageError) as exc:
+            problems.append(f"{path}: {exc}")
+            continue
+        digest = hashlib.sha256(data).hexdigest()
+        accepted.append((f"{digest[:16]}{Path(path).suffix.lower() or '.img'}", data, class_id, str(path)))
+    if problems:
+        shown = "\n  ".join(problems[:20]) + (f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else "")
+        raise FeedbackError(f"{len(problems)} of {len(items)} feedback items cannot be used (nothing was stored):"
+                            f"\n  {shown}")
+    key = hash_json({"items": sorted((name, class_id) for name, _, class_id, _ in accepted),
+                     "data": read_manifest(data_dir)["key"]})
+    path = artifact_path(config.workdir, STAGE, config.name, key)
+    if is_complete(path):
+        return FeedbackResult(path, True, read_manifest(path))
+    with atomic_dir(path) as tmp:
+        (tmp / "images").mkdir()
+        with open(tmp / LABELS, "w", newline="", encoding="utf-8") as fh:
+            writer = csv.writer(fh)
+            writer.writerow(["file", "label", "source"])
+            for name, data, class_id, source in accepted:
+                (tmp / "images" / name).write_bytes(data)
+                writer.writerow([f"images/{name}", class_id, source])
+        counts = {class_names[c]: sum(1 for _, _, k, _ in accepted if k == c) for c in sorted({a[2] for a in accepted})}
+        manifest = write_manifest(tmp, stage=STAGE, key=key, inputs={"data": data_dir.name}, config={},
+                                  code=code_version(__name__), metrics={"images": len(accepted)},
+                                  extra={"classes": counts})
+    log.info("stored %d feedback images in %s", len(accepted), path)
+    return FeedbackResult(path, False, manifest)
+
+
+def read_items(csv_path: Path) -> list[tuple[Path, str]]:
+    """``path,label`` rows of a CSV (a header row is skipped; paths relative to the CSV's folder)."""
+    rows = list(csv.reader(Path(csv_path).read_text(encoding="utf-8").splitlines()))
+    if rows and rows[0] and rows[0][0].strip().lower() in ("path", "file", "filename"):
+        rows = rows[1:]
+    items = []
+    for n, row in enumerate(rows, 1):
+        if len(row) < 2:
+            raise FeedbackError(f"{csv_path}, row {n}: expected path,label; got {row}")
+        file = Path(row[0].strip())
+        items.append((file if file.is_absolute() else Path(csv_path).parent / file, row[1]))
+    return items
