@@ -9,8 +9,8 @@ running histograms, counts and a bounded uniform sample, so a million rows take 
 - input drift: every image statistic (brightness, contrast, sharpness, colour, size) against the training images
   measured as the server measures uploads: KS for small windows, normed Wasserstein for large ones, and PSI; the
   inputs drift when ``drift_share`` of them do, or one of them shifts by a PSI of ``psi_major`` or more;
-- embedding drift: the logged output summaries against the same summaries of the model on the validation split,
-  when the model is at hand;
+- embedding drift: the logged output summaries against the model's own summaries of the reference images, when
+  the model is at hand;
 - quality: with labelled feedback (``signpost feedback add``), the model's live accuracy overall and per class
   against the evaluation's; a drop beyond ``monitor.accuracy_drop`` also calls for retraining;
 - service health: latency p99 against ``monitor.latency_p99_ms``, and the share of prediction requests answered
