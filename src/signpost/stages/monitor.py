@@ -43,6 +43,7 @@ from signpost.monitoring.drift import chi_square_p, histogram, jensen_shannon, k
 from signpost.monitoring.feedback import feedback_batches, load_batch
 from signpost.report.plots import drift_png
 from signpost.serve import predlog
+from signpost.serve.model import Outputs, ServedModel
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +54,7 @@ COLUMNS = ["ts", "class_id", "confidence", "latency_ms", *INPUTS, *EMBEDDINGS]
 SAMPLE = 5000  # values per feature kept for KS / Wasserstein (a uniform sample of the window)
 LATENCY_EDGES = np.logspace(-2, 5, 1401)  # 0.01 ms .. 100 s, 0.5 % wide bins: p99 to within 0.5 %
 REFERENCE_FILES = 2000  # training source files measured for the input reference
+_BATCH = 256  # images per forward pass over reference and feedback images
 CONFIDENCE_BINS = 10  # equal-width bins of top-1 confidence, unless the evaluation's calibration has others
 
 
@@ -92,11 +94,13 @@ def monitor(
     """Check the prediction log's window against the reference; see the module doc."""
     cfg = config.monitor
     url = log_url or config.serve.prediction_log or predlog.default_url(config.workdir)
-    reference = load_reference(Path(data_dir), evaluation_dir, model_dir, cache_dir=config.workdir / STAGE)
+    # Loaded once (hash-checked, warmed up): it describes the reference and scores the feedback.
+    model = None if model_dir is None else _load_model(model_dir)
+    reference = load_reference(Path(data_dir), evaluation_dir, model, cache_dir=config.workdir / STAGE)
     window = _read(url, last=None if since is not None else (last or cfg.window), since=since,
                    reference=reference)
     result = evaluate_window(window, reference, cfg)
-    result["quality"] = quality(feedback_batches(config.workdir, config.name), model_dir, reference, cfg)
+    result["quality"] = quality(feedback_batches(config.workdir, config.name), model, reference, cfg)
     if result["quality"].get("dropped"):
         result["verdict"]["retrain"] = True
         result["verdict"]["reasons"] = [*result["verdict"].get("reasons", []), "accuracy drop on feedback"]
@@ -115,7 +119,7 @@ def monitor(
     return MonitorResult(path, result)
 
 
-def load_reference(data_dir: Path, evaluation_dir: Path | None, model_dir: Path | None,
+def load_reference(data_dir: Path, evaluation_dir: Path | None, model: ServedModel | None,
                    cache_dir: Path | None = None) -> Reference:
     """What "normal" looks like: the training images as the server sees them and, with a model, what the model
     says about them (its predicted class mix, confidences and output summaries); without a model, the training
@@ -145,12 +149,12 @@ def load_reference(data_dir: Path, evaluation_dir: Path | None, model_dir: Path 
         report = json.loads((Path(evaluation_dir) / "report.json").read_text(encoding="utf-8"))
         confidence = np.array([b["count"] for b in report["calibration"]["bins"]], dtype=np.float64)
         top1 = float(report["metrics"]["top1"])
-    if model_dir is not None:
-        outputs = _model_outputs(model_dir, images)
+    if model is not None:
+        outputs = _model_outputs(model, images)
         values.update({n: outputs.embeddings[:, j].astype(np.float64) for j, n in enumerate(EMBEDDINGS)})
         class_counts = np.bincount(outputs.top_ids[:, 0], minlength=len(class_counts)).astype(np.float64)
         confidence = np.histogram(outputs.top_probs[:, 0], bins=CONFIDENCE_BINS, range=(0.0, 1.0))[0].astype(float)
-        name += f"; predictions of {Path(model_dir).name}"
+        name += f"; predictions of {model.version}"
     edges = {n: np.histogram_bin_edges(v, bins=20) for n, v in values.items()}
     return Reference(name, class_counts, edges, values, confidence, top1)
 
@@ -197,12 +201,15 @@ def _served_view(data_dir: Path, manifest: dict[str, Any], cache_dir: Path | Non
     return values, images, name
 
 
-def _model_outputs(model_dir: Path, images: np.ndarray) -> Any:
-    """The served model's outputs on the reference images (uint8 [N, S, S, 3]), the way the server computes them."""
-    from signpost.serve.model import Outputs, load, resolve
+def _load_model(model_dir: Path) -> ServedModel:
+    from signpost.serve.model import load, resolve
 
-    model = load(resolve(model_dir, SignpostConfig()), threads=None, max_batch=256)
-    parts = [model.forward(images[i : i + 256], top_k=1) for i in range(0, len(images), 256)]
+    return load(resolve(model_dir, SignpostConfig()), threads=None, max_batch=_BATCH)
+
+
+def _model_outputs(model: ServedModel, images: np.ndarray) -> Outputs:
+    """The served model's outputs on uint8 images [N, S, S, 3], the way the server computes them, in batches."""
+    parts = [model.forward(images[i : i + _BATCH], top_k=1) for i in range(0, len(images), _BATCH)]
     return Outputs(*(np.concatenate([getattr(p, f) for p in parts]) for f in
                      ("top_ids", "top_probs", "entropy", "embeddings")))
 
@@ -312,22 +319,20 @@ def evaluate_window(window: dict[str, Any], reference: Reference, cfg: MonitorCo
     return result
 
 
-def quality(batches: list[Path], model_dir: Path | None, reference: Reference, cfg: MonitorConfig) -> dict[str, Any]:
+def quality(batches: list[Path], model: ServedModel | None, reference: Reference,
+            cfg: MonitorConfig) -> dict[str, Any]:
     """Live accuracy of the model on the labelled feedback, overall and per class, against the evaluation's."""
     if not batches:
         return {"note": "no labelled feedback (signpost feedback add)"}
-    if model_dir is None:
+    if model is None:
         return {"note": "no model given to score the feedback with"}
     from signpost.data.cache import open_image, preprocess
-    from signpost.serve.model import load, resolve
 
-    model = load(resolve(model_dir, SignpostConfig()), threads=None, max_batch=256)
     size = model.card.image_size
     items = [item for batch in batches for item in load_batch(batch)]
     images = np.stack([preprocess(open_image(data), size) for data, _ in items])
     labels = np.array([label for _, label in items])
-    predicted = np.concatenate([model.forward(images[i : i + 256], top_k=1).top_ids[:, 0]
-                                for i in range(0, len(images), 256)])
+    predicted = _model_outputs(model, images).top_ids[:, 0]
     correct = predicted == labels
     per_class = {int(c): float(correct[labels == c].mean()) for c in np.unique(labels)}
     accuracy = float(correct.mean())
