@@ -158,6 +158,8 @@ def _build_parser() -> argparse.ArgumentParser:
     simulate.add_argument("--concurrency", type=int, default=8, help="concurrent requests (default 8)")
     simulate.add_argument("--log", metavar="URL", help="the service's prediction log (default: as monitor)")
     simulate.add_argument("--model", type=Path, help="model for the embedding reference (default: the newest)")
+    simulate.add_argument("--feedback", type=int, default=0, metavar="N",
+                          help="store N images of each drifted window, labelled, as feedback (default 0)")
 
     feedback_group = sub.add_parser("feedback", help="labelled images from production, for monitoring and training",
                                     description="labelled images from production, for monitoring and training")
@@ -349,6 +351,8 @@ def _print_evaluation(result: EvaluateResult, version: ModelVersion | None) -> N
     print(f"evaluate: {verb} {result.path}")
     print(f"  top-1 {metrics['top1']:.4f}, top-5 {metrics['top5']:.4f}, macro-F1 {metrics['macro_f1']:.4f}, "
           f"ECE {metrics['ece']:.4f}")
+    if feedback := result.report.get("feedback"):
+        print(f"  held-out feedback: top-1 {feedback['top1']:.4f} on {feedback['images']} images")
     if result.passed:
         print("  gate: passed" + (f"; registered {version.name} v{version.version} as challenger" if version else ""))
     else:
@@ -451,7 +455,7 @@ def _simulate(args: argparse.Namespace) -> int:
         drifts=tuple(d for d in args.drifts.split(",") if d), concurrency=args.concurrency,
         api_key=os.environ.get("SIGNPOST_API_KEY"), log_url=args.log,
         evaluation_dir=latest_artifact(config.workdir, "evaluate", config.name),
-        model_dir=args.model or latest_artifact(config.workdir, "train", config.name),
+        model_dir=args.model or latest_artifact(config.workdir, "train", config.name), feedback=args.feedback,
     )
     print(f"{'window':>6}  {'traffic':8} {'sent':>5} {'failed':>6}  monitor")
     for i, w in enumerate(windows, 1):
@@ -525,6 +529,13 @@ def _run(args: argparse.Namespace) -> int:
         state = "skipped" if outcome.skipped else "ran"
         print(f"{outcome.stage:>8}: {state:7} ({outcome.reason}) -> {outcome.path}")
     _print_evaluation(result.evaluation, result.registered)
+    if (decision := result.promotion) is not None and result.registered is not None:
+        name = result.registered.name
+        if decision.promoted:
+            print(f"  promoted {name} v{decision.challenger} to champion: {decision.reason}")
+        else:
+            print(f"  {name} v{decision.champion} stays champion (v{decision.challenger} stays challenger): "
+                  f"{decision.reason}")
     if result.candidate:
         c = result.candidate
         print(f"deployable: {c['variant']} on {c['runtime']} ({c['math']}) — {c['reason']}")

@@ -47,6 +47,20 @@ class SyntheticConfig(StrictModel):
         return self
 
 
+class FeedbackDataConfig(StrictModel):
+    """How ``prepare`` folds labelled feedback batches (``signpost feedback add``) into a new data version."""
+
+    enabled: bool = Field(True, description="fold this experiment's feedback batches into the prepared data")
+    holdout: float = Field(
+        0.3, ge=0.0, lt=1.0,
+        description="share of feedback images (chosen by content hash, so stable) kept out of training: the "
+        "`feedback` split that champion and challenger are compared on",
+    )
+    repeat: int = Field(
+        4, ge=1, le=100, description="times each training feedback image appears in the train split (they are few)"
+    )
+
+
 class DataConfig(StrictModel):
     """Where the raw dataset comes from and how ``prepare`` turns it into a tensor cache."""
 
@@ -72,6 +86,7 @@ class DataConfig(StrictModel):
         description="where the official GTSRB archives are downloaded from",
     )
     synthetic: SyntheticConfig = Field(default_factory=SyntheticConfig)
+    feedback: FeedbackDataConfig = Field(default_factory=FeedbackDataConfig)
 
 
 class AugmentConfig(StrictModel):
@@ -116,6 +131,16 @@ class EvaluateConfig(StrictModel):
     min_accuracy: float = Field(0.9, ge=0.0, le=1.0, description="minimum top-1 test accuracy")
     min_class_accuracy: float = Field(0.5, ge=0.0, le=1.0, description="minimum recall of every class")
     max_drop: float = Field(0.005, ge=0.0, le=1.0, description="largest top-1 drop allowed against the champion")
+    promote: bool = Field(
+        True,
+        description="`signpost run` promotes a challenger that beats the champion by promote_margin (the first "
+        "model to pass the gate becomes champion); false: promote by hand with `signpost promote`",
+    )
+    promote_margin: float = Field(
+        0.0, ge=0.0, le=1.0,
+        description="top-1 lead the challenger needs over the champion, both scored on the same data: on the "
+        "held-out feedback when the data has some, else on the test split (0: any lead; a tie keeps the champion)",
+    )
     calibration_bins: int = Field(15, ge=2, le=100, description="bins of the reliability diagram and ECE")
 
 

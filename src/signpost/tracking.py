@@ -395,6 +395,19 @@ class Registry:
         version = (self._aliases(client) or {}).get(alias)
         return None if version is None else self._version(client, version)
 
+    def find(self, key: str) -> ModelVersion | None:
+        """The newest version registered from the model artifact with manifest key ``key``, or None."""
+        client = self._mlflow()
+        if self._aliases(client) is None:
+            return None
+        found = [mv for mv in client.search_model_versions(f"name='{self.name}'")
+                 if mv.tags.get("signpost.key") == key]
+        return self._version(client, str(max(int(mv.version) for mv in found))) if found else None
+
+    def tag_version(self, version: str, key: str, value: str) -> None:
+        """Set a tag on one model version (e.g. why it was or was not promoted)."""
+        self._mlflow().set_model_version_tag(self.name, version, key, value)
+
     def promote(self, alias_from: str = CHALLENGER, alias_to: str = CHAMPION) -> ModelVersion:
         """Point ``alias_to`` at the version behind ``alias_from`` and remove ``alias_from`` (it has been decided).
 

@@ -81,3 +81,66 @@ def test_the_monitor_scores_the_model_on_feedback_and_calls_a_drop(config, optim
     assert [a["incident"] for a in result["alerts"]] == ["accuracy"]
     without_model = monitor(config, data_dir=optimized["data_dir"], log_url=url).result
     assert "no model" in without_model["quality"]["note"]
+
+
+def test_prepare_folds_feedback_into_a_new_version_with_its_lineage(synthetic_root: Path, tmp_path: Path) -> None:
+    from signpost.stages.prepare import prepare
+    from tests.conftest import local_config
+
+    config = local_config(synthetic_root, tmp_path / "work", "data.feedback.holdout=0.5", "data.feedback.repeat=3")
+    before = prepare(config, progress=False)
+    assert before.manifest["lineage"]["feedback"] == [] and before.manifest["lineage"]["base"] == before.path.name
+    assert not (before.path / "feedback.safetensors").exists()
+
+    source = load_split(before.path / "train.safetensors")
+    folder = tmp_path / "reviewed"
+    folder.mkdir()
+    items = []
+    for i, image in enumerate(source.images[:40].numpy()):
+        Image.fromarray(image.transpose(1, 2, 0) // 3).save(folder / f"{i}.png")  # darker than any training image
+        items.append((folder / f"{i}.png", str(int(source.labels[i]))))
+    batch = add_feedback(config, data_dir=before.path, items=items).path
+
+    after = prepare(config, progress=False)
+    assert after.path != before.path and not after.reused
+    lineage = after.manifest["lineage"]
+    assert lineage["base"] == before.path.name  # the raw data's version, which this one extends
+    (entry,) = lineage["feedback"]
+    assert entry["batch"] == batch.name and entry["images"] == 40 and 0 < entry["holdout"] < 40
+    held = load_split(after.path / "feedback.safetensors")
+    assert len(held) == entry["holdout"]
+    counts = after.manifest["metrics"]
+    old = before.manifest["metrics"]
+    # Raw splits unchanged; each trained feedback image is in the train split `repeat` times.
+    assert counts["test_images"] == old["test_images"] and counts["val_images"] == old["val_images"]
+    assert counts["train_images"] == old["train_images"] + 3 * (40 - entry["holdout"])
+    # Held-out images never reach training: no pixel-identical image on both sides.
+    train = load_split(after.path / "train.safetensors")
+    train_keys = {bytes(x) for x in train.images.numpy().reshape(len(train), -1)}
+    assert not any(bytes(x) in train_keys for x in held.images.numpy().reshape(len(held), -1))
+    rows = (after.path / "sources.tsv").read_text().splitlines()
+    assert sum(r.endswith("\tfeedback-holdout") for r in rows) == entry["holdout"]
+    assert all(not r.startswith("/") for r in rows)  # feedback paths are relative to the workdir
+
+    again = prepare(config, progress=False)
+    assert again.reused and again.path == after.path
+    off = config.model_copy(deep=True)
+    off.data.feedback.enabled = False
+    assert prepare(off, progress=False).path == before.path  # without feedback: the raw data's version again
+
+
+def test_prepare_refuses_a_damaged_feedback_batch(synthetic_root: Path, tmp_path: Path) -> None:
+    from signpost.stages.prepare import PrepareError, prepare
+    from tests.conftest import local_config
+
+    config = local_config(synthetic_root, tmp_path / "work")
+    data = prepare(config, progress=False)
+    test = load_split(data.path / "test.safetensors")
+    Image.fromarray(test.images[0].numpy().transpose(1, 2, 0)).save(tmp_path / "a.png")
+    batch = add_feedback(config, data_dir=data.path, items=[(tmp_path / "a.png", "0")]).path
+    (image,) = (batch / "images").iterdir()
+    image.write_bytes(image.read_bytes()[:-10])
+    with pytest.raises(PrepareError, match="damaged"):
+        prepare(config, progress=False)
+    assert prepare(config.model_copy(update={"data": config.data.model_copy(
+        update={"feedback": config.data.feedback.model_copy(update={"enabled": False})})}), progress=False).reused

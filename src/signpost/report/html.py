@@ -87,6 +87,7 @@ def _lineage(data: dict, model: dict, report: dict, registered: str | None) -> s
     sources = data["inputs"]
     steps = [
         ("prepared data", f"{_code(data['key'])} from {sources['files']} files ({_code(sources['sources_sha256'])})"),
+        *_feedback_lineage(data),
         ("trained model", f"{_code(model['key'])} from data {_code(model['inputs']['data_key'])}"),
         ("training run", _code(model["tracking_run"]) if model.get("tracking_run") else "<span class=\"muted\">"
                          "not tracked</span>"),
@@ -95,6 +96,18 @@ def _lineage(data: dict, model: dict, report: dict, registered: str | None) -> s
     ]
     items = "".join(f"<tr><th>{name}</th><td>{value}</td></tr>" for name, value in steps)
     return f"<h2>Lineage</h2><table>{items}</table>"
+
+
+def _feedback_lineage(data: dict) -> list[tuple[str, str]]:
+    lineage = data.get("lineage") or {}
+    batches = lineage.get("feedback") or []
+    if not batches:
+        return []
+    images = sum(b["images"] for b in batches)
+    held = sum(b["holdout"] for b in batches)
+    names = ", ".join(f"<code>{_e(b['batch'])}</code>" for b in batches)
+    return [("feedback", f"{images} labelled images ({held} held out for the champion / challenger comparison) "
+                         f"from {names}, on top of <code>{_e(lineage['base'])}</code>")]
 
 
 def _gate(gate: dict) -> str:

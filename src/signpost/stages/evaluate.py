@@ -47,6 +47,7 @@ STAGE = "evaluate"
 # The loader is in the key for ``normalize``: how pixels are scaled is part of what a test score means.
 _CODE = (__name__, "signpost.report.plots", "signpost.models", "signpost.data.loader")
 TEST_SPLIT = "test.safetensors"
+FEEDBACK_SPLIT = "feedback.safetensors"  # held-out labelled feedback, when prepare folded some in
 BATCH = 512  # images per forward pass: 512 x 3 x 32 x 32 float32 is 6 MiB
 TOP_K = 5
 WORST_CLASSES = 5
@@ -84,7 +85,8 @@ def evaluate(
     model_dir, data_dir = Path(model_dir), Path(data_dir)
     model, card = load_model(model_dir)
     model_key = read_manifest(model_dir)["key"]
-    data_manifest = verify_artifact(data_dir, [TEST_SPLIT])
+    splits = [TEST_SPLIT] + ([FEEDBACK_SPLIT] if FEEDBACK_SPLIT in read_manifest(data_dir)["files"] else [])
+    data_manifest = verify_artifact(data_dir, splits)
     data_key = data_manifest["key"]
     _check_fit(card, data_manifest["dataset"], model_dir, data_dir)
     if champion is not None and "top1" not in champion:
@@ -121,6 +123,9 @@ def evaluate(
     logits = predict_logits(model, test.images, card.mean, card.std, progress=progress)
     seconds = time.perf_counter() - started
     metrics = compute_metrics(logits, test.labels, card.class_names, config.evaluate.calibration_bins)
+    feedback = _score_feedback(model, card, data_dir) if FEEDBACK_SPLIT in splits else None
+    if feedback is not None:
+        metrics["metrics"]["feedback_top1"] = feedback["top1"]
     gate = apply_gate(metrics, config.evaluate, champion)
     report = {
         "model": {
@@ -135,6 +140,7 @@ def evaluate(
         "warnings": warnings,
         "champion": champion,
         **metrics,
+        "feedback": feedback,
         "gate": gate,
     }
     summary = ", ".join(f"{name} {value:.4f}" for name, value in metrics["metrics"].items())
@@ -189,6 +195,19 @@ def _check_fit(card: ModelCard, dataset: dict[str, Any], model_dir: Path, data_d
             f"the model in {model_dir} has {card.num_classes} classes but the data in {data_dir} has "
             f"{dataset['num_classes']}: evaluate it on the dataset it was trained for"
         )
+
+
+def _score_feedback(model: nn.Module, card: ModelCard, data_dir: Path) -> dict[str, Any] | None:
+    """Top-1 overall and per class on the held-out feedback: production images the model was not trained on."""
+    held = load_split(data_dir / FEEDBACK_SPLIT)
+    if len(held) == 0:
+        return None
+    correct = predict_logits(model, held.images, card.mean, card.std).argmax(dim=1) == held.labels
+    per_class = {
+        card.class_names[c]: _r(correct[held.labels == c].double().mean())
+        for c in sorted(set(held.labels.tolist()))
+    }
+    return {"images": len(held), "top1": _r(correct.double().mean()), "per_class": per_class}
 
 
 # --- inference and metrics --------------------------------------------------------------------------------------

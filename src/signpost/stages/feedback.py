@@ -48,27 +48,42 @@ def add_feedback(config: SignpostConfig, *, data_dir: Path, items: list[tuple[Pa
     """Store ``items`` (image path, label as class id or name) as a feedback batch; the same batch twice is one."""
     if not items:
         raise FeedbackError("no feedback given: pass --images FILE ... --label CLASS, or --csv FILE")
+    images, unreadable = [], []
+    for path, label in items:
+        try:
+            images.append((str(path), Path(path).read_bytes(), label))
+        except OSError as exc:
+            unreadable.append(f"{path}: {exc.strerror or exc}")
+    return store_feedback(config, data_dir=data_dir, images=images, problems=unreadable)
+
+
+def store_feedback(
+    config: SignpostConfig, *, data_dir: Path, images: list[tuple[str, bytes, str]], problems: list[str] | None = None
+) -> FeedbackResult:
+    """Store ``images`` (where each came from, its bytes, its label) as a feedback batch, all or nothing."""
     class_names = read_manifest(data_dir)["dataset"]["class_names"]
     by_name = {name.lower(): i for i, name in enumerate(class_names)}
-    problems: list[str] = []
+    problems = list(problems or [])
+    total = len(images) + len(problems)
+    if not total:
+        raise FeedbackError("no feedback images given: nothing to store")
     accepted: list[tuple[str, bytes, int, str]] = []
-    for path, label in items:
+    for source, data, label in images:
         text = str(label).strip()
         class_id = int(text) if text.isdigit() else by_name.get(text.lower())
         if class_id is None or not 0 <= class_id < len(class_names):
-            problems.append(f"{path}: label {text!r} is not a class id (0-{len(class_names) - 1}) or a class name")
+            problems.append(f"{source}: label {text!r} is not a class id (0-{len(class_names) - 1}) or a class name")
             continue
         try:
-            data = Path(path).read_bytes()
             open_image(data)
-        except (OSError, CorruptImageError) as exc:
-            problems.append(f"{path}: {exc}")
+        except CorruptImageError as exc:
+            problems.append(f"{source}: {exc}")
             continue
         digest = hashlib.sha256(data).hexdigest()
-        accepted.append((f"{digest[:16]}{Path(path).suffix.lower() or '.img'}", data, class_id, str(path)))
+        accepted.append((f"{digest[:16]}{Path(source).suffix.lower() or '.img'}", data, class_id, source))
     if problems:
         shown = "\n  ".join(problems[:20]) + (f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else "")
-        raise FeedbackError(f"{len(problems)} of {len(items)} feedback items cannot be used (nothing was stored):"
+        raise FeedbackError(f"{len(problems)} of {total} feedback items cannot be used (nothing was stored):"
                             f"\n  {shown}")
     key = hash_json({"items": sorted((name, class_id) for name, _, class_id, _ in accepted),
                      "data": read_manifest(data_dir)["key"]})

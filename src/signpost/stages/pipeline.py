@@ -1,7 +1,9 @@
 """run: the whole chain from one config, each stage skipped when its inputs are unchanged.
 
 Stages meet only at artifacts; this module calls them in order, decides what a passing model becomes in the
-registry, and reports why each stage ran or was skipped. A model that fails the gate goes no further: it is not
+registry, and reports why each stage ran or was skipped. A model that passes the gate is registered as the
+challenger and, with ``evaluate.promote``, duels the champion on the same data (``stages/promote.py``): the test
+split and the held-out labelled feedback. A model that fails the gate goes no further: it is not
 optimized, benchmarked or packaged. The package stage packages the bench's deployable candidate (or the trained
 model when there is no bench) and builds the image only when ``package.build`` is set.
 """
@@ -9,6 +11,7 @@ model when there is no bench) and builds the image only when ``package.build`` i
 from __future__ import annotations
 
 import datetime as dt
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +23,7 @@ from signpost.stages.evaluate import EvaluateResult, evaluate
 from signpost.stages.optimize import optimize
 from signpost.stages.package import build_image, package
 from signpost.stages.prepare import prepare
+from signpost.stages.promote import Decision, promote_if_better
 from signpost.stages.train import train
 from signpost.tracking import CHALLENGER, CHAMPION, ModelVersion, Registry, run_factory
 
@@ -45,20 +49,32 @@ class RunResult:
     registered: ModelVersion | None
     report: Path
     candidate: dict | None = None  # the bench's deployable choice, when it ran
+    promotion: Decision | None = None  # the champion / challenger decision, when a challenger was registered
 
 
 def run_pipeline(config: SignpostConfig, *, progress: bool = True) -> RunResult:
-    """Run every stage for ``config`` in order: prepare → train → evaluate (and register a passing model) →
-    optimize → bench → package."""
+    """Run every stage for ``config`` in order: prepare → train → evaluate (register a passing model, promote it
+    when it beats the champion) → optimize → bench → package."""
     data = prepare(config, progress=progress)
     model = train(config, data_dir=data.path, progress=progress, tracking=run_factory(config))
     evaluation, registered = evaluate_and_register(config, model_dir=model.path, data_dir=data.path, progress=progress)
     outcomes = [
-        StageOutcome("prepare", data.path, data.reused, _why(data.reused, "data, data settings and code")),
+        StageOutcome("prepare", data.path, data.reused, _why(data.reused, "data, feedback, data settings and code")),
         StageOutcome("train", model.path, model.reused, _why(model.reused, "prepared data, train settings and code")),
         StageOutcome("evaluate", evaluation.path, evaluation.reused, _why(evaluation.reused, "model, test data, "
                      "gate settings, champion and code")),
     ]
+    promotion = None
+    if registered is None:
+        outcomes.append(StageOutcome("promote", evaluation.path, True, "not run: no new challenger was registered"))
+    elif not config.evaluate.promote:
+        outcomes.append(StageOutcome("promote", evaluation.path, True, "not run: evaluate.promote is false "
+                                     "(`signpost promote` promotes by hand)"))
+    else:
+        promotion = promote_if_better(config, registry=Registry(config.tracking, config.workdir),
+                                      challenger=registered, evaluation=evaluation, data_dir=data.path,
+                                      progress=progress)
+        outcomes.append(StageOutcome("promote", evaluation.path, False, promotion.reason))
     optimize_dir = bench_dir = candidate = None
     if not evaluation.passed:
         outcomes.append(StageOutcome("optimize", evaluation.path, True, "not run: the model failed the gate"))
@@ -92,12 +108,15 @@ def run_pipeline(config: SignpostConfig, *, progress: bool = True) -> RunResult:
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(config, run_dir / "config.yaml")
     label = f"{registered.name} v{registered.version} as {CHALLENGER}" if registered else None
+    if promotion is not None:
+        (run_dir / "promotion.json").write_text(json.dumps(promotion.to_dict(), indent=2) + "\n", encoding="utf-8")
+        label += f"; {'promoted to' if promotion.promoted else 'not promoted to'} {CHAMPION}: {promotion.reason}"
     report = write_run_report(
         run_dir / "report.html", config_name=config.name, outcomes=outcomes, data_dir=data.path,
         model_dir=model.path, evaluation_dir=evaluation.path, registered=label, optimize_dir=optimize_dir,
         bench_dir=bench_dir,
     )
-    return RunResult(outcomes, evaluation, registered, report, candidate)
+    return RunResult(outcomes, evaluation, registered, report, candidate, promotion)
 
 
 def evaluate_and_register(
@@ -120,6 +139,10 @@ def evaluate_and_register(
         tracker.log_artifact(result.path, "evaluate")
         tracker.set_tags({"signpost.gate": "passed" if result.passed else "failed"})
         if not result.passed:
+            return result, None
+        if (known := registry.find(result.report["model"]["key"])) is not None:
+            # Evaluated again (e.g. against a new champion), but the same model: not a new challenger.
+            log.info("%s is already registered as %s version %s", model_dir.name, known.name, known.version)
             return result, None
         version = registry.register(tracker, model_dir, alias=CHALLENGER)
     log.info("registered %s version %s as %s", version.name, version.version, CHALLENGER)

@@ -1,12 +1,19 @@
 """prepare: raw dataset files → a versioned, content-hashed uint8 tensor cache.
 
-Read top to bottom: find the raw data (local folder, download, or synthetic), list its samples, look up content
-hashes, reuse the cache when its key is unchanged, otherwise decode every image once, split train/val by track,
-compute the reference statistics later drift checks compare against, and write the artifact atomically.
+Read top to bottom: find the raw data (local folder, download, or synthetic), list its samples and this
+experiment's labelled feedback batches (``signpost feedback add``), look up content hashes, reuse the cache when its
+key is unchanged, otherwise decode every image once, split train/val by track, compute the reference statistics
+later drift checks compare against, and write the artifact atomically.
+
+Feedback makes a new data version: its manifest's ``lineage`` names the version the raw data alone makes and every
+feedback batch folded in. A share of the feedback images (``data.feedback.holdout``, chosen by content hash so an
+image once held out stays held out) is never trained on: it is the ``feedback`` split on which ``signpost run``
+compares a retrained challenger with the champion. The rest joins the train split ``data.feedback.repeat`` times.
 """
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import json
 import logging
@@ -21,12 +28,14 @@ import torch
 from PIL import Image
 
 from signpost.artifacts import (
+    ArtifactError,
     artifact_path,
     atomic_dir,
     code_version,
     hash_json,
     is_complete,
     read_manifest,
+    verify_artifact,
     write_manifest,
 )
 from signpost.config import SignpostConfig, config_to_dict
@@ -36,11 +45,14 @@ from signpost.data.layouts import RawDataset, Sample, read_dataset
 from signpost.data.split import split_by_track
 from signpost.data.stats import STAT_NAMES, reference_summary
 from signpost.data.synthetic import generate_gtsrb
+from signpost.monitoring.feedback import LABELS, feedback_batches
 
 log = logging.getLogger(__name__)
 
 STAGE = "data"
 _CODE = ("signpost.data.cache", "signpost.data.layouts", "signpost.data.split", "signpost.data.stats", __name__)
+FEEDBACK = "feedback"  # the origin of a feedback image that joins the train split
+HOLDOUT = "feedback-holdout"  # the origin of one kept out of training: the `feedback` split
 
 
 class PrepareError(RuntimeError):
@@ -62,21 +74,22 @@ def prepare(config: SignpostConfig, *, progress: bool = True) -> PrepareResult:
     root = _raw_root(config, progress)
     started = time.perf_counter()
     raw = read_dataset(root, data.layout)
-    samples = raw.train + raw.test
-    if not samples:
+    if not raw.train + raw.test:
         raise PrepareError(f"{raw.root}: the dataset lists no images")
     log.info("%s layout at %s: %d training and %d test images", raw.layout, raw.root, len(raw.train), len(raw.test))
+    feedback = _read_feedback(config, raw.num_classes) if data.feedback.enabled else _Feedback([], [], [], [])
+    samples = raw.train + raw.test + feedback.samples
 
     # Relative paths, computed once: per-sample pathlib calls would cost seconds on GTSRB's 51,839 files.
     cut = len(str(raw.root)) + 1
     files = [s.file for s in samples]
-    rels = [f[cut:].replace(os.sep, "/") for f in files]
-    origins = ["train"] * len(raw.train) + ["test"] * len(raw.test)
+    rels = [f[cut:].replace(os.sep, "/") for f in files[: len(files) - len(feedback.samples)]] + feedback.rels
+    origins = ["train"] * len(raw.train) + ["test"] * len(raw.test) + feedback.origins
 
     index = _HashIndex(config.workdir / STAGE / ".index", raw.root)
     digests = index.lookup(files, rels)
     if digests is not None:
-        key = _cache_key(config, _sources_hash(samples, rels, origins, digests))
+        key = _cache_key(config, _sources_hash(samples, rels, origins, digests), bool(feedback.samples))
         path = artifact_path(config.workdir, STAGE, config.name, key)
         if is_complete(path):
             return PrepareResult(path, True, read_manifest(path))
@@ -84,13 +97,21 @@ def prepare(config: SignpostConfig, *, progress: bool = True) -> PrepareResult:
     decoded = decode_samples(samples, data.image_size, data.roi_margin, workers=data.workers, progress=progress)
     index.update(rels, decoded.digests, decoded.file_stats)
     sources = _sources_hash(samples, rels, origins, decoded.digests)
-    key = _cache_key(config, sources)
+    key = _cache_key(config, sources, bool(feedback.samples))
     path = artifact_path(config.workdir, STAGE, config.name, key)
     if is_complete(path):
         return PrepareResult(path, True, read_manifest(path))
     _check_failures(rels, decoded, data.max_bad_fraction)
 
-    splits, track_names = _make_splits(config, raw, decoded)
+    splits, track_names = _make_splits(config, raw, samples, decoded, origins)
+    n_raw = len(samples) - len(feedback.samples)
+    base = _sources_hash(samples[:n_raw], rels[:n_raw], origins[:n_raw], decoded.digests[:n_raw])
+    lineage = {
+        "raw": {"layout": raw.layout, "root": str(raw.root), "files": n_raw, "sources_sha256": base},
+        # The version the raw data alone makes: this one is it plus the feedback below.
+        "base": artifact_path(config.workdir, STAGE, config.name, _cache_key(config, base, False)).name,
+        "feedback": feedback.batches,
+    }
     with atomic_dir(path) as tmp:
         for name, split in splits.items():
             save_split(split, tmp / f"{name}.safetensors")
@@ -101,13 +122,60 @@ def prepare(config: SignpostConfig, *, progress: bool = True) -> PrepareResult:
             tmp,
             stage=STAGE,
             key=key,
-            inputs={"layout": raw.layout, "root": str(raw.root), "files": len(samples), "sources_sha256": sources},
+            inputs={"layout": raw.layout, "root": str(raw.root), "files": len(samples), "sources_sha256": sources,
+                    "feedback": [batch["batch"] for batch in feedback.batches]},
             config=config_to_dict(config.data) | {"seed": config.seed},
             code=code_version(*_CODE),
             metrics=_counts(splits),
-            extra=_describe(raw, splits, rels, decoded) | {"timing": _timing(len(samples), started)},
+            extra=_describe(raw, splits, rels, decoded)
+            | {"lineage": lineage, "timing": _timing(len(samples), started)},
         )
+    if feedback.batches:
+        log.info("folded %d feedback images from %d batches into %s (%d held out)", len(feedback.samples),
+                 len(feedback.batches), path.name, feedback.origins.count(HOLDOUT))
     return PrepareResult(path, False, manifest)
+
+
+# --- labelled feedback ------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Feedback:
+    """The feedback images to fold in, as samples with their paths (relative to the workdir) and origins."""
+
+    samples: list[Sample]
+    rels: list[str]
+    origins: list[str]
+    batches: list[dict[str, Any]]  # the lineage: one entry per batch folded in
+
+
+def _read_feedback(config: SignpostConfig, num_classes: int) -> _Feedback:
+    """Every finished feedback batch of this experiment, checked against its manifest, as samples."""
+    workdir = config.workdir.resolve()
+    holdout = config.data.feedback.holdout
+    found = _Feedback([], [], [], [])
+    for batch in feedback_batches(workdir, config.name):
+        try:
+            manifest = verify_artifact(batch)
+        except ArtifactError as exc:
+            raise PrepareError(f"feedback batch {batch} is damaged ({exc}); delete it or add the images again") from exc
+        rows = list(csv.DictReader((batch / LABELS).read_text(encoding="utf-8").splitlines()))
+        held = 0
+        for row in rows:
+            label = int(row["label"])
+            if not 0 <= label < num_classes:
+                raise PrepareError(f"feedback batch {batch.name}: {row['file']} has label {label}, but the dataset "
+                                   f"has {num_classes} classes; was it added for another dataset?")
+            file = batch / row["file"]
+            # The file name starts with the image's sha256, so the hold-out choice never changes for an image.
+            out = int(file.name[:8], 16) / 16**8 < holdout
+            held += out
+            found.samples.append(Sample(str(file), label, f"feedback/{file.name}"))
+            found.rels.append(file.relative_to(workdir).as_posix())
+            found.origins.append(HOLDOUT if out else FEEDBACK)
+        found.batches.append({"batch": batch.name, "key": manifest["key"], "images": len(rows), "holdout": held,
+                              "created": manifest.get("created")})
+    return found
 
 
 # --- where the raw data comes from ------------------------------------------------------------------------------
@@ -202,13 +270,17 @@ def _sources_hash(samples: list[Sample], rels: list[str], origins: list[str], di
     return hashlib.sha256("".join(lines).encode()).hexdigest()
 
 
-def _cache_key(config: SignpostConfig, sources: str) -> str:
-    """The hash that names the cache: the sources, the settings that shape the cache, and the code that makes it."""
+def _cache_key(config: SignpostConfig, sources: str, with_feedback: bool) -> str:
+    """The hash that names the cache: the sources, the settings that shape the cache, and the code that makes it.
+
+    The feedback settings shape it only when there is feedback to fold in.
+    """
     data = config.data
+    ignored = {"source", "root", "workers", "base_url", "synthetic"} | (set() if with_feedback else {"feedback"})
     return hash_json(
         {
             "sources": sources,
-            "settings": data.model_dump(mode="json", exclude={"source", "root", "workers", "base_url", "synthetic"}),
+            "settings": data.model_dump(mode="json", exclude=ignored),
             "seed": config.seed,
             "code": code_version(*_CODE),
         }
@@ -233,33 +305,42 @@ def _check_failures(rels: list[str], decoded: DecodedImages, limit: float) -> No
 
 
 def _make_splits(
-    config: SignpostConfig, raw: RawDataset, decoded: DecodedImages
+    config: SignpostConfig, raw: RawDataset, samples: list[Sample], decoded: DecodedImages, origins: list[str]
 ) -> tuple[dict[str, CachedSplit], list[str]]:
+    """train / val / test (and ``feedback``, the held-out feedback, when there is some) for the samples in order:
+    the raw dataset's training and test images, then the feedback images."""
     data = config.data
     n_train = len(raw.train)
-    samples = raw.train + raw.test
+    origin = np.array(origins)
     ok = np.ones(len(samples), dtype=bool)
     ok[list(decoded.failures)] = False
     labels = np.array([s.label for s in samples], dtype=np.int64)
     names, tracks = np.unique(np.array([s.track for s in samples]), return_inverse=True)
     track_names = names.tolist()
 
-    in_test = np.zeros(len(samples), dtype=bool)
-    in_test[n_train:] = True
+    in_test = origin == "test"
     if not raw.test:
         log.info("the %s layout has no labelled test split: holding out %.0f%% by track", raw.layout,
                  100 * data.test_fraction)
         in_test[:n_train] = split_by_track(labels[:n_train], tracks[:n_train], data.test_fraction, config.seed + 1)
-    pool = np.flatnonzero(~in_test)
+    pool = np.flatnonzero(~in_test & (origin == "train"))  # validation comes from the raw training images only
     in_val = np.zeros(len(samples), dtype=bool)
     in_val[pool] = split_by_track(labels[pool], tracks[pool], data.val_fraction, config.seed)
 
+    trained_feedback = np.flatnonzero((origin == FEEDBACK) & ok)
+    rows = {
+        "train": np.concatenate([np.flatnonzero((origin != HOLDOUT) & ~in_test & ~in_val & ok),
+                                 np.tile(trained_feedback, data.feedback.repeat - 1)]),
+        "val": np.flatnonzero(in_val & ok),
+        "test": np.flatnonzero(in_test & ok),
+    }
+    if (held := np.flatnonzero((origin == HOLDOUT) & ok)).size:
+        rows["feedback"] = held
     images = torch.from_numpy(decoded.images)
     stats = torch.from_numpy(decoded.stats)
-    masks = {"train": ~in_test & ~in_val & ok, "val": in_val & ok, "test": in_test & ok}
     splits = {}
-    for name, mask in masks.items():
-        idx = torch.from_numpy(np.flatnonzero(mask))
+    for name, chosen in rows.items():
+        idx = torch.from_numpy(np.sort(chosen) if name != "train" else chosen)
         splits[name] = CachedSplit(
             images=images[idx],
             labels=torch.from_numpy(labels)[idx],

@@ -8,6 +8,10 @@ radius 2 px) and ``mix`` (three classes only), then one more clean window. After
 exactly that window of the service's prediction log, with its alerts, so the run shows the alert firing when drift
 starts and resolving when it stops. The table says, per window, what was injected and what the monitor saw; the
 false-alarm rate is the share of clean windows it flagged.
+
+With ``feedback`` > 0, that many images of each drifted window are stored with their true labels as one labelled
+feedback batch, as a reviewer would label a sample of production traffic: the next ``signpost run`` folds them into
+a new data version, retrains, and promotes the new model if it beats the champion on the held-out part of them.
 """
 
 from __future__ import annotations
@@ -59,9 +63,13 @@ def simulate(
     log_url: str | None = None,
     evaluation_dir: Path | None = None,
     model_dir: Path | None = None,
+    feedback: int = 0,
     seed: int = 0,
 ) -> list[Window]:
-    """Send the windows to ``url`` and monitor each; returns what happened in each window."""
+    """Send the windows to ``url`` and monitor each; returns what happened in each window.
+
+    ``feedback``: images per drifted window to store, labelled, as a feedback batch (0: none).
+    """
     unknown = sorted(set(drifts) - set(DRIFTS))
     if unknown:
         raise ValueError(f"unknown drift {unknown}; choose from {', '.join(DRIFTS)}")
@@ -70,9 +78,13 @@ def simulate(
     _wait_ready(url)
     rng = np.random.default_rng(seed)
     windows = []
+    reviewed: list[tuple[str, bytes, str]] = []
     # Clean windows, the drifts, then one clean window more: the alerts that fired are resolved.
     for kind in ["clean"] * clean_windows + list(drifts) + ["clean"]:
-        bodies = _window(kind, files, labels, weights, per_window, rng)
+        bodies, truth = _window(kind, files, labels, weights, per_window, rng)
+        if kind != "clean":
+            reviewed += [(f"{kind}-{i}{_suffix(bodies[i])}", bodies[i], str(truth[i]))
+                         for i in range(min(feedback, len(bodies)))]
         before = predlog.count(log_url)
         sent, failed = _send(url, bodies, concurrency, api_key)
         _wait_for_log(log_url, before + sent - failed)
@@ -84,6 +96,11 @@ def simulate(
                               checked.path))
         log.info("window %d (%s): %d sent, %d failed; %s", len(windows), kind, sent, failed,
                  f"drift: {', '.join(verdict['reasons'])}" if verdict["retrain"] else "no drift")
+    if reviewed:
+        from signpost.stages.feedback import store_feedback
+
+        stored = store_feedback(config, data_dir=data_dir, images=reviewed)
+        log.info("stored %d labelled drifted images as feedback in %s", len(reviewed), stored.path)
     return windows
 
 
@@ -126,7 +143,8 @@ def _source_files(data_dir: Path) -> tuple[list[Path], np.ndarray, np.ndarray]:
 
 
 def _window(kind: str, files: list[Path], labels: np.ndarray, weights: np.ndarray, n: int,
-            rng: np.random.Generator) -> list[bytes]:
+            rng: np.random.Generator) -> tuple[list[bytes], list[int]]:
+    """``n`` request bodies of one window and the true class of each."""
     if kind == "mix":
         common = np.argsort(-np.bincount(labels))[:3]
         weights = np.where(np.isin(labels, common), 1.0, 0.0)
@@ -143,7 +161,13 @@ def _window(kind: str, files: list[Path], labels: np.ndarray, weights: np.ndarra
             image.save(buffer, "PNG")
             data = buffer.getvalue()
         bodies.append(data)
-    return bodies
+    return bodies, [int(labels[i]) for i in picks]
+
+
+def _suffix(body: bytes) -> str:
+    """A file suffix for an image body, by its signature (PNG for drifted images, else the source's format)."""
+    signatures = {b"\x89PNG": ".png", b"\xff\xd8": ".jpg", b"P6": ".ppm", b"P3": ".ppm", b"BM": ".bmp"}
+    return next((suffix for head, suffix in signatures.items() if body.startswith(head)), ".img")
 
 
 def _send(url: str, bodies: list[bytes], concurrency: int, api_key: str | None) -> tuple[int, int]:

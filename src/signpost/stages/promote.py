@@ -1,0 +1,114 @@
+"""promote: the champion / challenger duel that decides whether a newly registered model replaces the champion.
+
+Both models are scored on the same prepared data by the evaluate stage: the original test split and, when prepare
+folded labelled feedback in, the held-out ``feedback`` split (production images neither model was trained on). The
+challenger wins when it leads on the deciding score — feedback top-1 when there is feedback, else test top-1 — by at
+least ``evaluate.promote_margin`` (and by more than nothing: a tie keeps the champion), and does not fall more than
+``evaluate.max_drop`` below the champion on the test split. The first model to pass the gate becomes champion.
+
+Promotion moves the registry's ``champion`` alias (``signpost rollback`` moves it back); the decision and its reason
+are tagged on the challenger's model version and written to the run's folder.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from signpost.artifacts import ArtifactError
+from signpost.config import EvaluateConfig, SignpostConfig
+from signpost.stages.evaluate import EvaluateResult, evaluate
+from signpost.tracking import CHAMPION, ModelVersion, Registry, RegistryError
+
+log = logging.getLogger(__name__)
+
+REGISTRY_CACHE = "registry"  # workdir/registry/: model versions downloaded from the registry
+_TOLERANCE = 1e-12
+
+
+@dataclass
+class Decision:
+    """Whether the challenger became champion, why, and the scores the decision compared."""
+
+    promoted: bool
+    reason: str
+    challenger: str | None = None  # model versions
+    champion: str | None = None  # the champion before the decision
+    deciding: str | None = None  # "feedback" or "test": the split whose top-1 decided
+    scores: dict[str, dict[str, float]] = field(default_factory=dict)  # model → split → top-1
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def decide(settings: EvaluateConfig, challenger: dict[str, Any], champion: dict[str, Any]) -> Decision:
+    """Compare two evaluate reports of the same data (``report.json`` contents) under ``settings``."""
+    scores = {name: _scores(report) for name, report in (("challenger", challenger), ("champion", champion))}
+    if challenger["data"]["key"] != champion["data"]["key"]:
+        raise ValueError("challenger and champion must be scored on the same data to be compared")
+    ours, theirs = scores["challenger"]["test"], scores["champion"]["test"]
+    if ours + _TOLERANCE < theirs - settings.max_drop:
+        return Decision(False, f"test top-1 {ours:.4f} is more than evaluate.max_drop {settings.max_drop:g} below "
+                        f"the champion's {theirs:.4f}", deciding="test", scores=scores)
+    deciding = "feedback" if "feedback" in scores["challenger"] and "feedback" in scores["champion"] else "test"
+    ours, theirs = scores["challenger"][deciding], scores["champion"][deciding]
+    lead = ours - theirs
+    margin = settings.promote_margin
+    what = f"{deciding} top-1 {ours:.4f} vs the champion's {theirs:.4f} ({lead:+.4f})"
+    if lead > _TOLERANCE and lead + _TOLERANCE >= margin:
+        return Decision(True, f"{what}, a lead of at least evaluate.promote_margin {margin:g}", deciding=deciding,
+                        scores=scores)
+    needed = "more than 0" if margin == 0 else f"at least evaluate.promote_margin {margin:g}"
+    return Decision(False, f"{what}: the lead must be {needed}", deciding=deciding, scores=scores)
+
+
+def promote_if_better(
+    config: SignpostConfig,
+    *,
+    registry: Registry,
+    challenger: ModelVersion,
+    evaluation: EvaluateResult,
+    data_dir: Path,
+    progress: bool = True,
+) -> Decision:
+    """Score the champion on ``data_dir`` as the challenger was scored (``evaluation``) and promote the challenger
+    when it wins. Without a champion the challenger is promoted: it passed the gate and there is nothing to beat."""
+    current = registry.get(CHAMPION)
+    if current is None:
+        registry.promote()
+        decision = Decision(True, "no champion yet: the first model to pass the gate becomes champion",
+                            challenger=challenger.version, scores={"challenger": _scores(evaluation.report)})
+        _record(registry, challenger, decision)
+        return decision
+    try:
+        champion_dir = registry.download(CHAMPION, config.workdir / REGISTRY_CACHE)
+        theirs = evaluate(config, model_dir=champion_dir, data_dir=data_dir, progress=progress)
+    except (ArtifactError, RegistryError, ValueError) as exc:
+        decision = Decision(False, f"the champion (v{current.version}) cannot be scored on this data: {exc}; "
+                            "compare them by hand and use `signpost promote`", challenger=challenger.version,
+                            champion=current.version)
+        _record(registry, challenger, decision)
+        return decision
+    decision = decide(config.evaluate, evaluation.report, theirs.report)
+    decision.challenger, decision.champion = challenger.version, current.version
+    if decision.promoted:
+        registry.promote()
+        log.info("promoted %s v%s over v%s: %s", registry.name, challenger.version, current.version, decision.reason)
+    else:
+        log.info("kept %s v%s as champion: %s", registry.name, current.version, decision.reason)
+    _record(registry, challenger, decision)
+    return decision
+
+
+def _scores(report: dict[str, Any]) -> dict[str, float]:
+    scores = {"test": float(report["metrics"]["top1"])}
+    if report.get("feedback"):
+        scores["feedback"] = float(report["feedback"]["top1"])
+    return scores
+
+
+def _record(registry: Registry, challenger: ModelVersion, decision: Decision) -> None:
+    verdict = "promoted" if decision.promoted else "not promoted"
+    registry.tag_version(challenger.version, "signpost.promotion", f"{verdict}: {decision.reason}"[:5000])
