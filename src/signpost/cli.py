@@ -118,6 +118,8 @@ def _build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, help="port (default serve.port, 8000)")
     serve.add_argument("--runtime", choices=("auto", "eager", "compile", "aoti", "onnxruntime"),
                        help="how to run the model (default serve.runtime)")
+    serve.add_argument("--canary", metavar="MODEL", help="canary mode: a second model (same forms as --model, e.g. "
+                       "models:/<name>@challenger) answering serve.canary_share of the requests")
 
     package = _stage_parser(sub, "package", "write a container build context for a model; build and push the "
                             "multi-arch image", _package)
@@ -368,8 +370,10 @@ def _serve(args: argparse.Namespace) -> int:
 
     extra = [f"serve.{key}={value}" for key, value in (("host", args.host), ("port", args.port)) if value is not None]
     config = _config(args, extra)
-    app = create_app(config, args.model, runtime=args.runtime)
-    print(f"serve: {args.model} on http://{config.serve.host}:{config.serve.port} (docs at /docs); Ctrl-C stops")
+    app = create_app(config, args.model, runtime=args.runtime, canary=args.canary)
+    canary = f" with canary {args.canary} ({config.serve.canary_share:.0%} of requests)" if args.canary else ""
+    print(f"serve: {args.model}{canary} on http://{config.serve.host}:{config.serve.port} (docs at /docs); "
+          "Ctrl-C stops")
     # uvicorn turns SIGTERM and SIGINT into a graceful shutdown: open requests are answered, then the app's
     # shutdown writes every queued prediction record.
     uvicorn.run(app, host=config.serve.host, port=config.serve.port, log_level="warning" if args.quiet else "info",
@@ -432,6 +436,10 @@ def _monitor(args: argparse.Namespace) -> int:
     print(f"  latency p99 {h['latency_p99_ms']:.1f} ms (SLO {h['slo_ms']:.0f} ms)"
           f"{' — BREACHED' if h['latency_breached'] else ''}; errors {h['error_rate']:.1%}"
           f"{' — BREACHED' if h['errors_breached'] else ''}")
+    for version, m in ((r.get("models") or {}).get("versions") or {}).items():
+        print(f"  model {version} ({m['role']}): {m['records']} predictions ({m['share']:.0%}), mean confidence "
+              f"{m['mean_confidence']:.3f}, p99 {m['latency_p99_ms']:.1f} ms" + (f"; {m['verdict']}"
+                                                                                 if "verdict" in m else ""))
     for alert in r.get("alerts", []):
         outcome = "sent" if alert["ok"] else alert["error"]
         print(f"  alert {alert['status']} {alert['incident']} -> {alert['sink']}: {outcome}")

@@ -223,6 +223,9 @@ class ServeConfig(StrictModel):
     )
     log_batch_size: int = Field(256, ge=1, description="records written per transaction")
     log_interval_s: float = Field(0.5, gt=0.0, description="longest a record waits before it is written")
+    canary_share: float = Field(
+        0.1, gt=0.0, lt=1.0, description="canary mode (`serve --canary MODEL`): share of requests the canary answers"
+    )
 
 
 class PackageConfig(StrictModel):

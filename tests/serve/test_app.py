@@ -159,7 +159,8 @@ def test_health_readiness_model_card_metrics_and_docs(make_client, optimized: di
     assert 'signpost_requests_total{method="POST",route="/v1/predict",status="200"} 3.0' in metrics
     assert 'signpost_requests_total{method="POST",route="/v1/predict",status="400"} 1.0' in metrics
     assert "signpost_request_duration_seconds_bucket" in metrics and "signpost_batch_size_count" in metrics
-    assert f'signpost_model_info{{model_version="{optimized["model_dir"].name}",runtime="eager"}} 1.0' in metrics
+    version = optimized["model_dir"].name
+    assert f'signpost_model_info{{model_version="{version}",role="main",runtime="eager"}} 1.0' in metrics
     assert "signpost_queue_depth" in metrics
     paths = client.get("/openapi.json").json()["paths"]
     assert {"/v1/predict", "/v1/predict/batch", "/healthz", "/readyz", "/v1/model"} <= set(paths)

@@ -4,6 +4,10 @@
 a background thread: ``/healthz`` answers at once, ``/readyz`` and the prediction routes only once the model is
 loaded and warmed up. Every error a client can cause is a 4xx with a JSON body ``{"error": {"code", "message"}}``;
 anything else is a 500 with the same shape and no traceback (the traceback goes to the server's log).
+
+Canary mode (``canary=`` a second model): each prediction request goes to the canary with probability
+``serve.canary_share``, else to the main model, each with its own batcher; answers and log records name the model
+version that made them, so ``signpost monitor`` compares the two on live traffic.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import hmac
 import itertools
 import logging
 import os
+import random
 import secrets
 import threading
 import time
@@ -93,8 +98,8 @@ class Metrics:
         self.queue_depth = Gauge("signpost_queue_depth", "images waiting for a forward pass", registry=r)
         self.log_pending = Gauge("signpost_prediction_log_pending", "records not yet written", registry=r)
         self.log_dropped = Gauge("signpost_prediction_log_dropped", "records the log could not keep", registry=r)
-        self.model_info = Gauge("signpost_model_info", "the model being served (value 1)",
-                                ["model_version", "runtime"], registry=r)
+        self.model_info = Gauge("signpost_model_info", "the models being served (value 1); role main or canary",
+                                ["model_version", "runtime", "role"], registry=r)
 
 
 @dataclass
@@ -109,11 +114,28 @@ class ServerState:
     batcher: Batcher | None = None
     log: predlog.PredictionLog | None = None
     reload_lock: threading.Lock = field(default_factory=threading.Lock)
+    canary_source: ModelSource | None = None  # canary mode: a second model taking canary_share of the requests
+    canary: ServedModel | None = None
+    canary_batcher: Batcher | None = None
+    canary_share: float = 0.0
+    router: random.Random = field(default_factory=random.Random)
 
     def set_model(self, model: ServedModel) -> None:
-        self.metrics.model_info.clear()
-        self.metrics.model_info.labels(model.version, model.predictor.runtime).set(1)
         self.model = model  # one reference swap: a batch in flight finishes on the model it started with
+        self._show_models()
+
+    def set_canary(self, model: ServedModel) -> None:
+        self.canary = model
+        self._show_models()
+
+    def ready(self) -> bool:
+        return self.model is not None and (self.canary_source is None or self.canary is not None)
+
+    def _show_models(self) -> None:
+        self.metrics.model_info.clear()
+        for role, model in (("main", self.model), ("canary", self.canary)):
+            if model is not None:
+                self.metrics.model_info.labels(model.version, model.predictor.runtime, role).set(1)
 
 
 def create_app(
@@ -123,14 +145,21 @@ def create_app(
     runtime: str | None = None,
     api_key: str | None = None,
     admin_key: str | None = None,
+    canary: str | None = None,
 ) -> FastAPI:
     """The service for ``model`` (a path or ``models:/name@alias``) with ``config.serve``'s settings.
 
     ``api_key`` / ``admin_key`` default to the ``SIGNPOST_API_KEY`` / ``SIGNPOST_ADMIN_KEY`` environment variables.
+    ``canary``: a second model (same forms as ``model``) that answers ``serve.canary_share`` of the requests.
     """
     source = resolve(model, config, runtime or config.serve.runtime)
     state = ServerState(config, source, api_key or os.environ.get(API_KEY_ENV) or None,
                         admin_key or os.environ.get(ADMIN_KEY_ENV) or None)
+    if canary is not None:
+        state.canary_source = resolve(canary, config, runtime or config.serve.runtime)
+        state.canary_share = config.serve.canary_share
+        if state.canary_source.folder == source.folder:
+            raise ValueError(f"the canary {canary} is the same model as {model}: nothing to compare")
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -138,16 +167,22 @@ def create_app(
         state.log = predlog.PredictionLog(cfg.prediction_log or predlog.default_url(config.workdir),
                                           batch_size=cfg.log_batch_size, interval_s=cfg.log_interval_s)
         if cfg.batching:
-            state.batcher = Batcher(_processor(state), max_batch=cfg.max_batch_size, max_wait_s=cfg.max_wait_ms / 1000,
-                                    max_queue=cfg.max_queue, on_batch=state.metrics.batch_size.observe)
-            state.batcher.start()
+            lanes = [("batcher", lambda: state.model)] + ([("canary_batcher", lambda: state.canary)]
+                                                           if state.canary_source else [])
+            for attribute, current in lanes:
+                batcher = Batcher(_processor(state, current), max_batch=cfg.max_batch_size,
+                                  max_wait_s=cfg.max_wait_ms / 1000, max_queue=cfg.max_queue,
+                                  on_batch=state.metrics.batch_size.observe)
+                batcher.start()
+                setattr(state, attribute, batcher)
         loader = asyncio.get_running_loop().create_task(asyncio.to_thread(_initial_load, state))
         try:
             yield
         finally:
             loader.cancel()
-            if state.batcher is not None:
-                await state.batcher.stop()
+            for batcher in (state.batcher, state.canary_batcher):
+                if batcher is not None:
+                    await batcher.stop()
             state.log.close()
 
     app = FastAPI(title="Signpost inference service", version=__version__, lifespan=lifespan,
@@ -163,6 +198,11 @@ def _initial_load(state: ServerState) -> None:
     try:
         state.set_model(load(state.source, threads=state.config.serve.threads,
                              max_batch=state.config.serve.max_batch_size))
+        if state.canary_source is not None:
+            state.set_canary(load(state.canary_source, threads=state.config.serve.threads,
+                                  max_batch=state.config.serve.max_batch_size))
+            log.info("canary %s takes %.0f%% of the requests; %s the rest", state.canary.version,
+                     100 * state.canary_share, state.model.version)
         # torch, numpy and the model leave ~10^6 long-lived objects that every full collection would walk again:
         # 130-160 ms pauses about once a second under load, stalling every open request. Freezing them after
         # start-up leaves the collector only what requests allocate.
@@ -183,13 +223,15 @@ class Classified:
     sizes: np.ndarray  # [n, 2] original width, height
 
 
-def _processor(state: ServerState) -> Callable[[list[list[bytes]]], list[Classified | ApiError]]:
-    """Decode and classify the requests of one batch (in a worker thread); a request with a bad image gets its
-    ApiError back, the others are classified together in one forward pass."""
+def _processor(
+    state: ServerState, current: Callable[[], ServedModel | None]
+) -> Callable[[list[list[bytes]]], list[Classified | ApiError]]:
+    """Decode and classify the requests of one batch (in a worker thread) on the model ``current()`` gives; a
+    request with a bad image gets its ApiError back, the others are classified together in one forward pass."""
     cfg = state.config.serve
 
     def process(requests: list[list[bytes]]) -> list[Classified | ApiError]:
-        model = state.model  # read once: a reload swaps it between batches, never inside one
+        model = current()  # read once: a reload swaps it between batches, never inside one
         if model is None:
             raise ApiError(503, "not_ready", "the model is not loaded", {"Retry-After": str(RETRY_AFTER_S)})
         results: list[Any] = [None] * len(requests)  # each becomes a Classified or an ApiError
@@ -238,10 +280,11 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
     @app.get("/readyz", response_model=Readiness, responses={503: {"model": Readiness}}, tags=["health"])
     async def readyz() -> Any:
         """The model is loaded and warmed up: send traffic."""
-        if state.model is None:
-            detail = state.load_error or "loading the model"
+        if not state.ready():
+            detail = state.load_error or ("loading the canary" if state.model else "loading the model")
             return JSONResponse(Readiness(ready=False, detail=detail).model_dump(), status_code=503)
-        return Readiness(ready=True, model_version=state.model.version)
+        return Readiness(ready=True, model_version=state.model.version,
+                         canary_version=state.canary.version if state.canary else None)
 
     @app.get("/metrics", tags=["health"], response_class=Response)
     async def metrics() -> Response:
@@ -255,8 +298,9 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
 
     @app.get("/v1/model", response_model=ModelInfo, responses=_ERRORS, tags=["model"])
     async def model_info() -> ModelInfo:
-        """The model card of the model being served, with its version and runtime."""
-        return ModelInfo(**_ready(state).describe())
+        """The model card of the model being served, with its version and runtime (and the canary's, if any)."""
+        canary = {**state.canary.describe(), "share": state.canary_share} if state.canary else None
+        return ModelInfo(**_ready(state).describe(), canary=canary)
 
     @app.post("/v1/predict", response_model=Prediction, responses=_ERRORS, tags=["predict"],
               dependencies=[Depends(require_api_key)],
@@ -322,7 +366,7 @@ def _load_new(state: ServerState, spec: str, runtime: str) -> ServedModel:
 
 
 def _ready(state: ServerState) -> ServedModel:
-    if state.model is None:
+    if not state.ready():
         raise ApiError(503, "not_ready", f"the model is not loaded yet ({state.load_error or 'loading'}); "
                        "retry when /readyz says ready", {"Retry-After": str(RETRY_AFTER_S)})
     return state.model
@@ -427,12 +471,15 @@ async def _classify(state: ServerState, blobs: list[bytes], started: float) -> l
     """Decode, predict and log ``blobs``; the answers as plain dicts shaped like ``Prediction``."""
     _ready(state)
     cfg = state.config.serve
+    canary = state.canary is not None and state.router.random() < state.canary_share
     try:
-        if state.batcher is not None:
-            work: Awaitable = state.batcher.submit(blobs, len(blobs))
+        batcher = state.canary_batcher if canary else state.batcher
+        if batcher is not None:
+            work: Awaitable = batcher.submit(blobs, len(blobs))
         else:  # one forward pass per request, concurrently in threads: the reference server's way
             state.metrics.batch_size.observe(len(blobs))
-            work = asyncio.to_thread(_processor(state), [blobs])
+            current = (lambda: state.canary) if canary else (lambda: state.model)
+            work = asyncio.to_thread(_processor(state, current), [blobs])
         result = await asyncio.wait_for(work, cfg.request_timeout_s)
     except QueueFull as exc:
         raise ApiError(503, "overloaded", f"the server is at capacity: {exc}; retry shortly",
@@ -440,7 +487,7 @@ async def _classify(state: ServerState, blobs: list[bytes], started: float) -> l
     except asyncio.TimeoutError:
         raise ApiError(504, "timeout", f"no answer within {cfg.request_timeout_s:g} s (serve.request_timeout_s)") \
             from None
-    if state.batcher is None:
+    if batcher is None:
         result = result[0]
     if isinstance(result, ApiError):
         raise result

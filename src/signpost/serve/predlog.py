@@ -37,6 +37,7 @@ from sqlalchemy import (
     func,
     insert,
     select,
+    text,
 )
 from sqlalchemy.engine import Engine, make_url
 
@@ -132,11 +133,17 @@ def count(url: str) -> int:
 
 
 def read_window(
-    url: str, columns: list[str], *, last: int | None = None, since: float | None = None, chunk: int = 100_000
+    url: str,
+    columns: list[str],
+    *,
+    last: int | None = None,
+    since: float | None = None,
+    chunk: int = 100_000,
+    model_version: str | None = None,
 ) -> Iterator[np.ndarray]:
     """The newest ``last`` records (or those since Unix time ``since``), numeric ``columns`` only, as float64
     arrays ``[rows, len(columns)]`` of at most ``chunk`` rows, oldest first: a caller that folds each chunk into
-    running totals reads any window in bounded memory.
+    running totals reads any window in bounded memory. ``model_version`` keeps that model's records of the window.
 
     The rows come through the driver's own cursor: SQLAlchemy's row objects cost ~3x the time on a million rows.
     """
@@ -145,16 +152,11 @@ def read_window(
         raise ValueError(f"the prediction log has no column {unknown}")
     engine = make_engine(url)
     try:
-        with engine.connect() as conn:
-            ids = select(predictions.c.id)
-            if since is not None:
-                ids = ids.where(predictions.c.ts >= since)
-            if last is not None:
-                ids = ids.order_by(predictions.c.id.desc()).limit(last)
-            first = conn.execute(select(func.min(ids.subquery().c.id))).scalar()
-        if first is None:
+        where = _window_where(engine, last, since)
+        if where is None:
             return
-        where = f"id >= {int(first)}" + (f" AND ts >= {float(since)!r}" if since is not None else "")
+        if model_version is not None:
+            where += " AND model_version = '{}'".format(model_version.replace("'", "''"))
         raw = engine.raw_connection()
         try:
             cursor = raw.cursor()
@@ -166,6 +168,35 @@ def read_window(
             raw.close()
     finally:
         engine.dispose()
+
+
+def model_versions(url: str, *, last: int | None = None, since: float | None = None) -> dict[str, int]:
+    """The model versions in the window (as ``read_window`` chooses it) and their record counts."""
+    engine = make_engine(url)
+    try:
+        where = _window_where(engine, last, since)
+        if where is None:
+            return {}
+        with engine.connect() as conn:
+            rows = conn.execute(text(f"SELECT model_version, COUNT(*) FROM predictions WHERE {where} "
+                                     "GROUP BY model_version")).all()
+        return {str(version): int(n) for version, n in rows}
+    finally:
+        engine.dispose()
+
+
+def _window_where(engine: Engine, last: int | None, since: float | None) -> str | None:
+    """A WHERE clause for the window (numbers only, safe to format), or None when it is empty."""
+    with engine.connect() as conn:
+        ids = select(predictions.c.id)
+        if since is not None:
+            ids = ids.where(predictions.c.ts >= since)
+        if last is not None:
+            ids = ids.order_by(predictions.c.id.desc()).limit(last)
+        first = conn.execute(select(func.min(ids.subquery().c.id))).scalar()
+    if first is None:
+        return None
+    return f"id >= {int(first)}" + (f" AND ts >= {float(since)!r}" if since is not None else "")
 
 
 class PredictionLog:

@@ -46,6 +46,7 @@ class Health(BaseModel):
 class Readiness(BaseModel):
     ready: bool
     model_version: str | None = None
+    canary_version: str | None = None
     detail: str = ""
 
 
@@ -71,3 +72,4 @@ class ModelInfo(BaseModel):
     form: str
     loaded_at: float
     card: dict[str, Any]
+    canary: dict[str, Any] | None = None  # canary mode: the second model's facts and its share of the requests

@@ -14,7 +14,9 @@ running histograms, counts and a bounded uniform sample, so a million rows take 
 - quality: with labelled feedback (``signpost feedback add``), the model's live accuracy overall and per class
   against the evaluation's; a drop beyond ``monitor.accuracy_drop`` also calls for retraining;
 - service health: latency p99 against ``monitor.latency_p99_ms``, and the share of prediction requests answered
-  with an error (the server logs those too) against ``monitor.max_error_rate``.
+  with an error (the server logs those too) against ``monitor.max_error_rate``;
+- canary: when the window holds predictions of more than one model version (``signpost serve --canary``), each
+  model's share, class mix, confidence and latency, and whether the canary looks no worse than the main model.
 
 It writes ``result.json``, a drift chart and ``report.html`` under ``monitor/<name>-<time>/``, sends alerts for
 incidents that started or cleared (``signpost.monitoring.alerts``), and says whether retraining is needed (the CLI
@@ -104,6 +106,8 @@ def monitor(
     if result["quality"].get("dropped"):
         result["verdict"]["retrain"] = True
         result["verdict"]["reasons"] = [*result["verdict"].get("reasons", []), "accuracy drop on feedback"]
+    result["models"] = compare_models(url, last=None if since is not None else (last or cfg.window), since=since,
+                                      reference=reference, cfg=cfg)
     result["log"] = predlog.redact(url)
     result["reference"] = reference.name
     stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%d-%H%M%S-%f")[:-3]  # ms: two runs, two folders
@@ -342,6 +346,48 @@ def quality(batches: list[Path], model: ServedModel | None, reference: Reference
     return result
 
 
+def compare_models(url: str, *, last: int | None, since: float | None, reference: Reference,
+                   cfg: MonitorConfig) -> dict[str, Any] | None:
+    """Per model version in the window (canary mode): records, class mix against the main model's (the version with
+    most records), mean confidence and latency; a canary looks worse when its mean confidence is lower by
+    ``monitor.confidence_shift`` or more, or its p99 latency breaks the SLO while the main model's does not.
+    None when the window holds one version."""
+    counts = predlog.model_versions(url, last=last, since=since)
+    if len(counts) < 2:
+        return None
+    stats = {}
+    n_classes = len(reference.class_counts)
+    for version in counts:
+        classes, latency, confidence, n = np.zeros(n_classes), np.zeros(len(LATENCY_EDGES) - 1), 0.0, 0
+        for chunk in predlog.read_window(url, ["class_id", "confidence", "latency_ms"], last=last, since=since,
+                                         model_version=version):
+            ids = np.clip(chunk[:, 0].astype(np.int64), 0, n_classes - 1)
+            classes += np.bincount(ids, minlength=n_classes)
+            confidence += float(chunk[:, 1].sum())
+            latency += histogram(chunk[:, 2], LATENCY_EDGES)
+            n += len(chunk)
+        stats[version] = {"records": n, "share": n / sum(counts.values()), "classes": classes,
+                          "mean_confidence": confidence / max(n, 1), "latency_p50_ms": _quantile(latency, 0.5),
+                          "latency_p99_ms": _quantile(latency, 0.99)}
+    main = max(stats, key=lambda v: stats[v]["records"])
+    models = {}
+    for version, entry in stats.items():
+        row = {k: v for k, v in entry.items() if k != "classes"} | {"role": "main" if version == main else "canary"}
+        if version != main:
+            ours, theirs = entry, stats[main]
+            row["class_psi_vs_main"] = psi(theirs["classes"], ours["classes"])
+            row["confidence_vs_main"] = ours["mean_confidence"] - theirs["mean_confidence"]
+            worse = []
+            if row["confidence_vs_main"] <= -cfg.confidence_shift:
+                worse.append(f"mean confidence {row['confidence_vs_main']:+.3f} against the main model")
+            if ours["latency_p99_ms"] > cfg.latency_p99_ms >= theirs["latency_p99_ms"]:
+                worse.append(f"p99 latency {ours['latency_p99_ms']:.1f} ms over the {cfg.latency_p99_ms:.0f} ms SLO")
+            row["worse"] = worse
+            row["verdict"] = "worse: " + "; ".join(worse) if worse else "no worse than the main model"
+        models[version] = row
+    return {"main": main, "versions": models}
+
+
 def _quantile(counts: np.ndarray, q: float) -> float:
     total = counts.sum()
     if total == 0:
@@ -419,12 +465,27 @@ td:first-child{{text-align:left}}tr.drift td{{color:#c44e52;font-weight:600}}img
 <h2>Inputs</h2><table><tr><th>feature</th><th>test</th><th>statistic</th><th>p-value</th><th>PSI</th>
 <th>reference mean</th><th>current mean</th></tr>{''.join(rows)}</table>
 <h2>Model outputs</h2><p>{html.escape(_embedding_line(result))}</p>
+{_models_table(result.get("models"))}
 <h2>Service</h2><p>latency p50 {health.get('latency_p50_ms', float('nan')):.2f} ms, p99
 {health.get('latency_p99_ms', float('nan')):.2f} ms (SLO {health.get('slo_ms', float('nan')):.0f} ms);
 {health.get('errors', 0)} failed prediction requests ({health.get('error_rate', 0.0):.2%})</p>
 {chart}
 </body></html>
 """
+
+
+def _models_table(models: dict[str, Any] | None) -> str:
+    if not models:
+        return ""
+    rows = "".join(
+        f"<tr><td>{html.escape(version)}</td><td>{m['role']}</td><td>{m['records']:,}</td><td>{m['share']:.1%}</td>"
+        f"<td>{m['mean_confidence']:.4f}</td><td>{m['latency_p50_ms']:.2f}</td><td>{m['latency_p99_ms']:.2f}</td>"
+        f"<td>{m.get('class_psi_vs_main', 0.0):.4f}</td><td>{html.escape(m.get('verdict', ''))}</td></tr>"
+        for version, m in models["versions"].items()
+    )
+    return ("<h2>Canary</h2><table><tr><th>model version</th><th>role</th><th>predictions</th><th>share</th>"
+            "<th>mean confidence</th><th>p50 ms</th><th>p99 ms</th><th>class PSI vs main</th><th>verdict</th></tr>"
+            f"{rows}</table>")
 
 
 def _embedding_line(result: dict[str, Any]) -> str:
