@@ -22,6 +22,7 @@ from signpost.config import ConfigError, SignpostConfig, load_config
 
 if TYPE_CHECKING:  # the stages import torch and MLflow: loaded only by the commands that need them
     from signpost.stages.evaluate import EvaluateResult
+    from signpost.stages.promote import Decision
     from signpost.tracking import ModelVersion
 
 EXIT_FAILURE = 1
@@ -147,7 +148,8 @@ def _build_parser() -> argparse.ArgumentParser:
                          "else the workdir's SQLite file)")
     monitor.add_argument("--data", type=Path, help="prepared data for the reference (default: the newest)")
     monitor.add_argument("--evaluation", type=Path, help="evaluation for the confidence reference (default: newest)")
-    monitor.add_argument("--model", type=Path, help="model for the embedding reference (default: the newest trained)")
+    monitor.add_argument("--model", type=Path, help="model for the embedding reference and the feedback score "
+                         "(default: the one the log's window names, else the newest trained)")
     monitor.add_argument("--no-alerts", action="store_true", help="report only; send no alerts")
 
     simulate = _stage_parser(sub, "simulate", "send clean then drifted traffic to a running service and monitor "
@@ -159,7 +161,8 @@ def _build_parser() -> argparse.ArgumentParser:
     simulate.add_argument("--drifts", default="dark,blur,mix", help="drifted windows, in order (default %(default)s)")
     simulate.add_argument("--concurrency", type=int, default=8, help="concurrent requests (default 8)")
     simulate.add_argument("--log", metavar="URL", help="the service's prediction log (default: as monitor)")
-    simulate.add_argument("--model", type=Path, help="model for the embedding reference (default: the newest)")
+    simulate.add_argument("--model", type=Path, help="model for the embedding reference (default: the one the "
+                          "service logs)")
     simulate.add_argument("--feedback", type=int, default=0, metavar="N",
                           help="store N images of each drifted window, labelled, as feedback (default 0)")
 
@@ -264,8 +267,9 @@ def _evaluate(args: argparse.Namespace) -> int:
     config = _config(args)
     model = args.model or _newest(config, "train", "signpost train")
     data = args.data or _model_data(config, model)
-    result, version = evaluate_and_register(config, model_dir=model, data_dir=data, progress=_progress(args))
-    _print_evaluation(result, version)
+    result, version, decision = evaluate_and_register(config, model_dir=model, data_dir=data,
+                                                      progress=_progress(args))
+    _print_evaluation(result, version, decision)
     return 0 if result.passed else EXIT_GATE
 
 
@@ -347,7 +351,9 @@ def _model_data(config: SignpostConfig, model: Path) -> Path:
     return config.workdir / "data" / card["data_artifact"]
 
 
-def _print_evaluation(result: EvaluateResult, version: ModelVersion | None) -> None:
+def _print_evaluation(
+    result: EvaluateResult, version: ModelVersion | None, decision: Decision | None = None
+) -> None:
     metrics = result.report["metrics"]
     verb = "reused" if result.reused else "wrote"
     print(f"evaluate: {verb} {result.path}")
@@ -361,6 +367,12 @@ def _print_evaluation(result: EvaluateResult, version: ModelVersion | None) -> N
         print("  gate: FAILED")
         for failure in result.failures:
             print(f"    - {failure}")
+    if decision is not None and version is not None:
+        if decision.promoted:
+            print(f"  promoted {version.name} v{decision.challenger} to champion: {decision.reason}")
+        else:
+            print(f"  {version.name} v{decision.champion} stays champion (v{decision.challenger} stays challenger): "
+                  f"{decision.reason}")
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -409,14 +421,20 @@ def _package(args: argparse.Namespace) -> int:
 
 
 def _monitor(args: argparse.Namespace) -> int:
-    from signpost.stages.monitor import monitor, since_seconds
+    from signpost.serve import predlog
+    from signpost.stages.monitor import monitor, served_model_dir, since_seconds
 
     config = _config(args)
+    since = since_seconds(args.since) if args.since else None
+    url = args.log or config.serve.prediction_log or predlog.default_url(config.workdir)
+    window = None if since is not None else (args.last or config.monitor.window)
+    model = args.model or served_model_dir(config, url, last=window, since=since) or latest_artifact(
+        config.workdir, "train", config.name)
     result = monitor(
-        config, data_dir=args.data or _newest(config, "data", "signpost prepare"), log_url=args.log,
-        last=args.last, since=since_seconds(args.since) if args.since else None,
+        config, data_dir=args.data or _newest(config, "data", "signpost prepare"), log_url=url,
+        last=args.last, since=since,
         evaluation_dir=args.evaluation or latest_artifact(config.workdir, "evaluate", config.name),
-        model_dir=args.model or latest_artifact(config.workdir, "train", config.name), alerts=not args.no_alerts,
+        model_dir=model, alerts=not args.no_alerts,
     )
     r = result.result
     verdict = r["verdict"]
@@ -463,7 +481,7 @@ def _simulate(args: argparse.Namespace) -> int:
         drifts=tuple(d for d in args.drifts.split(",") if d), concurrency=args.concurrency,
         api_key=os.environ.get("SIGNPOST_API_KEY"), log_url=args.log,
         evaluation_dir=latest_artifact(config.workdir, "evaluate", config.name),
-        model_dir=args.model or latest_artifact(config.workdir, "train", config.name), feedback=args.feedback,
+        model_dir=args.model, feedback=args.feedback,
     )
     print(f"{'window':>6}  {'traffic':8} {'sent':>5} {'failed':>6}  monitor")
     for i, w in enumerate(windows, 1):
@@ -536,14 +554,7 @@ def _run(args: argparse.Namespace) -> int:
     for outcome in result.outcomes:
         state = "skipped" if outcome.skipped else "ran"
         print(f"{outcome.stage:>8}: {state:7} ({outcome.reason}) -> {outcome.path}")
-    _print_evaluation(result.evaluation, result.registered)
-    if (decision := result.promotion) is not None and result.registered is not None:
-        name = result.registered.name
-        if decision.promoted:
-            print(f"  promoted {name} v{decision.challenger} to champion: {decision.reason}")
-        else:
-            print(f"  {name} v{decision.champion} stays champion (v{decision.challenger} stays challenger): "
-                  f"{decision.reason}")
+    _print_evaluation(result.evaluation, result.registered, result.promotion)
     if result.candidate:
         c = result.candidate
         print(f"deployable: {c['variant']} on {c['runtime']} ({c['math']}) — {c['reason']}")

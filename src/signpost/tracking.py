@@ -50,6 +50,7 @@ STATUSES = ("FINISHED", "FAILED", "KILLED")
 MODEL_ARTIFACT_PATH = "model"
 CHALLENGER = "challenger"
 CHAMPION = "champion"
+DOWNLOADS = "registry"  # workdir/registry/: model versions downloaded from the registry (to serve or compare)
 # Seconds between system-metric samples; MLflow's MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL overrides it.
 SYSTEM_METRICS_INTERVAL_S = 5.0
 DB_NAME = "mlflow.db"
@@ -455,8 +456,9 @@ class Registry:
         log.info("rolled %s %r back from version %s to %s", self.name, alias, current, target)
         return self._version(client, target)
 
-    def download(self, alias: str, dest: Path) -> Path:
-        """Download the model artifact folder behind ``alias`` to ``dest/<artifact folder name>`` and return it.
+    def download(self, alias: str | None, dest: Path | None = None, *, version: str | None = None) -> Path:
+        """Download the model artifact folder behind ``alias`` (or the given ``version``) to
+        ``dest/<artifact folder name>`` (default ``workdir/registry/``) and return it.
 
         The folder keeps the name it had when it was made (derived from its inputs' hashes), so a version already
         downloaded is reused; files are checked against the manifest either way.
@@ -464,11 +466,16 @@ class Registry:
         from mlflow.artifacts import download_artifacts
 
         client = self._mlflow()
-        version = (self._aliases(client) or {}).get(alias)
+        dest = self.workdir / DOWNLOADS if dest is None else Path(dest)
         if version is None:
-            raise RegistryError(f"{self.name} has no {alias!r} version to download")
-        tags = client.get_model_version(self.name, version).tags
-        final = Path(dest) / (tags.get("signpost.artifact") or f"{self.name}-v{version}")
+            version = (self._aliases(client) or {}).get(alias or "")
+            if version is None:
+                raise RegistryError(f"{self.name} has no {alias!r} version to download")
+        try:
+            tags = client.get_model_version(self.name, version).tags
+        except _mlflow_exception() as exc:
+            raise RegistryError(f"{self.name} has no version {version!r} to download: {exc}") from exc
+        final = dest / (tags.get("signpost.artifact") or f"{self.name}-v{version}")
         if is_complete(final):
             try:
                 verify_artifact(final)
@@ -615,6 +622,8 @@ def _local_artifact_root(uri: str, workdir: Path) -> Path | None:
 
 
 def _quiet_mlflow() -> None:
+    # MLflow draws a tqdm bar on stderr for every artifact download (the champion, before a promotion decision).
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     for name in _NOISY_LOGGERS:
         logger = logging.getLogger(name)
         if logger.level == logging.NOTSET:  # a level set by the user wins

@@ -10,7 +10,9 @@ import pytest
 
 from signpost.cli import EXIT_DRIFT, main
 from signpost.config import load_config
+from signpost.serve import predlog
 from signpost.serve.app import create_app
+from signpost.stages.monitor import served_model_dir
 from signpost.tracking import CHAMPION, Registry
 from tests.serve.conftest import LoopbackServer
 
@@ -41,6 +43,10 @@ def test_drift_feedback_retrain_promote_and_rollback(
         out = capsys.readouterr().out
         assert code == 0, out
         assert "false alarms: 0 of 2 clean windows" in out and "blur yes" in out
+    # The monitor finds the model the log names (the registry's v1) for its embedding reference.
+    served = served_model_dir(config, predlog.default_url(tmp_path))
+    assert served is not None and served.parent == tmp_path / "registry"
+    assert (tmp_path / "train" / served.name).is_dir()  # the registered copy keeps the trained model's name
     # The scheduled monitor over the last two windows (blurred, then clean again): drift, exit 5 = retrain.
     assert main(["monitor", *args, "--last", "600"]) == EXIT_DRIFT
     capsys.readouterr()

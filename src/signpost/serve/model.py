@@ -165,7 +165,7 @@ def _from_registry(uri: str, config: SignpostConfig, runtime: str) -> ModelSourc
     version = registry.get(alias)
     if version is None:
         raise ArtifactError(f"{name} has no {alias!r} version in the registry at {registry.uri}")
-    folder = registry.download(alias, config.workdir / "serve" / "models")
+    folder = registry.download(alias)
     return ModelSource(folder, runtime, f"{name}/{version.version}", origin=uri)
 
 

@@ -10,7 +10,8 @@ running histograms, counts and a bounded uniform sample, so a million rows take 
   measured as the server measures uploads: KS for small windows, normed Wasserstein for large ones, and PSI; the
   inputs drift when ``drift_share`` of them do, or one of them shifts by a PSI of ``psi_major`` or more;
 - embedding drift: the logged output summaries against the model's own summaries of the reference images, when
-  the model is at hand;
+  the model is at hand (``served_model_dir`` finds the one the log names); with two models in the window (a canary,
+  a reload) only the main model's records are compared, as output summaries differ from model to model;
 - quality: with labelled feedback (``signpost feedback add``), the model's live accuracy overall and per class
   against the evaluation's; a drop beyond ``monitor.accuracy_drop`` also calls for retraining;
 - service health: latency p99 against ``monitor.latency_p99_ms``, and the share of prediction requests answered
@@ -36,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from signpost.artifacts import verify_artifact
+from signpost.artifacts import ArtifactError, is_complete, verify_artifact
 from signpost.config import MonitorConfig, SignpostConfig, config_to_dict
 from signpost.data.cache import load_split
 from signpost.data.stats import STAT_NAMES
@@ -99,15 +100,19 @@ def monitor(
     # Loaded once (hash-checked, warmed up): it describes the reference and scores the feedback.
     model = None if model_dir is None else _load_model(model_dir)
     reference = load_reference(Path(data_dir), evaluation_dir, model, cache_dir=config.workdir / STAGE)
-    window = _read(url, last=None if since is not None else (last or cfg.window), since=since,
-                   reference=reference)
+    last = None if since is not None else (last or cfg.window)
+    window = _read(url, last=last, since=since, reference=reference)
+    versions = predlog.model_versions(url, last=last, since=since)
+    if len(versions) > 1 and EMBEDDINGS[0] in reference.edges:
+        own = _read(url, last=last, since=since, reference=reference, model_version=max(versions, key=versions.get))
+        for name in EMBEDDINGS:
+            window["hist"][name], window["sample"][name] = own["hist"][name], own["sample"][name]
     result = evaluate_window(window, reference, cfg)
     result["quality"] = quality(feedback_batches(config.workdir, config.name), model, reference, cfg)
     if result["quality"].get("dropped"):
         result["verdict"]["retrain"] = True
         result["verdict"]["reasons"] = [*result["verdict"].get("reasons", []), "accuracy drop on feedback"]
-    result["models"] = compare_models(url, last=None if since is not None else (last or cfg.window), since=since,
-                                      reference=reference, cfg=cfg)
+    result["models"] = compare_models(url, last=last, since=since, reference=reference, cfg=cfg)
     result["log"] = predlog.redact(url)
     result["reference"] = reference.name
     stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%d-%H%M%S-%f")[:-3]  # ms: two runs, two folders
@@ -205,6 +210,30 @@ def _served_view(data_dir: Path, manifest: dict[str, Any], cache_dir: Path | Non
     return values, images, name
 
 
+def served_model_dir(config: SignpostConfig, url: str, *, last: int | None = None,
+                     since: float | None = None) -> Path | None:
+    """The artifact of the model that made most of the window's predictions (a registry version is downloaded to
+    ``workdir/registry/``), or None when the log is empty or the model cannot be found."""
+    versions = predlog.model_versions(url, last=last, since=since)
+    if not versions:
+        return None
+    version = max(versions, key=versions.get)
+    name, _, number = version.rpartition("/")
+    if name == config.tracking.registered_model and number.isdigit() and config.tracking.backend != "none":
+        from signpost.tracking import Registry, RegistryError
+
+        try:
+            return Registry(config.tracking, config.workdir).download(None, version=number)
+        except (RegistryError, ArtifactError) as exc:
+            log.warning("the log's model %s cannot be fetched from the registry: %s", version, exc)
+            return None
+    for stage in ("train", "optimize", "registry"):
+        if is_complete(folder := config.workdir / stage / version):
+            return folder
+    log.warning("the log's model %s is not under %s: no embedding reference", version, config.workdir)
+    return None
+
+
 def _load_model(model_dir: Path) -> ServedModel:
     from signpost.serve.model import load, resolve
 
@@ -218,8 +247,10 @@ def _model_outputs(model: ServedModel, images: np.ndarray) -> Outputs:
                      ("top_ids", "top_probs", "entropy", "embeddings")))
 
 
-def _read(url: str, *, last: int | None, since: float | None, reference: Reference) -> dict[str, Any]:
-    """Fold the window into counts, histograms and a uniform sample (bottom-k of random keys), chunk by chunk."""
+def _read(url: str, *, last: int | None, since: float | None, reference: Reference,
+          model_version: str | None = None) -> dict[str, Any]:
+    """Fold the window (one model's records of it, with ``model_version``) into counts, histograms and a uniform
+    sample (bottom-k of random keys), chunk by chunk."""
     rng = np.random.default_rng(0)
     features = [name for name in (*INPUTS, *EMBEDDINGS) if name in reference.edges]
     index = {name: COLUMNS.index(name) for name in COLUMNS}
@@ -232,7 +263,7 @@ def _read(url: str, *, last: int | None, since: float | None, reference: Referen
     sample = np.empty((0, len(features)))
     rows, confidence_sum = 0, 0.0
     first_ts, last_ts = np.inf, -np.inf
-    for chunk in predlog.read_window(url, COLUMNS, last=last, since=since):
+    for chunk in predlog.read_window(url, COLUMNS, last=last, since=since, model_version=model_version):
         rows += len(chunk)
         first_ts = min(first_ts, float(chunk[:, index["ts"]].min()))
         last_ts = max(last_ts, float(chunk[:, index["ts"]].max()))

@@ -57,23 +57,20 @@ def run_pipeline(config: SignpostConfig, *, progress: bool = True) -> RunResult:
     when it beats the champion) → optimize → bench → package."""
     data = prepare(config, progress=progress)
     model = train(config, data_dir=data.path, progress=progress, tracking=run_factory(config))
-    evaluation, registered = evaluate_and_register(config, model_dir=model.path, data_dir=data.path, progress=progress)
+    evaluation, registered, promotion = evaluate_and_register(config, model_dir=model.path, data_dir=data.path,
+                                                              progress=progress)
     outcomes = [
         StageOutcome("prepare", data.path, data.reused, _why(data.reused, "data, feedback, data settings and code")),
         StageOutcome("train", model.path, model.reused, _why(model.reused, "prepared data, train settings and code")),
         StageOutcome("evaluate", evaluation.path, evaluation.reused, _why(evaluation.reused, "model, test data, "
                      "gate settings, champion and code")),
     ]
-    promotion = None
     if registered is None:
         outcomes.append(StageOutcome("promote", evaluation.path, True, "not run: no new challenger was registered"))
-    elif not config.evaluate.promote:
+    elif promotion is None:
         outcomes.append(StageOutcome("promote", evaluation.path, True, "not run: evaluate.promote is false "
                                      "(`signpost promote` promotes by hand)"))
     else:
-        promotion = promote_if_better(config, registry=Registry(config.tracking, config.workdir),
-                                      challenger=registered, evaluation=evaluation, data_dir=data.path,
-                                      progress=progress)
         outcomes.append(StageOutcome("promote", evaluation.path, False, promotion.reason))
     optimize_dir = bench_dir = candidate = None
     if not evaluation.passed:
@@ -121,17 +118,20 @@ def run_pipeline(config: SignpostConfig, *, progress: bool = True) -> RunResult:
 
 def evaluate_and_register(
     config: SignpostConfig, *, model_dir: Path, data_dir: Path, progress: bool = True
-) -> tuple[EvaluateResult, ModelVersion | None]:
-    """Evaluate against the current champion; a model that passes the gate becomes the registry's challenger.
+) -> tuple[EvaluateResult, ModelVersion | None, Decision | None]:
+    """Evaluate against the current champion; a model that passes the gate becomes the registry's challenger and,
+    with ``evaluate.promote``, the champion when it beats the current one (``stages/promote.py``).
 
-    With ``tracking.backend: none`` the gate still applies, against no champion, and nothing is registered.
+    Returns the evaluation, the version registered (None when nothing new was) and the promotion decision (None
+    when none was made). With ``tracking.backend: none`` the gate still applies, against no champion, and nothing
+    is registered.
     """
     registry = Registry(config.tracking, config.workdir) if config.tracking.backend != "none" else None
     champion = registry.get(CHAMPION) if registry is not None else None
     champion_metrics = {"top1": champion.metrics["top1"]} if champion and "top1" in champion.metrics else None
     result = evaluate(config, model_dir=model_dir, data_dir=data_dir, champion=champion_metrics, progress=progress)
     if result.reused or registry is None:
-        return result, None
+        return result, None, None
     with run_factory(config)("evaluate") as tracker:
         params = {"evaluate": config_to_dict(config.evaluate), "model": model_dir.name, "data": data_dir.name}
         tracker.log_params(params)
@@ -139,14 +139,18 @@ def evaluate_and_register(
         tracker.log_artifact(result.path, "evaluate")
         tracker.set_tags({"signpost.gate": "passed" if result.passed else "failed"})
         if not result.passed:
-            return result, None
+            return result, None, None
         if (known := registry.find(result.report["model"]["key"])) is not None:
             # Evaluated again (e.g. against a new champion), but the same model: not a new challenger.
             log.info("%s is already registered as %s version %s", model_dir.name, known.name, known.version)
-            return result, None
+            return result, None, None
         version = registry.register(tracker, model_dir, alias=CHALLENGER)
     log.info("registered %s version %s as %s", version.name, version.version, CHALLENGER)
-    return result, version
+    if not config.evaluate.promote:
+        return result, version, None
+    decision = promote_if_better(config, registry=registry, challenger=version, evaluation=result,
+                                 data_dir=data_dir, progress=progress)
+    return result, version, decision
 
 
 def _why(reused: bool, inputs: str) -> str:

@@ -6,8 +6,9 @@ challenger wins when it leads on the deciding score — feedback top-1 when ther
 least ``evaluate.promote_margin`` (and by more than nothing: a tie keeps the champion), and does not fall more than
 ``evaluate.max_drop`` below the champion on the test split. The first model to pass the gate becomes champion.
 
-Promotion moves the registry's ``champion`` alias (``signpost rollback`` moves it back); the decision and its reason
-are tagged on the challenger's model version and written to the run's folder.
+The champion is downloaded to ``workdir/registry/``. Promotion moves the registry's ``champion`` alias
+(``signpost rollback`` moves it back); the decision and its reason are tagged on the challenger's model version and
+written to the run's folder.
 """
 
 from __future__ import annotations
@@ -24,7 +25,6 @@ from signpost.tracking import CHAMPION, ModelVersion, Registry, RegistryError
 
 log = logging.getLogger(__name__)
 
-REGISTRY_CACHE = "registry"  # workdir/registry/: model versions downloaded from the registry
 _TOLERANCE = 1e-12
 
 
@@ -83,7 +83,7 @@ def promote_if_better(
         _record(registry, challenger, decision)
         return decision
     try:
-        champion_dir = registry.download(CHAMPION, config.workdir / REGISTRY_CACHE)
+        champion_dir = registry.download(CHAMPION)
         theirs = evaluate(config, model_dir=champion_dir, data_dir=data_dir, progress=progress)
     except (ArtifactError, RegistryError, ValueError) as exc:
         decision = Decision(False, f"the champion (v{current.version}) cannot be scored on this data: {exc}; "

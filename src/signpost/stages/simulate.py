@@ -32,7 +32,7 @@ from PIL import Image, ImageEnhance, ImageFilter
 from signpost.artifacts import read_manifest
 from signpost.config import SignpostConfig
 from signpost.serve import predlog
-from signpost.stages.monitor import monitor
+from signpost.stages.monitor import monitor, served_model_dir
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +88,8 @@ def simulate(
         before = predlog.count(log_url)
         sent, failed = _send(url, bodies, concurrency, api_key)
         _wait_for_log(log_url, before + sent - failed)
+        if model_dir is None:  # the model the service logs its predictions under
+            model_dir = served_model_dir(config, log_url, last=sent - failed)
         checked = monitor(config, data_dir=data_dir, log_url=log_url, last=sent - failed,
                           evaluation_dir=evaluation_dir, model_dir=model_dir)
         verdict = checked.result["verdict"]
