@@ -1,7 +1,8 @@
 """How long `signpost monitor` takes over a large prediction log (the goal: 1,000,000 predictions in <= 10 s).
 
 Writes N synthetic prediction records into a fresh SQLite log (WAL, as the server makes it; not timed), their image
-statistics drawn around the reference's own so that the verdict is "no drift", then times the monitor over the
+statistics and classes resampled from the monitor's own reference so that the verdict is "no drift", then times the
+monitor over the
 whole window (reading, folding, the drift tests, the report) and its peak memory.
 
     python benchmarks/monitor_scale.py                       # 1,000,000 rows, the newest prepared demo data
@@ -22,10 +23,9 @@ from pathlib import Path
 import numpy as np
 
 from signpost.config import load_config
-from signpost.data.cache import load_split
 from signpost.data.stats import STAT_NAMES
 from signpost.serve import predlog
-from signpost.stages.monitor import monitor
+from signpost.stages.monitor import load_reference, monitor
 
 
 def main() -> None:
@@ -41,7 +41,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="monitor-scale-"))
     url = predlog.default_url(work)
     started = time.perf_counter()
-    _fill(url, Path(data), args.rows)
+    _fill(url, Path(data), args.rows, work / "monitor")
     print(f"wrote {args.rows:,} records to {url} in {time.perf_counter() - started:.1f} s (not timed below)")
 
     config = load_config(None, [f"workdir={work}", "tracking.backend=none", "name=scale"])
@@ -59,20 +59,22 @@ def main() -> None:
     print(f"goal, 1,000,000 predictions in <= 10 s: {'met' if met else 'not met' if rows >= 1_000_000 else 'n/a'}")
 
 
-def _fill(url: str, data: Path, rows: int) -> None:
-    """Records whose statistics are resampled from the validation split (so: no drift), inserted in bulk."""
-    val = load_split(data / "val.safetensors")
+def _fill(url: str, data: Path, rows: int, cache: Path) -> None:
+    """Records whose statistics and classes are resampled from the monitor's reference (so: no drift), in bulk."""
+    reference = load_reference(data, None, None, cache_dir=cache)
     rng = np.random.default_rng(0)
     engine = predlog.make_engine(url)
     columns = [c.name for c in predlog.predictions.columns if c.name != "id"]
     sql = f"INSERT INTO predictions ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})"
-    stats, sizes, labels = val.stats.numpy(), val.sizes.numpy(), val.labels.numpy()
+    classes = reference.class_counts / reference.class_counts.sum()
     for start in range(0, rows, 100_000):
         n = min(100_000, rows - start)
-        pick = rng.integers(0, len(labels), n)
+        labels = rng.choice(len(classes), n, p=classes)
         confidence = rng.uniform(0.6, 1.0, n)
-        numbers = np.column_stack([labels[pick], confidence, rng.uniform(0, 1, n), rng.gamma(4, 1.0, n),
-                                   sizes[pick], stats[pick], rng.normal(0, 1, (n, len(predlog.EMBEDDING_COLUMNS)))])
+        sizes = np.column_stack([rng.choice(reference.samples[name], n) for name in ("width", "height")])
+        stats = np.column_stack([rng.choice(reference.samples[name], n) for name in STAT_NAMES])
+        numbers = np.column_stack([labels, confidence, rng.uniform(0, 1, n), rng.gamma(4, 1.0, n),
+                                   sizes, stats, rng.normal(0, 1, (n, len(predlog.EMBEDDING_COLUMNS)))])
         batch = [(float(start + i), f"r{start + i}", "v1", int(row[0]), "c", float(row[1]), float(row[2]), "[]",
                   float(row[3]), int(row[4]), int(row[5]), *row[6 : 6 + len(STAT_NAMES)].tolist(),
                   *row[6 + len(STAT_NAMES):].tolist()) for i, row in enumerate(numbers)]

@@ -112,7 +112,7 @@ def monitor(
     if result["quality"].get("dropped"):
         result["verdict"]["retrain"] = True
         result["verdict"]["reasons"] = [*result["verdict"].get("reasons", []), "accuracy drop on feedback"]
-    result["models"] = compare_models(url, last=last, since=since, reference=reference, cfg=cfg)
+    result["models"] = compare_models(url, versions, last=last, since=since, reference=reference, cfg=cfg)
     result["log"] = predlog.redact(url)
     result["reference"] = reference.name
     stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%d-%H%M%S-%f")[:-3]  # ms: two runs, two folders
@@ -377,13 +377,12 @@ def quality(batches: list[Path], model: ServedModel | None, reference: Reference
     return result
 
 
-def compare_models(url: str, *, last: int | None, since: float | None, reference: Reference,
-                   cfg: MonitorConfig) -> dict[str, Any] | None:
+def compare_models(url: str, counts: dict[str, int], *, last: int | None, since: float | None,
+                   reference: Reference, cfg: MonitorConfig) -> dict[str, Any] | None:
     """Per model version in the window (canary mode): records, class mix against the main model's (the version with
     most records), mean confidence and latency; a canary looks worse when its mean confidence is lower by
     ``monitor.confidence_shift`` or more, or its p99 latency breaks the SLO while the main model's does not.
-    None when the window holds one version."""
-    counts = predlog.model_versions(url, last=last, since=since)
+    ``counts``: records per version in the window (``predlog.model_versions``). None when it holds one version."""
     if len(counts) < 2:
         return None
     stats = {}
