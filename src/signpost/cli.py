@@ -464,7 +464,8 @@ def _monitor(args: argparse.Namespace) -> int:
     reasons = ", ".join(verdict["reasons"])
     quality = r.get("quality", {})
     if "accuracy" in quality:
-        print(f"  feedback: accuracy {quality['accuracy']:.3f} on {quality['images']} labelled images "
+        print(f"  feedback: accuracy {quality['accuracy']:.3f} on {quality['images']} labelled images it was not "
+              "trained on "
               f"(evaluation {quality['baseline'] if quality['baseline'] is not None else '-'})"
               f"{' — DROP' if quality['dropped'] else ''}")
     print(f"  verdict: {f'retrain ({reasons})' if verdict['retrain'] else 'no retraining needed'}")

@@ -12,7 +12,7 @@ from signpost.cli import EXIT_DRIFT, main
 from signpost.config import load_config
 from signpost.serve import predlog
 from signpost.serve.app import create_app
-from signpost.stages.monitor import served_model_dir
+from signpost.stages.monitor import monitor, served_model_dir
 from signpost.tracking import CHAMPION, Registry
 from tests.serve.conftest import LoopbackServer
 
@@ -66,6 +66,10 @@ def test_drift_feedback_retrain_promote_and_rollback(
     assert decision["promoted"] and decision["deciding"] == "feedback", decision
     assert decision["scores"]["challenger"]["feedback"] > decision["scores"]["champion"]["feedback"]
     assert registry.get(CHAMPION).version == "2"
+    # The new model's live accuracy is scored on the feedback it was not trained on: the held-out images.
+    (model_dir,) = (Path(line.split("-> ")[1]) for line in out.splitlines() if line.strip().startswith("train:"))
+    scored = monitor(config, data_dir=data_dir, model_dir=model_dir, last=600, alerts=False).result["quality"]
+    assert scored["images"] == lineage["feedback"][0]["holdout"] and scored["trained_on"] == 200 - scored["images"]
 
     # Nothing changed: nothing retrained, nothing registered or promoted.
     assert main(["run", *args]) == 0

@@ -3,7 +3,9 @@
 A model is named by a path or a registry URI:
 
 - a model artifact folder (``train/...`` or one variant of ``optimize/...``: it holds ``model_card.json``);
-- a bench folder (``bench/...``): its ``candidate.json`` names the variant and the runtime to serve;
+- a bench folder (``bench/...``): its ``candidate.json`` names the variant and the runtime to serve, and, when
+  another runtime answered small batches faster in the bench (ONNX Runtime, usually), that one too: batches smaller
+  than its ``below`` run on it (``runtime: auto`` only);
 - ``models:/<registered model>@<alias>``: the MLflow registry version behind the alias, downloaded into the workdir.
 
 Loading goes through ``signpost.runtime.load_predictor``, which checks every file against the manifest's hashes
@@ -43,6 +45,9 @@ class ModelSource:
     version: str  # what responses and the prediction log call this model
     bf16: bool = False
     origin: str = ""  # what the user asked for (path or models:/ URI)
+    small_runtime: str | None = None  # the runtime for batches smaller than small_below (from the bench)
+    small_bf16: bool = False
+    small_below: int = 0
 
 
 @dataclass(frozen=True)
@@ -67,6 +72,7 @@ class ServedModel:
     predictor: Predictor
     card: ModelCard
     loaded_at: float = field(default_factory=time.time)
+    small: Predictor | None = None  # runs batches smaller than source.small_below, when the bench found one faster
     # uint8 -> normalized float in one fused op: (x - mean*255) / (std*255), shaped to broadcast over [B, 3, H, W].
     _shift: torch.Tensor = field(init=False, repr=False)
     _scale: torch.Tensor = field(init=False, repr=False)
@@ -86,26 +92,34 @@ class ServedModel:
         The batch is permuted to NCHW as a view: for a channels-last predictor that is already its memory layout,
         so no copy is made.
         """
+        predictor = self.predictor_for(len(images))
         x = torch.from_numpy(images).permute(0, 3, 1, 2)
-        if not self.predictor.channels_last:
+        if not predictor.channels_last:
             x = x.contiguous()
         x = (x.float() - self._shift) * self._scale
-        logits = self.predictor(x).float()
+        logits = predictor(x).float()
         log_probs = torch.log_softmax(logits, dim=1)
         entropy = -(log_probs.exp() * log_probs).sum(dim=1)
         top = torch.topk(log_probs, min(top_k, logits.shape[1]), dim=1)
         return Outputs(top.indices.numpy(), top.values.exp().numpy(), entropy.numpy(),
                        embedding_summary(logits.numpy()))
 
+    def predictor_for(self, batch: int) -> Predictor:
+        """The predictor that runs a batch of this size."""
+        return self.small if self.small is not None and batch < self.source.small_below else self.predictor
+
     def describe(self) -> dict[str, Any]:
         """The model card and serving facts, for ``GET /v1/model``."""
         card = self.card.model_dump(mode="json", exclude={"config"})
+        small = None if self.small is None else {"runtime": self.small.runtime, "form": self.small.form,
+                                                  "below": self.source.small_below}
         return {
             "version": self.version,
             "origin": self.source.origin,
             "artifact": self.source.folder.name,
             "runtime": self.predictor.runtime,
             "form": self.predictor.form,
+            "small_batches": small,
             "loaded_at": self.loaded_at,
             "card": card,
         }
@@ -123,7 +137,11 @@ def resolve(spec: str | Path, config: SignpostConfig, runtime: str = "auto") -> 
         if not variant.is_absolute() and not variant.exists():
             variant = config.workdir / "optimize" / variant.parent.name / variant.name
         chosen = candidate["runtime"] if runtime == "auto" else runtime
-        return ModelSource(variant, chosen, _version(variant), bf16=candidate.get("math") == "bf16", origin=text)
+        small = candidate.get("small_batch") if runtime == "auto" else None
+        return ModelSource(variant, chosen, _version(variant), bf16=candidate.get("math") == "bf16", origin=text,
+                           small_runtime=small["runtime"] if small else None,
+                           small_bf16=bool(small) and small["math"] == "bf16",
+                           small_below=int(small["below"]) if small else 0)
     if not (folder / CARD).is_file():
         raise ArtifactError(
             f"{folder}: not a model artifact (no {CARD}) nor a bench folder (no {CANDIDATE}); pass a folder from "
@@ -142,11 +160,18 @@ def load(source: ModelSource, *, threads: int | None, max_batch: int) -> ServedM
     started = time.perf_counter()
     warm = tuple(sorted({1, min(2, max_batch), min(16, max_batch)}))
     predictor = load_predictor(source.folder, runtime, bf16=source.bf16, threads=threads, warmup=warm)
-    model = ServedModel(source, predictor, predictor.card)
+    small = None
+    if source.small_runtime is not None and source.small_below > 1:
+        small = load_predictor(source.folder, source.small_runtime, bf16=source.small_bf16, threads=threads,
+                               warmup=(1,))
+    model = ServedModel(source, predictor, predictor.card, small=small)
     size = predictor.card.image_size
     for batch in (1, max_batch):  # the first call of each runtime allocates its buffers: pay that now
         model.forward(np.zeros((batch, size, size, 3), dtype=np.uint8))
-    log.info("loaded %s (%s, %s form) in %.1f s", source.version, runtime, predictor.form,
+    if small is not None:
+        model.forward(np.zeros((source.small_below, size, size, 3), dtype=np.uint8))
+    log.info("loaded %s (%s, %s form%s) in %.1f s", source.version, runtime, predictor.form,
+             f"; batches under {source.small_below} on {small.runtime}" if small else "",
              time.perf_counter() - started)
     return model
 

@@ -70,6 +70,7 @@ class ModelInfo(BaseModel):
     artifact: str
     runtime: str
     form: str
+    small_batches: dict[str, Any] | None = None  # the runtime that runs small batches, when the bench chose one
     loaded_at: float
     card: dict[str, Any]
     canary: dict[str, Any] | None = None  # canary mode: the second model's facts and its share of the requests

@@ -217,6 +217,8 @@ def bench(
             "seconds": time.perf_counter() - started,
         }
         results["candidate"] = choose(rows, cfg.deploy_batch_size, optimize_dir)
+        if results["candidate"]:
+            results["candidate"]["small_batch"] = small_batch_runtime(rows, results["candidate"])
         # The best cell at every measured batch size: a server can run single images on one runtime (often ONNX
         # Runtime, whose per-call overhead is lowest) and batches on another.
         results["candidates_by_batch"] = {str(b): choose(rows, b, optimize_dir) for b in cfg.batch_sizes}
@@ -322,6 +324,33 @@ def choose(rows: list[dict[str, Any]], batch: int, optimize_dir: Path) -> dict[s
     }
 
 
+def small_batch_runtime(rows: list[dict[str, Any]], candidate: dict[str, Any]) -> dict[str, Any] | None:
+    """For the candidate's variant, the runtime that answers the smallest measured batch fastest, when that is not
+    the candidate's own (typically ONNX Runtime: its per-call overhead is the lowest), and ``below``: the smallest
+    measured batch size from which the candidate's runtime is the faster one. A server runs batches smaller than
+    ``below`` on it. None when the candidate's runtime is also the fastest for small batches."""
+    cells = {(r["runtime"], r["math"], r["batch"]): r for r in rows
+             if r["status"] == "ok" and r["variant"] == candidate["variant"] and r["threads"] == candidate["threads"]}
+    if not cells:
+        return None
+    smallest = min(batch for _, _, batch in cells)
+    best = max((r for (_, _, batch), r in cells.items() if batch == smallest), key=lambda r: r["images_per_s"])
+    ours, theirs = (candidate["runtime"], candidate["math"]), (best["runtime"], best["math"])
+    if theirs == ours:
+        return None
+
+    def speed(runtime_math: tuple[str, str], batch: int) -> float:
+        row = cells.get((*runtime_math, batch))
+        return row["images_per_s"] if row else 0.0
+
+    sizes = sorted({batch for _, _, batch in cells})
+    below = next((b for b in sizes if speed(ours, b) >= speed(theirs, b) > 0), candidate["batch"])
+    reason = f"p50 {best['ms_median']:.3f} ms at batch {smallest}"
+    if (own := cells.get((*ours, smallest))) is not None:
+        reason += f" against {own['ms_median']:.3f} ms on {ours[0]} ({ours[1]})"
+    return {"runtime": theirs[0], "math": theirs[1], "below": below, "reason": reason}
+
+
 def markdown_table(results: dict[str, Any]) -> str:
     """The results as markdown: machine, baseline, then one row per cell and batch size."""
     m = results["machine"]
@@ -356,6 +385,9 @@ def markdown_table(results: dict[str, Any]) -> str:
     if results.get("candidate"):
         c = results["candidate"]
         lines += ["", f"Deployable choice: **{c['variant']} / {c['runtime']} / {c['math']}** — {c['reason']}."]
+        if small := c.get("small_batch"):
+            lines.append(f"Batches smaller than {small['below']} are served on {small['runtime']} ({small['math']}): "
+                         f"{small['reason']}.")
     by_batch = {b: c for b, c in (results.get("candidates_by_batch") or {}).items() if c}
     if by_batch:
         lines += ["", "Fastest within the budget at each batch size: " + "; ".join(

@@ -13,7 +13,8 @@ running histograms, counts and a bounded uniform sample, so a million rows take 
   the model is at hand (``served_model_dir`` finds the one the log names); with two models in the window (a canary,
   a reload) only the main model's records are compared, as output summaries differ from model to model;
 - quality: with labelled feedback (``signpost feedback add``), the model's live accuracy overall and per class
-  against the evaluation's; a drop beyond ``monitor.accuracy_drop`` also calls for retraining;
+  against the evaluation's, on the feedback images the model was not trained on (prepare folds feedback into
+  later data versions); a drop beyond ``monitor.accuracy_drop`` also calls for retraining;
 - service health: latency p99 against ``monitor.latency_p99_ms``, and the share of prediction requests answered
   with an error (the server logs those too) against ``monitor.max_error_rate``;
 - canary: when the window holds predictions of more than one model version (``signpost serve --canary``), each
@@ -27,6 +28,7 @@ exits 5 then).
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import html
 import json
 import logging
@@ -108,7 +110,8 @@ def monitor(
         for name in EMBEDDINGS:
             window["hist"][name], window["sample"][name] = own["hist"][name], own["sample"][name]
     result = evaluate_window(window, reference, cfg)
-    result["quality"] = quality(feedback_batches(config.workdir, config.name), model, reference, cfg)
+    trained = _trained_feedback(config.workdir, model)
+    result["quality"] = quality(feedback_batches(config.workdir, config.name), model, reference, cfg, trained)
     if result["quality"].get("dropped"):
         result["verdict"]["retrain"] = True
         result["verdict"]["reasons"] = [*result["verdict"].get("reasons", []), "accuracy drop on feedback"]
@@ -355,8 +358,9 @@ def evaluate_window(window: dict[str, Any], reference: Reference, cfg: MonitorCo
 
 
 def quality(batches: list[Path], model: ServedModel | None, reference: Reference,
-            cfg: MonitorConfig) -> dict[str, Any]:
-    """Live accuracy of the model on the labelled feedback, overall and per class, against the evaluation's."""
+            cfg: MonitorConfig, trained: frozenset[str] = frozenset()) -> dict[str, Any]:
+    """Live accuracy of the model on the labelled feedback, overall and per class, against the evaluation's;
+    images whose sha256 is in ``trained`` (the model learnt them) are left out."""
     if not batches:
         return {"note": "no labelled feedback (signpost feedback add)"}
     if model is None:
@@ -364,14 +368,18 @@ def quality(batches: list[Path], model: ServedModel | None, reference: Reference
     from signpost.data.cache import open_image, preprocess
 
     size = model.card.image_size
-    items = [item for batch in batches for item in load_batch(batch)]
+    every = [item for batch in batches for item in load_batch(batch)]
+    items = [item for item in every if hashlib.sha256(item[0]).hexdigest() not in trained]
+    if not items:
+        return {"note": f"the model was trained on all {len(every)} feedback images: none left to score it on"}
     images = np.stack([preprocess(open_image(data), size) for data, _ in items])
     labels = np.array([label for _, label in items])
     predicted = _model_outputs(model, images).top_ids[:, 0]
     correct = predicted == labels
     per_class = {int(c): float(correct[labels == c].mean()) for c in np.unique(labels)}
     accuracy = float(correct.mean())
-    result: dict[str, Any] = {"images": len(labels), "batches": [b.name for b in batches], "accuracy": accuracy,
+    result: dict[str, Any] = {"images": len(labels), "trained_on": len(every) - len(items),
+                              "batches": [b.name for b in batches], "accuracy": accuracy,
                               "per_class": per_class, "baseline": reference.top1}
     result["dropped"] = reference.top1 is not None and reference.top1 - accuracy > cfg.accuracy_drop
     return result
@@ -416,6 +424,17 @@ def compare_models(url: str, counts: dict[str, int], *, last: int | None, since:
             row["verdict"] = "worse: " + "; ".join(worse) if worse else "no worse than the main model"
         models[version] = row
     return {"main": main, "versions": models}
+
+
+def _trained_feedback(workdir: Path, model: ServedModel | None) -> frozenset[str]:
+    """sha256 of the feedback images in the model's training split (``sources.tsv`` of the data it was trained on)."""
+    if model is None or not model.card.data_artifact:
+        return frozenset()
+    sources = Path(workdir) / "data" / model.card.data_artifact / "sources.tsv"
+    if not sources.is_file():
+        return frozenset()
+    rows = (line.split("\t") for line in sources.read_text(encoding="utf-8").splitlines()[1:])
+    return frozenset(row[1] for row in rows if row[-1] == "feedback")
 
 
 def _quantile(counts: np.ndarray, q: float) -> float:

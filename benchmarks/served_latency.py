@@ -1,0 +1,71 @@
+"""The served path's forward pass at batch 1 and at the deploy batch size: the bench's choice as served (small
+batches on the runtime the bench found fastest for them) against the same variant on ONNX Runtime alone and on the
+candidate's runtime alone, all measured in this one process, interleaved, from uint8 images to top-k, the way the
+server calls it (decoding excluded).
+
+    python benchmarks/served_latency.py                         # the newest bench folder under artifacts/
+    python benchmarks/served_latency.py --bench artifacts/bench/demo-... --calls 2000
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from signpost.config import SignpostConfig
+from signpost.serve.model import ServedModel, load, resolve
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--bench", help="a bench folder with candidate.json (default: the newest under artifacts/)")
+    parser.add_argument("--calls", type=int, default=2000, help="timed calls per model and batch size")
+    parser.add_argument("--threads", type=int, default=None, help="intra-op threads (default: all cores)")
+    args = parser.parse_args()
+    found = [p for p in glob.glob("artifacts/bench/*/") if Path(p, "candidate.json").is_file()]
+    bench = Path(args.bench) if args.bench else (Path(max(found, key=os.path.getmtime)) if found else None)
+    if bench is None:
+        sys.exit("no bench folder: run `make demo` first, or pass --bench")
+    candidate = json.loads((bench / "candidate.json").read_text())
+    config = SignpostConfig(workdir=bench.parent.parent)
+    deploy = int(candidate["batch"])
+    served = resolve(bench, config)
+    models = {"served (bench choice)": served}
+    if candidate["runtime"] != "onnxruntime":
+        models["onnxruntime only"] = resolve(served.folder, config, "onnxruntime")
+    models[f"{candidate['runtime']} only"] = resolve(bench, config, candidate["runtime"])
+    loaded: dict[str, ServedModel] = {name: load(source, threads=args.threads, max_batch=deploy)
+                                      for name, source in models.items()}
+    size = next(iter(loaded.values())).card.image_size
+    rng = np.random.default_rng(0)
+    print(f"{bench.name}: {candidate['variant']} — candidate {candidate['runtime']} ({candidate['math']}); small "
+          f"batches: {candidate.get('small_batch') or 'same runtime'}")
+    for batch in (1, deploy):
+        images = rng.integers(0, 256, (batch, size, size, 3), dtype=np.uint8)
+        times: dict[str, list[float]] = {name: [] for name in loaded}
+        calls = max(args.calls // batch, 50)
+        for _ in range(calls):  # interleaved: a slow minute of the machine slows every model alike
+            for name, model in loaded.items():
+                started = time.perf_counter()
+                model.forward(images)
+                times[name].append(time.perf_counter() - started)
+        onnx = np.median(times.get("onnxruntime only", times["served (bench choice)"]))
+        for name, seconds in times.items():
+            p50 = float(np.median(seconds))
+            print(f"  batch {batch:>3} {name:<22} {model_runtime(loaded[name], batch):<12} p50 {1000 * p50:8.3f} ms  "
+                  f"{batch / p50:>9,.0f} images/s  {onnx / p50:5.2f}x ONNX Runtime's speed")
+
+
+def model_runtime(model: ServedModel, batch: int) -> str:
+    return model.predictor_for(batch).runtime
+
+
+if __name__ == "__main__":
+    main()
