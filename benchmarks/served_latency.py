@@ -22,6 +22,8 @@ import numpy as np
 from signpost.config import SignpostConfig
 from signpost.serve.model import ServedModel, load, resolve
 
+BLOCK, SETTLE = 25, 5  # calls per block, and the first ones of each not timed
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -50,12 +52,18 @@ def main() -> None:
     for batch in (1, deploy):
         images = rng.integers(0, 256, (batch, size, size, 3), dtype=np.uint8)
         times: dict[str, list[float]] = {name: [] for name in loaded}
-        calls = max(args.calls // batch, 50)
-        for _ in range(calls):  # interleaved: a slow minute of the machine slows every model alike
-            for name, model in loaded.items():
-                started = time.perf_counter()
-                model.forward(images)
-                times[name].append(time.perf_counter() - started)
+        blocks = max(args.calls // batch // BLOCK, 4)
+        # Interleaved in blocks, so that a slow minute of the machine slows every model alike; the first calls of a
+        # block are not timed: they would pay for the previous model's threads still spinning on the cores.
+        for round_ in range(blocks):
+            names = list(loaded) if round_ % 2 == 0 else list(loaded)[::-1]  # no model always follows the same one
+            for name in names:
+                model = loaded[name]
+                for call in range(BLOCK):
+                    started = time.perf_counter()
+                    model.forward(images)
+                    if call >= SETTLE:
+                        times[name].append(time.perf_counter() - started)
         onnx = np.median(times.get("onnxruntime only", times["served (bench choice)"]))
         for name, seconds in times.items():
             p50 = float(np.median(seconds))
