@@ -274,18 +274,23 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _optimize(args: argparse.Namespace) -> int:
-    from signpost.stages.optimize import optimize
+    from signpost.stages.optimize import optimize, tracking_summary
+    from signpost.tracking import log_stage, run_factory
 
     config = _config(args)
     model = args.model or _newest(config, "train", "signpost train")
     data = args.data or _model_data(config, model)
     result = optimize(config, model_dir=model, data_dir=data, progress=_progress(args))
+    if not result.reused:
+        log_stage(run_factory(config), "optimize", **tracking_summary(config, result))
     _print_variants(result.path, result.reused, result.variants)
     return 0
 
 
 def _bench(args: argparse.Namespace) -> int:
     from signpost.stages.bench import bench, compare
+    from signpost.stages.bench import tracking_summary as bench_summary
+    from signpost.tracking import log_stage, run_factory
 
     if args.compare:
         report, regressed = compare(*args.compare, threshold=args.threshold)
@@ -295,6 +300,8 @@ def _bench(args: argparse.Namespace) -> int:
     optimized = args.optimized or _newest(config, "optimize", "signpost optimize")
     data = args.data or _optimized_data(config, optimized)
     result = bench(config, optimize_dir=optimized, data_dir=data, profile=args.profile, progress=_progress(args))
+    if not result.reused:
+        log_stage(run_factory(config), "bench", **bench_summary(config, result))
     _print_bench(result.path, result.reused, result.results)
     return 0
 

@@ -682,6 +682,28 @@ def _read_card(model_dir: Path) -> dict[str, Any]:
     return card if isinstance(card, dict) else {}
 
 
+def log_stage(
+    make: Callable[[str], Tracker],
+    stage: str,
+    *,
+    params: Mapping[str, Any],
+    metrics: Mapping[str, float],
+    files: Sequence[Path],
+    tags: Mapping[str, str] | None = None,
+) -> str | None:
+    """One tracking run for a finished stage artifact: its settings, its numbers and its small files (tables,
+    charts; not the models). Returns the run id (None when nothing is tracked)."""
+    with make(stage) as tracker:
+        tracker.log_params(params)
+        tracker.log_metrics(metrics)
+        for file in files:
+            if Path(file).is_file():
+                tracker.log_artifact(Path(file), stage)
+        if tags:
+            tracker.set_tags(tags)
+        return tracker.run_id
+
+
 def run_factory(config: SignpostConfig) -> Callable[[str], Tracker]:
     """A function making the tracking run of one stage (``"train"``, ...) for ``config``: what stages take."""
 

@@ -10,7 +10,7 @@ from PIL import Image
 
 from signpost.cli import EXIT_REGRESSION, main
 from signpost.config import SignpostConfig, load_config
-from signpost.stages.bench import BASELINE, bench, compare, markdown_table
+from signpost.stages.bench import BASELINE, bench, compare, markdown_table, tracking_summary
 
 SMALL_MATRIX = ["bench.variants=[fp32,int8,pruned]", "bench.runtimes=[eager,aoti,onnxruntime]",
                 "bench.math=[default,bf16]", "bench.threads=[1]", "bench.batch_sizes=[1,8]", "bench.min_seconds=0.05",
@@ -32,6 +32,8 @@ def measured(optimized: dict) -> dict:
 
 def test_the_matrix_is_measured_with_the_baseline_in_the_same_run(measured: dict) -> None:
     results = measured["result"].results
+    for threads, (before, after) in results["peak_measurements"].items():  # the peak: the larger of two readings
+        assert results["peaks_gflops"][threads]["bf16"] == max(before["bf16"], after["bf16"]) > 0
     rows = results["rows"]
     cells = {(r["variant"], r["runtime"], r["math"]) for r in rows}
     # int8 has no ONNX form; ONNX Runtime takes no oneDNN math setting: those cells are not planned.
@@ -150,3 +152,33 @@ def test_cli_bench_names_a_folder_that_is_not_an_optimize_artifact(
     assert "is a 'train' artifact, not the output of `signpost optimize`" in capsys.readouterr().err
     assert main(["optimize", "--model", str(optimized["model_dir"] / "missing"), "tracking.backend=none"]) == 1
     assert "artifact folder not found" in capsys.readouterr().err
+
+
+def test_optimize_and_bench_results_become_mlflow_runs(optimized: dict, measured: dict, tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    from mlflow import MlflowClient
+
+    from signpost.stages.optimize import tracking_summary as optimize_summary
+    from signpost.tracking import log_stage, run_factory, tracking_uri
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    config = measured["config"].model_copy(deep=True)
+    config.workdir = tmp_path / "work"
+    config.tracking.backend = "mlflow"
+    make = run_factory(config)
+    optimize_run = log_stage(make, "optimize", **optimize_summary(config, optimized["result"]))
+    bench_run = log_stage(make, "bench", **tracking_summary(config, measured["result"]))
+    client = MlflowClient(tracking_uri(config.tracking, config.workdir))
+    run = client.get_run(optimize_run)
+    fp32 = next(v for v in optimized["result"].variants if v["name"] == "fp32")
+    assert run.data.metrics["fp32/test_acc"] == pytest.approx(fp32["test_acc"])
+    assert run.data.tags["signpost.variant.int8"] == next(v["status"] for v in optimized["result"].variants
+                                                          if v["name"] == "int8")
+    assert {a.path for a in client.list_artifacts(optimize_run, "optimize")} >= {"optimize/variants.json"}
+    run = client.get_run(bench_run)
+    ok = [r for r in measured["result"].results["rows"] if r["status"] == "ok"]
+    cell = ok[0]
+    key = f"{cell['variant']}/{cell['runtime']}/{cell['math']}/{cell['threads']}t/b{cell['batch']}/images_per_s"
+    assert run.data.metrics[key] == pytest.approx(cell["images_per_s"])
+    assert {"bench/results.md", "bench/chart.png"} <= {a.path for a in client.list_artifacts(bench_run, "bench")}
+    assert run.data.params["bench.batch_sizes"] and run.data.tags["signpost.stage"] == "bench"

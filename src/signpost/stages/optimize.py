@@ -95,6 +95,20 @@ class OptimizeResult:
     manifest: dict[str, Any]
 
 
+def tracking_summary(config: SignpostConfig, result: OptimizeResult) -> dict[str, Any]:
+    """What a tracking run of this optimize result holds: the settings, each variant's accuracy and size, the
+    variants table (``signpost.tracking.log_stage`` keywords)."""
+    metrics = {}
+    for v in result.variants:
+        for key in ("val_acc", "test_acc", "size_bytes", "mflops"):
+            if isinstance(v.get(key), int | float):
+                metrics[f"{v['name']}/{key}"] = float(v[key])
+    statuses = {v["name"]: v["status"] for v in result.variants}
+    return {"params": {"optimize": config_to_dict(config.optimize), "artifact": result.path.name},
+            "metrics": metrics, "files": [result.path / VARIANTS_FILE, result.path / "manifest.json"],
+            "tags": {f"signpost.variant.{name}": status for name, status in statuses.items()}}
+
+
 def optimize(config: SignpostConfig, *, model_dir: Path, data_dir: Path, progress: bool = True) -> OptimizeResult:
     """Make the variants ``config.optimize`` asks for from the model in ``model_dir``; reuse them when inputs match.
 

@@ -19,13 +19,15 @@ from pathlib import Path
 from signpost.config import SignpostConfig, config_to_dict, save_config
 from signpost.report.html import write_run_report
 from signpost.stages.bench import bench
+from signpost.stages.bench import tracking_summary as bench_summary
 from signpost.stages.evaluate import EvaluateResult, evaluate
 from signpost.stages.optimize import optimize
+from signpost.stages.optimize import tracking_summary as optimize_summary
 from signpost.stages.package import build_image, package
 from signpost.stages.prepare import prepare
 from signpost.stages.promote import Decision, promote_if_better
 from signpost.stages.train import train
-from signpost.tracking import CHALLENGER, CHAMPION, ModelVersion, Registry, run_factory
+from signpost.tracking import CHALLENGER, CHAMPION, ModelVersion, Registry, log_stage, run_factory
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +81,8 @@ def run_pipeline(config: SignpostConfig, *, progress: bool = True) -> RunResult:
         outcomes.append(StageOutcome("optimize", model.path, True, "not run: optimize.enabled is false"))
     else:
         optimized = optimize(config, model_dir=model.path, data_dir=data.path, progress=progress)
+        if not optimized.reused:
+            log_stage(run_factory(config), "optimize", **optimize_summary(config, optimized))
         optimize_dir = optimized.path
         outcomes.append(StageOutcome("optimize", optimized.path, optimized.reused, _why(
             optimized.reused, "model, data, optimize and train settings and code")))
@@ -86,6 +90,8 @@ def run_pipeline(config: SignpostConfig, *, progress: bool = True) -> RunResult:
             outcomes.append(StageOutcome("bench", optimized.path, True, "not run: bench.enabled is false"))
         else:
             measured = bench(config, optimize_dir=optimized.path, data_dir=data.path, progress=progress)
+            if not measured.reused:
+                log_stage(run_factory(config), "bench", **bench_summary(config, measured))
             bench_dir, candidate = measured.path, measured.candidate
             outcomes.append(StageOutcome("bench", measured.path, measured.reused, _why(
                 measured.reused, "variants, test data, bench settings, machine and code")))
