@@ -1,7 +1,9 @@
 """The served path's forward pass at batch 1 and at the deploy batch size: the bench's choice as served (small
 batches on the runtime the bench found fastest for them) against the same variant on ONNX Runtime alone and on the
 candidate's runtime alone, all measured in this one process, interleaved, from uint8 images to top-k, the way the
-server calls it (decoding excluded).
+server calls it (decoding excluded). Like ``signpost serve``, it runs with glibc's allocator thresholds raised (it
+starts again once with ``GLIBC_TUNABLES`` set): without them every batch's fresh tensors are mmapped and faulted in
+again, which cost the compile path at batch 64 ~0.7 ms of its ~1.8 ms here.
 
     python benchmarks/served_latency.py                         # the newest bench folder under artifacts/
     python benchmarks/served_latency.py --bench artifacts/bench/demo-... --calls 2000
@@ -19,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from signpost import GLIBC_TUNABLES
 from signpost.config import SignpostConfig
 from signpost.serve.model import ServedModel, load, resolve
 
@@ -26,6 +29,8 @@ BLOCK, SETTLE = 25, 5  # calls per block, and the first ones of each not timed
 
 
 def main() -> None:
+    if sys.platform == "linux" and "GLIBC_TUNABLES" not in os.environ:
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, "GLIBC_TUNABLES": GLIBC_TUNABLES})
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--bench", help="a bench folder with candidate.json (default: the newest under artifacts/)")
     parser.add_argument("--calls", type=int, default=2000, help="timed calls per model and batch size")
