@@ -70,6 +70,8 @@ def simulate(
 
     ``feedback``: images per drifted window to store, labelled, as a feedback batch (0: none).
     """
+    if feedback < 0:
+        raise ValueError(f"--feedback {feedback}: the images to store per drifted window cannot be negative")
     unknown = sorted(set(drifts) - set(DRIFTS))
     if unknown:
         raise ValueError(f"unknown drift {unknown}; choose from {', '.join(DRIFTS)}")
