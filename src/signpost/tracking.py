@@ -405,6 +405,10 @@ class Registry:
                  if mv.tags.get("signpost.key") == key]
         return self._version(client, str(max(int(mv.version) for mv in found))) if found else None
 
+    def version_tag(self, version: str, key: str) -> str | None:
+        """One tag of one model version, or None when it is not set."""
+        return self._mlflow().get_model_version(self.name, version).tags.get(key)
+
     def tag_version(self, version: str, key: str, value: str) -> None:
         """Set a tag on one model version (e.g. why it was or was not promoted)."""
         self._mlflow().set_model_version_tag(self.name, version, key, value)

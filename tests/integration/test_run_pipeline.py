@@ -132,3 +132,29 @@ def test_the_report_renders_in_headless_chromium(
         assert image.size == (1200, 2400)
         # A rendered page, not a blank one: the embedded plots and tables make many distinct colours.
         assert len(image.convert("RGB").getcolors(maxcolors=1 << 16) or range(1 << 16)) > 50
+
+
+def test_a_run_stopped_before_the_promotion_decision_decides_next_time(
+    synthetic_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from signpost.stages import pipeline
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    decide = pipeline.promote_if_better
+
+    def killed(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("the runner was stopped")
+
+    monkeypatch.setattr(pipeline, "promote_if_better", killed)
+    assert main(["run", *_args(synthetic_root, tmp_path, *LAX)]) == 1  # registered v1, then stopped
+    registry = Registry(load_config(None, [f"workdir={tmp_path}"]).tracking, tmp_path)
+    assert registry.get("challenger").version == "1" and registry.get("champion") is None
+    capsys.readouterr()
+
+    monkeypatch.setattr(pipeline, "promote_if_better", decide)
+    assert main(["run", *_args(synthetic_root, tmp_path, *LAX)]) == 0  # nothing retrained; the decision is made
+    out = capsys.readouterr().out
+    assert "evaluate: skipped" in out and "promoted signpost-gtsrb v1 to champion" in out
+    assert registry.get("champion").version == "1"
+    assert main(["run", *_args(synthetic_root, tmp_path, *LAX)]) == 0  # decided: nothing more to do
+    assert "promote: skipped (not run: no new challenger was registered)" in capsys.readouterr().out

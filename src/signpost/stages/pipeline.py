@@ -25,7 +25,7 @@ from signpost.stages.optimize import optimize
 from signpost.stages.optimize import tracking_summary as optimize_summary
 from signpost.stages.package import build_image, package
 from signpost.stages.prepare import prepare
-from signpost.stages.promote import Decision, promote_if_better
+from signpost.stages.promote import Decision, promote_if_better, undecided_challenger
 from signpost.stages.train import train
 from signpost.tracking import CHALLENGER, CHAMPION, ModelVersion, Registry, log_stage, run_factory
 
@@ -136,8 +136,18 @@ def evaluate_and_register(
     champion = registry.get(CHAMPION) if registry is not None else None
     champion_metrics = {"top1": champion.metrics["top1"]} if champion and "top1" in champion.metrics else None
     result = evaluate(config, model_dir=model_dir, data_dir=data_dir, champion=champion_metrics, progress=progress)
-    if result.reused or registry is None:
+    if registry is None:
         return result, None, None
+    if result.reused:
+        # Evaluated before; if that run stopped after registering its challenger but before deciding, decide now.
+        pending = undecided_challenger(registry, result.report["model"]["key"]) if (
+            result.passed and config.evaluate.promote) else None
+        if pending is None:
+            return result, None, None
+        log.info("%s version %s was registered but never compared with the champion: deciding now",
+                 pending.name, pending.version)
+        return result, pending, promote_if_better(config, registry=registry, challenger=pending, evaluation=result,
+                                                  data_dir=data_dir, progress=progress)
     with run_factory(config)("evaluate") as tracker:
         params = {"evaluate": config_to_dict(config.evaluate), "model": model_dir.name, "data": data_dir.name}
         tracker.log_params(params)

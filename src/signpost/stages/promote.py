@@ -21,9 +21,11 @@ from typing import Any
 from signpost.artifacts import ArtifactError
 from signpost.config import EvaluateConfig, SignpostConfig
 from signpost.stages.evaluate import EvaluateResult, evaluate
-from signpost.tracking import CHAMPION, ModelVersion, Registry, RegistryError
+from signpost.tracking import CHALLENGER, CHAMPION, ModelVersion, Registry, RegistryError
 
 log = logging.getLogger(__name__)
+
+DECISION_TAG = "signpost.promotion"  # on the challenger's model version: the decision and its reason
 
 _TOLERANCE = 1e-12
 
@@ -111,4 +113,14 @@ def _scores(report: dict[str, Any]) -> dict[str, float]:
 
 def _record(registry: Registry, challenger: ModelVersion, decision: Decision) -> None:
     verdict = "promoted" if decision.promoted else "not promoted"
-    registry.tag_version(challenger.version, "signpost.promotion", f"{verdict}: {decision.reason}"[:5000])
+    registry.tag_version(challenger.version, DECISION_TAG, f"{verdict}: {decision.reason}"[:5000])
+
+
+def undecided_challenger(registry: Registry, model_key: str) -> ModelVersion | None:
+    """The challenger registered from the model with manifest key ``model_key`` when no decision was recorded for
+    it (a run stopped between registering and deciding), else None."""
+    challenger = registry.get(CHALLENGER)
+    if challenger is None or registry.version_tag(challenger.version, DECISION_TAG) is not None:
+        return None
+    known = registry.find(model_key)
+    return challenger if known is not None and known.version == challenger.version else None
