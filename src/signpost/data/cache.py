@@ -265,3 +265,14 @@ def load_split(path: Path) -> CachedSplit:
     """Read a split written by ``save_split`` (safetensors: no code runs on load)."""
     tensors = load_file(str(path))
     return CachedSplit(**{k: tensors[k] for k in ("images", "labels", "tracks", "sizes", "stats")})
+
+
+SOURCES = "sources.tsv"  # in a prepared data folder: one line per source file, tab-separated, with a header
+SOURCE_COLUMNS = ("path", "sha256", "label", "track", "roi", "origin")
+
+
+def read_sources(data_dir: Path) -> list[dict[str, str]]:
+    """The rows of a prepared data folder's ``sources.tsv``, by column name (``SOURCE_COLUMNS``). ``path`` is
+    relative to the raw root (``inputs.root`` of the manifest), or to the workdir for origin ``feedback*``."""
+    lines = (Path(data_dir) / SOURCES).read_text(encoding="utf-8").splitlines()[1:]
+    return [dict(zip(SOURCE_COLUMNS, line.split("\t"), strict=True)) for line in lines]

@@ -168,8 +168,6 @@ def load(source: ModelSource, *, threads: int | None, max_batch: int) -> ServedM
     size = predictor.card.image_size
     for batch in (1, max_batch):  # the first call of each runtime allocates its buffers: pay that now
         model.forward(np.zeros((batch, size, size, 3), dtype=np.uint8))
-    if small is not None:
-        model.forward(np.zeros((source.small_below, size, size, 3), dtype=np.uint8))
     log.info("loaded %s (%s, %s form%s) in %.1f s", source.version, runtime, predictor.form,
              f"; batches under {source.small_below} on {small.runtime}" if small else "",
              time.perf_counter() - started)

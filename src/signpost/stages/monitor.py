@@ -41,7 +41,7 @@ import numpy as np
 
 from signpost.artifacts import ArtifactError, is_complete, verify_artifact
 from signpost.config import MonitorConfig, SignpostConfig, config_to_dict
-from signpost.data.cache import load_split
+from signpost.data.cache import SOURCES, load_split, read_sources
 from signpost.data.stats import STAT_NAMES
 from signpost.monitoring.alerts import AlertManager, Incident
 from signpost.monitoring.drift import chi_square_p, histogram, jensen_shannon, ks_test, psi, wasserstein_normed
@@ -185,11 +185,9 @@ def _served_view(data_dir: Path, manifest: dict[str, Any], cache_dir: Path | Non
                 values = {n: stored[n] for n in stored.files if n != "images"}
                 return values, stored["images"], name
     root = Path(manifest.get("inputs", {}).get("root", ""))
-    sources = data_dir / "sources.tsv"
-    if not root.is_dir() or not sources.is_file():
+    if not root.is_dir() or not (data_dir / SOURCES).is_file():
         return None, None, ""
-    rows = [line.split("\t") for line in sources.read_text(encoding="utf-8").splitlines()[1:]]
-    train = [row[0] for row in rows if row[-1] == "train"]
+    train = [row["path"] for row in read_sources(data_dir) if row["origin"] == "train"]
     picked = [train[i] for i in np.random.default_rng(0).permutation(len(train))[:max_files]]
     size = int(manifest["dataset"]["image_size"])
     decoded, sizes = [], []
@@ -430,11 +428,10 @@ def _trained_feedback(workdir: Path, model: ServedModel | None) -> frozenset[str
     """sha256 of the feedback images in the model's training split (``sources.tsv`` of the data it was trained on)."""
     if model is None or not model.card.data_artifact:
         return frozenset()
-    sources = Path(workdir) / "data" / model.card.data_artifact / "sources.tsv"
-    if not sources.is_file():
+    data_dir = Path(workdir) / "data" / model.card.data_artifact
+    if not (data_dir / SOURCES).is_file():
         return frozenset()
-    rows = (line.split("\t") for line in sources.read_text(encoding="utf-8").splitlines()[1:])
-    return frozenset(row[1] for row in rows if row[-1] == "feedback")
+    return frozenset(row["sha256"] for row in read_sources(data_dir) if row["origin"] == "feedback")
 
 
 def _quantile(counts: np.ndarray, q: float) -> float:

@@ -39,7 +39,7 @@ from signpost.artifacts import (
     write_manifest,
 )
 from signpost.config import SignpostConfig, config_to_dict
-from signpost.data.cache import CachedSplit, DecodedImages, decode_samples, save_split
+from signpost.data.cache import SOURCE_COLUMNS, SOURCES, CachedSplit, DecodedImages, decode_samples, save_split
 from signpost.data.download import download_gtsrb
 from signpost.data.layouts import RawDataset, Sample, read_dataset
 from signpost.data.split import split_by_track
@@ -115,7 +115,7 @@ def prepare(config: SignpostConfig, *, progress: bool = True) -> PrepareResult:
     with atomic_dir(path) as tmp:
         for name, split in splits.items():
             save_split(split, tmp / f"{name}.safetensors")
-        _write_sources(tmp / "sources.tsv", samples, rels, origins, decoded)
+        _write_sources(tmp / SOURCES, samples, rels, origins, decoded)
         (tmp / "tracks.json").write_text(json.dumps(track_names), encoding="utf-8")
         _preview(splits["train"], len(raw.class_names)).save(tmp / "preview.png")
         manifest = write_manifest(
@@ -410,7 +410,7 @@ def _write_sources(
         f"{rel}\t{digest}\t{s.label}\t{s.track}\t{','.join(map(str, s.roi)) if s.roi else ''}\t{origin}\n"
         for s, rel, origin, digest in zip(samples, rels, origins, decoded.digests, strict=True)
     )
-    path.write_text("path\tsha256\tlabel\ttrack\troi\torigin\n" + "".join(lines), encoding="utf-8")
+    path.write_text("\t".join(SOURCE_COLUMNS) + "\n" + "".join(lines), encoding="utf-8")
 
 
 def _preview(split: CachedSplit, num_classes: int, tile: int = 48, columns: int = 11) -> Image.Image:

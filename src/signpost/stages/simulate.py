@@ -31,6 +31,7 @@ from PIL import Image, ImageEnhance, ImageFilter
 
 from signpost.artifacts import read_manifest
 from signpost.config import SignpostConfig
+from signpost.data.cache import read_sources
 from signpost.serve import predlog
 from signpost.stages.monitor import monitor, served_model_dir
 
@@ -137,8 +138,7 @@ def _source_files(data_dir: Path) -> tuple[list[Path], np.ndarray, np.ndarray]:
     """The training source files, their labels, and uniform sampling weights (the training class mix)."""
     manifest = read_manifest(data_dir)
     root = Path(manifest.get("inputs", {}).get("root", ""))
-    rows = [line.split("\t") for line in (data_dir / "sources.tsv").read_text(encoding="utf-8").splitlines()[1:]]
-    train = [(root / row[0], int(row[2])) for row in rows if row[-1] == "train"]
+    train = [(root / row["path"], int(row["label"])) for row in read_sources(data_dir) if row["origin"] == "train"]
     if not train or not train[0][0].is_file():
         raise FileNotFoundError(f"the source files of {data_dir.name} are not under {root}: simulate sends the "
                                 "original files, so it needs the raw dataset that prepare read")
