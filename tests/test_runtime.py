@@ -33,6 +33,27 @@ def test_compiled_predictor_never_recompiles_when_the_batch_size_changes(optimiz
     assert counters["stats"]["unique_graphs"] == graphs, "a new batch size compiled a new graph"
 
 
+@pytest.mark.parametrize("bf16", [False, True])
+def test_compiled_predictor_normalizes_uint8_images_inside_its_graph(optimized: dict, bf16: bool) -> None:
+    """As the server loads it: uint8 images [B, H, W, 3] in, the same logits as normalizing outside, no recompiles."""
+    folder = optimized["result"].path / "fp32"
+    torch._dynamo.reset()
+    predictor = load_predictor(folder, "compile", threads=2, bf16=bf16, images=True)
+    graphs = counters["stats"]["unique_graphs"]
+    assert predictor.images is not None
+    eager = load_predictor(folder, "eager")
+    card = eager.card
+    mean, std = torch.tensor(card.mean).view(1, 3, 1, 1), torch.tensor(card.std).view(1, 3, 1, 1)
+    generator = torch.Generator().manual_seed(0)
+    for batch in (5, 64, 1, 2):
+        images = torch.randint(0, 256, (batch, 32, 32, 3), dtype=torch.uint8, generator=generator)
+        expected = eager((images.permute(0, 3, 1, 2).float() / 255.0 - mean) / std)
+        got = predictor.from_images(images)
+        assert torch.allclose(got, expected, atol=0.15 if bf16 else 1e-3, rtol=0)
+        assert torch.allclose(eager.from_images(images), expected, atol=1e-4, rtol=0)  # outside the graph
+    assert counters["stats"]["unique_graphs"] == graphs, "a new batch size compiled a new graph"
+
+
 def test_a_tampered_file_is_refused(optimized: dict, tmp_path: Path) -> None:
     folder = Path(shutil.copytree(optimized["result"].path / "fp32", tmp_path / "fp32"))
     with open(folder / ONNX, "ab") as fh:
@@ -108,6 +129,10 @@ def test_int8_quantization_keeps_the_function(architecture: str, dynamic: bool) 
         expected, got = model(x), program.module()(x)
     assert got.shape == (5, 43)
     assert (got - expected).abs().max() < 0.1 * expected.abs().max()  # int8 rounding, not a different function
+    if not dynamic:  # every max-pool runs on int8: its input is dequantized from a quantized conv + ReLU output
+        pools = [n for n in program.graph.nodes if n.target is torch.ops.aten.max_pool2d.default]
+        assert len(pools) == 2
+        assert all("dequantize_per_tensor" in str(pool.args[0].target) for pool in pools)
 
 
 def test_the_arm_quantizer_annotates_the_same_graph(monkeypatch: pytest.MonkeyPatch) -> None:
