@@ -73,13 +73,6 @@ class ServedModel:
     card: ModelCard
     loaded_at: float = field(default_factory=time.time)
     small: Predictor | None = None  # runs batches smaller than source.small_below, when the bench found one faster
-    # uint8 -> normalized float in one fused op: (x - mean*255) / (std*255), shaped to broadcast over [B, 3, H, W].
-    _shift: torch.Tensor = field(init=False, repr=False)
-    _scale: torch.Tensor = field(init=False, repr=False)
-
-    def __post_init__(self) -> None:
-        self._shift = torch.tensor(self.card.mean, dtype=torch.float32).view(1, 3, 1, 1) * 255.0
-        self._scale = 1.0 / (torch.tensor(self.card.std, dtype=torch.float32).view(1, 3, 1, 1) * 255.0)
 
     @property
     def version(self) -> str:
@@ -89,15 +82,10 @@ class ServedModel:
         """Top-k classes, entropy and embedding summaries for uint8 images ``[B, H, W, 3]`` (as decoding makes
         them), all computed here on the whole batch, so the request handlers only pick their rows.
 
-        The batch is permuted to NCHW as a view: for a channels-last predictor that is already its memory layout,
-        so no copy is made.
+        The predictor normalizes them: inside its compiled graph for the compile runtime, in one multiply-add on
+        a permuted view (no copy for a channels-last predictor) for the others.
         """
-        predictor = self.predictor_for(len(images))
-        x = torch.from_numpy(images).permute(0, 3, 1, 2)
-        if not predictor.channels_last:
-            x = x.contiguous()
-        x = (x.float() - self._shift) * self._scale
-        logits = predictor(x).float()
+        logits = self.predictor_for(len(images)).from_images(torch.from_numpy(images)).float()
         log_probs = torch.log_softmax(logits, dim=1)
         entropy = -(log_probs.exp() * log_probs).sum(dim=1)
         top = torch.topk(log_probs, min(top_k, logits.shape[1]), dim=1)
@@ -159,7 +147,7 @@ def load(source: ModelSource, *, threads: int | None, max_batch: int) -> ServedM
         runtime = "onnxruntime" if (source.folder / FORMS["onnx"]).is_file() else "eager"
     started = time.perf_counter()
     warm = tuple(sorted({1, min(2, max_batch), min(16, max_batch)}))
-    predictor = load_predictor(source.folder, runtime, bf16=source.bf16, threads=threads, warmup=warm)
+    predictor = load_predictor(source.folder, runtime, bf16=source.bf16, threads=threads, warmup=warm, images=True)
     small = None
     if source.small_runtime is not None and source.small_below > 1:
         small = load_predictor(source.folder, source.small_runtime, bf16=source.small_bf16, threads=threads,
