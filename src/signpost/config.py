@@ -174,6 +174,9 @@ class OptimizeConfig(StrictModel):
     prune: PruneConfig = Field(default_factory=PruneConfig)
     distill: DistillConfig = Field(default_factory=DistillConfig)
     export_aoti: bool = Field(True, description="an AOTInductor package (.pt2) of each variant, dynamic batch")
+    aoti_bf16: bool = Field(
+        True, description="with export_aoti, a second package of each float variant compiled under bf16 autocast"
+    )
     export_onnx: bool = Field(True, description="an ONNX file of each float variant, dynamic batch")
     accuracy_budget: float = Field(
         0.005, ge=0.0, le=1.0, description="largest top-1 drop (val and test) a variant may have against its parent"

@@ -2,13 +2,15 @@
 
 A model artifact can hold several forms of the same model (``FORMS``): safetensors weights with a model card (any
 float variant), a ``torch.export`` program (the int8 variant, whose quantized graph is not a plain module), an
-AOTInductor package (native code compiled ahead of time) and an ONNX file. A runtime loads one form:
+AOTInductor package (native code compiled ahead of time; float variants have a second one compiled under bf16
+autocast) and an ONNX file. A runtime loads one form:
 
 - ``eager``: the module as is, NCHW (weights, or the exported program's module): the baseline;
 - ``compile``: ``torch.compile`` with Inductor freezing (weights folded and prepacked for oneDNN), channels_last; with
   ``bf16=True`` under bf16 autocast; the batch dimension is dynamic, so a new batch size does not recompile. Loaded
   with ``images=True`` (as the server loads it) the compiled graph takes uint8 images and normalizes them itself;
-- ``aoti``: the AOTInductor package, compiled at optimize time with a dynamic batch dimension;
+- ``aoti``: the AOTInductor package, compiled at optimize time with a dynamic batch dimension; with ``bf16=True``
+  the bf16 package when the artifact has one (no Python between kernels: faster than ``compile`` at batch 64);
 - ``onnxruntime``: the ONNX file in ONNX Runtime, all graph optimizations on.
 
 Every file is checked against the artifact's manifest before it is read, and nothing is unpickled: weights come
@@ -33,8 +35,9 @@ from signpost.models.artifact import CARD, WEIGHTS, ModelCard, load_model
 
 PROGRAM = "program.pt2"  # torch.export program (ExportedProgram), used by the int8 variant
 AOTI = "model.aoti.pt2"  # AOTInductor package
+AOTI_BF16 = "model.aoti-bf16.pt2"  # AOTInductor package compiled under bf16 autocast (float variants)
 ONNX = "model.onnx"
-FORMS = {"weights": WEIGHTS, "program": PROGRAM, "aoti": AOTI, "onnx": ONNX}
+FORMS = {"weights": WEIGHTS, "program": PROGRAM, "aoti": AOTI, "aoti_bf16": AOTI_BF16, "onnx": ONNX}
 RUNTIMES = ("eager", "compile", "aoti", "onnxruntime")
 # Which form each runtime reads, in order of preference.
 _RUNTIME_FORMS = {"eager": ("weights", "program"), "compile": ("weights", "program"), "aoti": ("aoti",),
@@ -104,6 +107,8 @@ def load_predictor(
     if runtime not in RUNTIMES:
         raise ValueError(f"unknown runtime {runtime!r}; choose one of: {', '.join(RUNTIMES)}")
     form = next((f for f in _RUNTIME_FORMS[runtime] if (folder / FORMS[f]).is_file()), None)
+    if runtime == "aoti" and bf16 and (folder / AOTI_BF16).is_file():
+        form = "aoti_bf16"
     if form is None:
         wanted = " or ".join(FORMS[f] for f in _RUNTIME_FORMS[runtime])
         raise RuntimeUnavailable(f"{folder} has no {wanted}: the {runtime} runtime cannot load it")
@@ -114,7 +119,7 @@ def load_predictor(
     if runtime == "onnxruntime":
         return Predictor(runtime, form, card, _onnxruntime(folder / ONNX, threads))
     if runtime == "aoti":
-        return Predictor(runtime, form, card, _aoti(folder / AOTI))
+        return Predictor(runtime, form, card, _aoti(folder / FORMS[form]))
     if form == "program":
         from signpost.optimize.quantize import register_lowering
 

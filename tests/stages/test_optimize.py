@@ -15,7 +15,7 @@ from signpost.artifacts import read_manifest, verify_artifact
 from signpost.cli import main
 from signpost.models.artifact import WEIGHTS, load_model
 from signpost.optimize import variant_folders
-from signpost.runtime import AOTI, ONNX, PROGRAM, available_runtimes
+from signpost.runtime import AOTI, AOTI_BF16, ONNX, PROGRAM, available_runtimes
 from signpost.stages.optimize import Variant, _apply_budget, optimize
 
 
@@ -63,9 +63,10 @@ def test_pruning_removes_channels_physically(optimized: dict) -> None:
 def test_exports_exist_for_the_float_and_int8_candidates(optimized: dict) -> None:
     root = optimized["result"].path
     for name in ("fp32", "pruned", "student"):
-        assert (root / name / AOTI).is_file() and (root / name / ONNX).is_file()
+        assert all((root / name / form).is_file() for form in (AOTI, AOTI_BF16, ONNX))
         assert available_runtimes(root / name) == ["eager", "compile", "aoti", "onnxruntime"]
     assert (root / "int8" / AOTI).is_file() and available_runtimes(root / "int8") == ["eager", "compile", "aoti"]
+    assert not (root / "int8" / AOTI_BF16).exists()  # bf16 packages are made from float modules only
     assert available_runtimes(root / "student-alone") == ["eager", "compile"]  # a control gets no exports
 
 
@@ -78,8 +79,9 @@ FRESH = textwrap.dedent("""
     x = torch.randn(5, 3, 32, 32)
     out = {}
     for runtime in runtimes:
-        p = load_predictor(folder, runtime, threads=1)
+        p = load_predictor(folder, runtime.removesuffix("+bf16"), threads=1, bf16=runtime.endswith("+bf16"))
         out[runtime] = p(x).tolist()
+        out[runtime + " form"] = p.form
     out["training_code_loaded"] = any(m.startswith("signpost.stages") for m in sys.modules)
     print(json.dumps(out))
 """)
@@ -89,16 +91,19 @@ FRESH = textwrap.dedent("""
 def test_each_variant_loads_and_predicts_in_a_fresh_process(optimized: dict, name: str) -> None:
     folder = optimized["result"].path / name
     runtimes = [r for r in available_runtimes(folder) if r != "compile"]  # compile: see test_runtime.py
+    runtimes.append("aoti+bf16")  # the bf16 package where the variant has one, else the fp32 one
     done = subprocess.run([sys.executable, "-c", FRESH, str(folder), ",".join(runtimes)], capture_output=True,
                           text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     out = json.loads(done.stdout.strip().splitlines()[-1])
     assert out.pop("training_code_loaded") is False
+    forms = {runtime: out.pop(f"{runtime} form") for runtime in runtimes}
+    assert forms["aoti+bf16"] == ("aoti" if "int8" in name else "aoti_bf16")
     logits = {runtime: torch.tensor(values) for runtime, values in out.items()}
     assert all(v.shape == (5, 6) for v in logits.values())
     reference = logits["eager"]
     for runtime, value in logits.items():  # every form of a variant computes the same function
-        tolerance = 0.15 if "int8" in name else 1e-3
+        tolerance = 0.15 if "int8" in name or "bf16" in runtime else 1e-3
         assert torch.allclose(value, reference, atol=tolerance, rtol=0), (runtime, (value - reference).abs().max())
 
 

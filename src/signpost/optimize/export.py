@@ -1,7 +1,8 @@
 """Compiled and exported forms of a model, each with a dynamic batch dimension.
 
 - AOTInductor: ``torch.export`` → ``aoti_compile_and_package`` → one ``.pt2`` package of native code and weights,
-  loadable with ``torch._inductor.aoti_load_package`` in a process that has neither the model code nor a compiler.
+  loadable with ``torch._inductor.aoti_load_package`` in a process that has neither the model code nor a compiler;
+  with ``bf16`` the model is exported under bf16 autocast (float in, float out, bf16 inside).
 - ONNX: the ``torch.export``-based exporter (``dynamo=True``), opset 20, batch dimension named ``batch``.
 """
 
@@ -21,13 +22,33 @@ log = logging.getLogger(__name__)
 ONNX_OPSET = 20
 
 
-def write_aoti(model: nn.Module | torch.export.ExportedProgram, example: torch.Tensor, path: Path) -> None:
-    """Compile ``model`` (a module, or an already exported program such as the int8 one) ahead of time to ``path``."""
+def write_aoti(
+    model: nn.Module | torch.export.ExportedProgram, example: torch.Tensor, path: Path, *, bf16: bool = False
+) -> None:
+    """Compile ``model`` (a module, or an already exported program such as the int8 one) ahead of time to ``path``;
+    ``bf16`` (modules only): under bf16 autocast, as the ``compile`` runtime runs it for bf16 math."""
     import torch._inductor.config as inductor_config
 
-    program = model if isinstance(model, torch.export.ExportedProgram) else export_batch_dynamic(model, example)
+    if isinstance(model, torch.export.ExportedProgram):
+        if bf16:
+            raise ValueError("a bf16 AOTInductor package is made from a module, not an exported program")
+        program = model
+    else:
+        program = export_batch_dynamic(_Bf16Autocast(model) if bf16 else model, example)
     with inductor_config.patch(freezing=True):
         torch._inductor.aoti_compile_and_package(program, package_path=str(path))
+
+
+class _Bf16Autocast(nn.Module):
+    """``model`` under CPU bf16 autocast, returning float logits: export records the casts into the graph."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return self.model(x).float()
 
 
 def write_onnx(model: nn.Module, example: torch.Tensor, path: Path) -> None:

@@ -50,7 +50,8 @@ _CODE = (__name__, "signpost.bench_worker", "signpost.runtime", "signpost.optimi
 RESULTS, TABLE, CHART, CANDIDATE = "results.json", "results.md", "chart.png", "candidate.json"
 BASELINE = ("fp32", "eager", "default")  # variant, runtime, math of the speedup baseline
 # Math settings each runtime can honour: ONNX Runtime uses its own kernels (MLAS), not oneDNN's settings; an
-# AOTInductor package has its kernels compiled in, so only oneDNN's fpmath mode still reaches it.
+# AOTInductor package has its kernels compiled in: bf16 runs the variant's bf16 package when it has one (float
+# variants), else the fp32 package with oneDNN's fpmath mode, the one setting that still reaches it.
 _RUNTIME_MATH = {"eager": ("default", "bf16", "no-onednn"), "compile": ("default", "bf16", "no-onednn"),
                  "aoti": ("default", "bf16"), "onnxruntime": ("default",)}
 

@@ -7,7 +7,7 @@ accuracy budget against its parent, and write everything atomically:
     optimize/<name>-<key>/
         manifest.json           every variant's method, settings, accuracy, size and verdict
         variants.json           the same table, for the bench stage
-        fp32/                   the parent as is, plus its AOTInductor package and ONNX file
+        fp32/                   the parent as is, plus its AOTInductor packages (fp32, bf16) and ONNX file
         int8/                   static int8 (torchao PT2E): program.pt2 (+ AOTInductor package)
         dynamic-int8/           dynamic int8 on the Linear layers, when the model has any worth it
         pruned/                 channels removed, fine-tuned (+ exports)
@@ -52,7 +52,7 @@ from signpost.optimize import VARIANTS_FILE
 from signpost.optimize.export import write_aoti, write_onnx
 from signpost.optimize.prune import count_parameters, prune_model
 from signpost.optimize.quantize import quantize_int8, save_program
-from signpost.runtime import AOTI, ONNX, PROGRAM
+from signpost.runtime import AOTI, AOTI_BF16, ONNX, PROGRAM
 from signpost.stages.train import CHECKPOINT_STATE, Derived, Recipe
 
 log = logging.getLogger(__name__)
@@ -230,6 +230,9 @@ class _VariantMaker:
             try:
                 write_aoti(model, self.example, folder / AOTI)
                 variant.forms.append("aoti")
+                if opt.aoti_bf16 and isinstance(model, nn.Module):
+                    write_aoti(model, self.example, folder / AOTI_BF16, bf16=True)
+                    variant.forms.append("aoti_bf16")
             except Exception as exc:  # Inductor and its C++ compiler can fail in many ways
                 log.warning("%s: AOTInductor packaging failed: %s", variant.name, exc)
                 variant.settings["aoti_error"] = _short(exc)
