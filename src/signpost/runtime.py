@@ -10,7 +10,7 @@ autocast) and an ONNX file. A runtime loads one form:
   ``bf16=True`` under bf16 autocast; the batch dimension is dynamic, so a new batch size does not recompile. Loaded
   with ``images=True`` (as the server loads it) the compiled graph takes uint8 images and normalizes them itself;
 - ``aoti``: the AOTInductor package, compiled at optimize time with a dynamic batch dimension; with ``bf16=True``
-  the bf16 package when the artifact has one (no Python between kernels: faster than ``compile`` at batch 64);
+  the bf16 package when the artifact has one (as fast as ``compile`` + bf16, with no compiler needed to load it);
 - ``onnxruntime``: the ONNX file in ONNX Runtime, all graph optimizations on.
 
 Every file is checked against the artifact's manifest before it is read, and nothing is unpickled: weights come
