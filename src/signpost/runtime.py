@@ -23,7 +23,7 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +63,11 @@ class Predictor:
     # does) gets it for free by stacking them [B, H, W, C] and permuting, instead of paying a copy on every call
     images: Callable[[torch.Tensor], torch.Tensor] | None = None  # uint8 [B, H, W, 3] -> logits, normalizing inside
     # the compiled graph (compile runtime loaded with images=True)
+    _shift: torch.Tensor = field(init=False, repr=False)  # the card's normalization, made once (not per call)
+    _scale: torch.Tensor = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self._shift, self._scale = _normalization(self.card)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward(x)
@@ -74,8 +79,7 @@ class Predictor:
         x = images.permute(0, 3, 1, 2)  # a view: already the memory layout of a channels-last predictor
         if not self.channels_last:
             x = x.contiguous()
-        shift, scale = _normalization(self.card)
-        return self.forward((x.float() - shift) * scale)
+        return self.forward((x.float() - self._shift) * self._scale)
 
 
 def available_runtimes(folder: Path) -> list[str]:
