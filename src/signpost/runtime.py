@@ -132,12 +132,11 @@ def load_predictor(
     if runtime == "eager":  # the module as a user would call it (NCHW, no compilation): the baseline
         return Predictor(runtime, form, card, _no_grad(module))
     forward = _compiled(module, bf16=bf16, image_size=card.image_size, warmup=() if images else warmup)
-    from_images = None
+    predictor = Predictor(runtime, form, card, forward, channels_last=True)
     if images:
-        shift, scale = _normalization(card)
-        from_images = _compiled(_FromImages(module, shift, scale), bf16=bf16, image_size=card.image_size,
-                                warmup=warmup, images=True)
-    return Predictor(runtime, form, card, forward, channels_last=True, images=from_images)
+        predictor.images = _compiled(_FromImages(module, predictor._shift, predictor._scale), bf16=bf16,
+                                     image_size=card.image_size, warmup=warmup, images=True)
+    return predictor
 
 
 def _normalization(card: ModelCard) -> tuple[torch.Tensor, torch.Tensor]:

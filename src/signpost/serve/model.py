@@ -151,7 +151,7 @@ def load(source: ModelSource, *, threads: int | None, max_batch: int) -> ServedM
     small = None
     if source.small_runtime is not None and source.small_below > 1:
         small = load_predictor(source.folder, source.small_runtime, bf16=source.small_bf16, threads=threads,
-                               warmup=(1,))
+                               warmup=(1,), images=True)
     model = ServedModel(source, predictor, predictor.card, small=small)
     size = predictor.card.image_size
     for batch in (1, max_batch):  # the first call of each runtime allocates its buffers: pay that now
