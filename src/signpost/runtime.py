@@ -21,7 +21,12 @@ The AOTInductor package holds native code: it is loaded only after its hash matc
 from __future__ import annotations
 
 import contextlib
+import io
+import json
 import os
+import re
+import threading
+import zipfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -161,37 +166,113 @@ class _FromImages(nn.Module):
 
 
 def load_program(path: Path) -> nn.Module:
-    """The module of a saved ``torch.export`` program (the int8 variant's quantized graph).
+    """The module of a saved ``torch.export`` program (the int8 variant's quantized graph), unpickling nothing.
 
-    ``torch.export.load`` unpickles tensors it could not store raw and falls back to a full unpickle of the sample
-    inputs: the archive is checked first, and one that would need either is refused.
+    ``torch.export.load`` reads more than Signpost writes, and several of those shapes unpickle: tensors marked
+    ``use_pickle``, legacy ``data/weights/<model>.pt`` and ``data/constants/<model>.pt`` files, custom and opaque
+    objects, sample inputs it retries with a full unpickle when a weights-only load fails, the pre-2.8 zip layout, and
+    AOTInductor entries (native code). So the archive is checked against the entries a Signpost export writes
+    (``PROGRAM_ENTRIES``), copied entry by entry into a fresh archive in memory (torch then reads exactly what was
+    checked, however the original zip was put together), and loaded while ``torch.load`` can only run weights-only.
     """
-    _check_program_archive(path)
+    archive = _checked_program_archive(path)
     try:
-        return torch.export.load(str(path)).module()
+        with _weights_only_loads():
+            return torch.export.load(archive).module()
+    except _WouldUnpickle as exc:
+        raise ArtifactError(f"{path}: {exc}; refusing to unpickle it") from None
     except Exception as exc:  # a corrupt archive can fail in many ways inside torch.export
         raise ArtifactError(f"{path}: not a loadable torch.export program: {exc}") from exc
 
 
-def _check_program_archive(path: Path) -> None:
-    import io
-    import json
-    import zipfile
+# Every entry a Signpost export writes (``optimize.quantize.save_program``), below the archive's one top folder.
+# Anything else (legacy weight, constant or sample-input pickles, custom objects, AOTInductor code, extra files) is
+# refused by name before torch sees the archive.
+PROGRAM_ENTRIES = re.compile(
+    r"(archive_format|archive_version|byteorder|\.data/version|\.data/serialization_id|models/model\.json"
+    r"|data/sample_inputs/model\.pt|data/weights/model_weights_config\.json|data/weights/weight_\d+"
+    r"|data/constants/model_constants_config\.json|data/constants/tensor_\d+)"
+)
+_PAYLOAD_CONFIGS = {"data/weights/model_weights_config.json": ("data/weights/", r"weight_\d+"),
+                    "data/constants/model_constants_config.json": ("data/constants/", r"tensor_\d+")}
+_MAX_PROGRAM_BYTES = 1 << 30  # 1 GiB uncompressed: far above any image classifier; a zip bomb stops here
 
+
+class _WouldUnpickle(Exception):
+    """Raised inside ``torch.export.load`` when it tries to unpickle (not a RuntimeError, which torch catches)."""
+
+
+def _checked_program_archive(path: Path) -> io.BytesIO:
+    """The archive at ``path`` rebuilt from its allowed entries only, after checking that none would unpickle."""
     try:
         with zipfile.ZipFile(path) as archive:
-            for name in archive.namelist():
-                if name.endswith("_config.json") and "/data/" in f"/{name}":
-                    payloads = json.loads(archive.read(name)).get("config", {})
-                    pickled = [fqn for fqn, meta in payloads.items() if meta.get("use_pickle")]
-                    if pickled:
-                        raise ArtifactError(f"{path}: tensors {pickled[:3]} are pickled; refusing to unpickle them")
-                elif "/sample_inputs/" in f"/{name}" and (data := archive.read(name)):
-                    torch.load(io.BytesIO(data), weights_only=True)
+            infos = archive.infolist()
+            names = [info.filename for info in infos]
+            tops = {name.split("/", 1)[0] for name in names}
+            if len(tops) != 1 or any("/" not in name for name in names):
+                raise ArtifactError(f"{path}: not a torch.export program archive (entries must share one folder)")
+            if len(set(names)) != len(names):
+                raise ArtifactError(f"{path}: the archive names an entry twice")
+            if sum(info.file_size for info in infos) > _MAX_PROGRAM_BYTES:
+                raise ArtifactError(f"{path}: the archive unpacks to more than {_MAX_PROGRAM_BYTES >> 20} MiB")
+            entries = {name.split("/", 1)[1]: archive.read(name) for name in names}
     except ArtifactError:
         raise
-    except Exception as exc:  # a corrupt zip, JSON, or sample inputs that are not plain tensors
+    except Exception as exc:  # not a zip, a corrupt entry, a bad CRC
         raise ArtifactError(f"{path}: not a plain torch.export program archive: {exc}") from exc
+    unexpected = sorted(name for name in entries if not PROGRAM_ENTRIES.fullmatch(name))
+    if unexpected:
+        raise ArtifactError(f"{path}: entries a Signpost export never writes: {', '.join(unexpected[:5])}; refusing "
+                            "to load it (they are read by pickle or as native code)")
+    if entries.get("data/sample_inputs/model.pt"):
+        raise ArtifactError(f"{path}: the archive carries sample inputs (a pickle); Signpost exports have none")
+    for config_name, (folder, file_pattern) in _PAYLOAD_CONFIGS.items():
+        if config_name not in entries:
+            raise ArtifactError(f"{path}: the archive has no {config_name}")
+        try:
+            payloads = json.loads(entries[config_name])["config"]
+            for fqn, meta in payloads.items():
+                if meta.get("use_pickle") is not False:
+                    raise ArtifactError(f"{path}: tensor {fqn!r} is pickled; refusing to unpickle it")
+                if not re.fullmatch(file_pattern, meta["path_name"]) or folder + meta["path_name"] not in entries:
+                    raise ArtifactError(f"{path}: tensor {fqn!r} names {meta['path_name']!r}, not a raw tensor "
+                                        f"entry of the archive")
+        except ArtifactError:
+            raise
+        except Exception as exc:  # not JSON, or not the shape torch writes
+            raise ArtifactError(f"{path}: {config_name} is not a payload table: {exc}") from exc
+    canonical = io.BytesIO()
+    with zipfile.ZipFile(canonical, "w", zipfile.ZIP_STORED) as out:
+        for name, data in entries.items():
+            out.writestr(f"program/{name}", data)
+    canonical.seek(0)
+    return canonical
+
+
+_LOAD_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _weights_only_loads() -> Iterator[None]:
+    """While loading a program: ``torch.load`` runs weights-only, and a request to unpickle raises instead.
+
+    The archive check already refuses every entry torch would unpickle; this makes a gap in that check (a new torch
+    reading a new entry) an error rather than code execution.
+    """
+    original = torch.load
+
+    def weights_only_load(*args: Any, **kwargs: Any) -> Any:
+        if kwargs.get("weights_only") is False:
+            raise _WouldUnpickle("torch.export asked to unpickle an entry of the archive")
+        kwargs["weights_only"] = True
+        return original(*args, **kwargs)
+
+    with _LOAD_LOCK:
+        torch.load = weights_only_load
+        try:
+            yield
+        finally:
+            torch.load = original
 
 
 def _no_grad(module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
