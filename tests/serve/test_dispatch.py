@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
+from signpost.artifacts import read_manifest, write_manifest
 from signpost.config import SignpostConfig
 from signpost.serve.model import load, resolve
 from signpost.stages.bench import small_batch_runtime
@@ -31,13 +32,17 @@ def test_the_bench_names_the_small_batch_runtime_and_where_the_candidate_takes_o
 
 
 def test_a_bench_candidate_serves_small_batches_on_onnx_runtime(optimized: dict, tmp_path: Path) -> None:
-    variant = optimized["result"].path / "pruned"
+    run = optimized["result"].path
     bench = tmp_path / "bench"
     bench.mkdir()
     candidate = {"variant": "pruned", "runtime": "eager", "math": "default", "threads": 2, "batch": 64,
-                 "folder": str(variant), "small_batch": {"runtime": "onnxruntime", "math": "default", "below": 8}}
+                 "folder": str(run / "pruned"), "images_per_s": 1000.0, "top1": 0.9, "reason": "test",
+                 "small_batch": {"runtime": "onnxruntime", "math": "default", "below": 8, "reason": "test"}}
     (bench / "candidate.json").write_text(json.dumps(candidate))
-    source = resolve(bench, SignpostConfig(workdir=tmp_path))
+    inputs = {"optimize": run.name, "optimize_key": read_manifest(run)["key"]}
+    write_manifest(bench, stage="bench", key="k", inputs=inputs, config={}, code="c")
+    config = SignpostConfig(workdir=optimized["config"].workdir)
+    source = resolve(bench, config)
     assert (source.runtime, source.small_runtime, source.small_below) == ("eager", "onnxruntime", 8)
     model = load(source, threads=1, max_batch=16)
     assert model.predictor_for(1).runtime == model.predictor_for(7).runtime == "onnxruntime"
@@ -49,4 +54,4 @@ def test_a_bench_candidate_serves_small_batches_on_onnx_runtime(optimized: dict,
     np.testing.assert_array_equal(together.top_ids[:, 0], [a.top_ids[0, 0] for a in alone])
     np.testing.assert_allclose(together.top_probs[:, 0], [a.top_probs[0, 0] for a in alone], atol=1e-4)
     # An explicit runtime serves everything on it.
-    assert resolve(bench, SignpostConfig(workdir=tmp_path), "eager").small_runtime is None
+    assert resolve(bench, config, "eager").small_runtime is None

@@ -14,7 +14,6 @@ and unpickles nothing, then warms the model up on every batch size it will see, 
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -26,6 +25,7 @@ import torch
 
 from signpost.artifacts import ArtifactError, read_manifest
 from signpost.config import SignpostConfig
+from signpost.contracts import CANDIDATE, candidate_variant, read_candidate
 from signpost.data.stats import embedding_summary
 from signpost.models.artifact import CARD, ModelCard
 from signpost.runtime import FORMS, Predictor, load_predictor
@@ -33,7 +33,6 @@ from signpost.runtime import FORMS, Predictor, load_predictor
 log = logging.getLogger(__name__)
 
 REGISTRY_SCHEME = "models:/"
-CANDIDATE = "candidate.json"  # written by the bench stage: the variant and runtime to deploy
 
 
 @dataclass(frozen=True)
@@ -120,16 +119,14 @@ def resolve(spec: str | Path, config: SignpostConfig, runtime: str = "auto") -> 
         return _from_registry(text, config, runtime)
     folder = Path(text)
     if (folder / CANDIDATE).is_file():
-        candidate = json.loads((folder / CANDIDATE).read_text(encoding="utf-8"))
-        variant = Path(candidate["folder"])
-        if not variant.is_absolute() and not variant.exists():
-            variant = config.workdir / "optimize" / variant.parent.name / variant.name
-        chosen = candidate["runtime"] if runtime == "auto" else runtime
-        small = candidate.get("small_batch") if runtime == "auto" else None
-        return ModelSource(variant, chosen, _version(variant), bf16=candidate.get("math") == "bf16", origin=text,
-                           small_runtime=small["runtime"] if small else None,
-                           small_bf16=bool(small) and small["math"] == "bf16",
-                           small_below=int(small["below"]) if small else 0)
+        candidate = read_candidate(folder)
+        variant = candidate_variant(folder, candidate, config.workdir)
+        chosen = candidate.runtime if runtime == "auto" else runtime
+        small = candidate.small_batch if runtime == "auto" else None
+        return ModelSource(variant, chosen, _version(variant), bf16=candidate.math == "bf16", origin=text,
+                           small_runtime=small.runtime if small else None,
+                           small_bf16=small is not None and small.math == "bf16",
+                           small_below=small.below if small else 0)
     if not (folder / CARD).is_file():
         raise ArtifactError(
             f"{folder}: not a model artifact (no {CARD}) nor a bench folder (no {CANDIDATE}); pass a folder from "

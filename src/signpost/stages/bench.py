@@ -39,6 +39,7 @@ from signpost.artifacts import (
     write_manifest,
 )
 from signpost.config import BenchConfig, SignpostConfig, config_to_dict
+from signpost.contracts import CANDIDATE, Candidate
 from signpost.optimize import VARIANTS_FILE, variant_folders
 from signpost.report.plots import bench_chart_png
 from signpost.runtime import available_runtimes
@@ -47,7 +48,7 @@ log = logging.getLogger(__name__)
 
 STAGE = "bench"
 _CODE = (__name__, "signpost.bench_worker", "signpost.runtime", "signpost.optimize")
-RESULTS, TABLE, CHART, CANDIDATE = "results.json", "results.md", "chart.png", "candidate.json"
+RESULTS, TABLE, CHART = "results.json", "results.md", "chart.png"
 BASELINE = ("fp32", "eager", "default")  # variant, runtime, math of the speedup baseline
 # Math settings each runtime can honour: ONNX Runtime uses its own kernels (MLAS), not oneDNN's settings; an
 # AOTInductor package has its kernels compiled in: bf16 runs the variant's bf16 package when it has one (float
@@ -232,7 +233,8 @@ def bench(
         (tmp / RESULTS).write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")
         (tmp / TABLE).write_text(markdown_table(results) + "\n", encoding="utf-8")
         if results["candidate"]:
-            (tmp / CANDIDATE).write_text(json.dumps(results["candidate"], indent=1) + "\n", encoding="utf-8")
+            chosen = Candidate.model_validate(results["candidate"])  # the contract serve and package read back
+            (tmp / CANDIDATE).write_text(chosen.model_dump_json(indent=1) + "\n", encoding="utf-8")
         bench_chart_png(rows, cfg.deploy_batch_size, tmp / CHART)
         write_manifest(
             tmp, stage=STAGE, key=key,
