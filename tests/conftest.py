@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -54,3 +55,16 @@ def optimized(synthetic_root: Path, tmp_path_factory: pytest.TempPathFactory) ->
     model = train(config, data_dir=data.path, progress=False)
     result = optimize(config, model_dir=model.path, data_dir=data.path, progress=False)
     return {"config": config, "data_dir": data.path, "model_dir": model.path, "result": result}
+
+
+@pytest.fixture(autouse=True)
+def _no_signing_keys(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Every test starts without signing or public keys (whatever the shell has), and leaves none configured:
+    the signing policy is per process, and the CLI sets it from each config it reads."""
+    from signpost import signing
+
+    monkeypatch.delenv(signing.SIGNING_KEY_ENV, raising=False)
+    monkeypatch.delenv(signing.PUBLIC_KEYS_ENV, raising=False)
+    signing.configure(signing.Policy())
+    yield
+    signing.configure(signing.Policy())

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import signpost
+from signpost import signing
 
 log = logging.getLogger(__name__)
 
@@ -150,7 +151,7 @@ def write_manifest(
     files = {
         p.relative_to(folder).as_posix(): hash_file(p)
         for p in sorted(folder.rglob("*"))
-        if p.is_file() and p.name != MANIFEST
+        if p.is_file() and p.relative_to(folder).as_posix() not in (MANIFEST, signing.SIGNATURE)
     }
     manifest: dict[str, Any] = {
         "schema": SCHEMA_VERSION,
@@ -166,29 +167,43 @@ def write_manifest(
     }
     if extra:
         manifest.update(extra)
-    (folder / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n", encoding="utf-8")
+    text = json.dumps(manifest, indent=2, sort_keys=False) + "\n"
+    (folder / MANIFEST).write_text(text, encoding="utf-8")
+    signing.sign(folder, text.encode("utf-8"))  # when this process has a signing key
     return manifest
 
 
-def read_manifest(folder: Path) -> dict[str, Any]:
-    """Read an artifact's manifest; a missing or unreadable one is an ``ArtifactError``."""
+def read_manifest(folder: Path, *, signed: bool = False) -> dict[str, Any]:
+    """Read an artifact's manifest; a missing or unreadable one is an ``ArtifactError``.
+
+    ``signed``: the folder is about to be loaded as a model (or names one): its signature is checked against the
+    manifest's bytes first, under this process's policy (``signpost.signing``), before anything is parsed.
+    """
     path = Path(folder) / MANIFEST
     if not Path(folder).is_dir():
         raise ArtifactError(f"artifact folder not found: {folder}")
     if not path.is_file():
         raise ArtifactError(f"{folder} is not a finished artifact: it has no {MANIFEST}")
     try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
+        raw = path.read_bytes()
+        if signed:
+            signing.check(folder, raw)
+        manifest = json.loads(raw.decode("utf-8"))
+    except signing.SignatureError as exc:
+        raise ArtifactError(str(exc)) from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ArtifactError(f"{path}: unreadable manifest: {exc}") from exc
     if not isinstance(manifest, dict) or "files" not in manifest:
         raise ArtifactError(f"{path}: not a Signpost manifest")
     return manifest
 
 
-def verify_artifact(folder: Path, names: list[str] | None = None) -> dict[str, Any]:
-    """Check files of an artifact (all, or ``names``) against the manifest's hashes. Returns the manifest."""
-    manifest = read_manifest(folder)
+def verify_artifact(folder: Path, names: list[str] | None = None, *, signed: bool = False) -> dict[str, Any]:
+    """Check files of an artifact (all, or ``names``) against the manifest's hashes. Returns the manifest.
+
+    ``signed``: check the manifest's signature first (``read_manifest``): for a folder about to be loaded as a model.
+    """
+    manifest = read_manifest(folder, signed=signed)
     recorded: dict[str, str] = manifest["files"]
     for name in names if names is not None else list(recorded):
         if name not in recorded:

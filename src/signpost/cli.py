@@ -178,6 +178,15 @@ def _build_parser() -> argparse.ArgumentParser:
     _stage_parser(sub, "promote", "move the registry's champion alias to the challenger", _promote)
     _stage_parser(sub, "rollback", "move the champion alias back to the previous champion", _rollback)
 
+    keys_group = sub.add_parser("keys", help="Ed25519 keys that sign and verify model artifacts (SECURITY.md)",
+                                description="Ed25519 keys that sign and verify model artifacts (SECURITY.md)")
+    keys = keys_group.add_subparsers(title="actions", metavar="ACTION", required=True).add_parser(
+        "generate", help="write a new key pair: NAME.key (private, mode 0600) and NAME.pub",
+        description="write a new key pair: NAME.key (private, mode 0600) and NAME.pub")
+    keys.add_argument("--out", type=Path, required=True, help="folder for the two files (never overwritten)")
+    keys.add_argument("--name", default="signpost", help="file name stem (default %(default)s)")
+    keys.set_defaults(handler=_keys_generate)
+
     synth = _stage_parser(sub, "synth", "write a synthetic dataset in the official GTSRB file layout", _synth)
     synth.add_argument("--out", type=Path, required=True, help="folder to write the dataset into (must be empty)")
 
@@ -192,6 +201,8 @@ def _stage_parser(
     p.add_argument("--config", "-c", type=Path, help="experiment YAML (configs/demo.yaml, configs/gtsrb.yaml, ...)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. data.image_size=48")
     p.add_argument("--no-progress", action="store_true", help="no progress bars (they show only on a terminal)")
+    p.add_argument("--allow-unsigned", action="store_true", help="load unsigned models although public keys are "
+                   "configured (security.allow_unsigned; local experiments only, said loudly)")
     verbosity = p.add_mutually_exclusive_group()
     verbosity.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     verbosity.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
@@ -205,7 +216,16 @@ def _progress(args: argparse.Namespace) -> bool:
 
 
 def _config(args: argparse.Namespace, extra: Sequence[str] = ()) -> SignpostConfig:
-    return load_config(args.config, [*args.overrides, *extra])
+    """The config with its overrides, and this process's signing policy set from it (``signpost.signing``)."""
+    from signpost import signing
+
+    unsigned = ["security.allow_unsigned=true"] if getattr(args, "allow_unsigned", False) else []
+    config = load_config(args.config, [*args.overrides, *extra, *unsigned])
+    policy = signing.configure_from(config.security)
+    if policy.enforced and config.security.allow_unsigned:
+        print("warning: --allow-unsigned: unsigned models will be loaded although public keys are configured; "
+              "for local experiments only", file=sys.stderr)
+    return config
 
 
 def _prepare(args: argparse.Namespace) -> int:
@@ -353,7 +373,7 @@ def _model_data(config: SignpostConfig, model: Path) -> Path:
     from signpost.artifacts import read_manifest
     from signpost.models.artifact import CARD
 
-    read_manifest(model)  # a missing or unfinished folder is a clear error, not a missing file deep inside it
+    read_manifest(model, signed=True)  # a missing, unfinished or unsigned folder is a clear error here
     card = json.loads((model / CARD).read_text(encoding="utf-8"))
     return config.workdir / "data" / card["data_artifact"]
 
@@ -540,6 +560,16 @@ def _newest(config: SignpostConfig, stage: str, command: str) -> Path:
     if found is None:
         raise ArtifactError(f"no {stage} artifact for {config.name!r} in {config.workdir}: run `{command}` first")
     return found
+
+
+def _keys_generate(args: argparse.Namespace) -> int:
+    from signpost import signing
+
+    private, public = signing.generate(args.out, args.name)
+    key = signing.load_public_keys(public.read_bytes(), str(public))
+    print(f"keys: wrote {private} (private: keep it secret; CI reads it from ${signing.SIGNING_KEY_ENV}) and {public} "
+          f"(public, key id {next(iter(key))}: list it in security.public_keys or ${signing.PUBLIC_KEYS_ENV})")
+    return 0
 
 
 def _synth(args: argparse.Namespace) -> int:

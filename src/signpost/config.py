@@ -221,6 +221,26 @@ class ServeConfig(StrictModel):
     max_image_pixels: int = Field(25_000_000, ge=64, description="largest declared width x height of one image")
     max_batch_images: int = Field(64, ge=1, description="images in one /v1/predict/batch request")
     top_k: int = Field(5, ge=1, description="classes listed per prediction (at most the model's)")
+    # Slow, idle and vanishing clients: each holds a connection (a file descriptor) until one of these cuts it off.
+    header_timeout_s: float = Field(
+        10.0, gt=0.0, description="a request's headers must arrive within this, counted from the connection (or the "
+        "next request's first byte); slower: 408 and the connection is closed"
+    )
+    body_timeout_s: float = Field(
+        30.0, gt=0.0, description="an upload must arrive whole within this after its headers (8 MiB in 30 s is "
+        "2.2 Mbit/s); slower: 408 and the connection is closed"
+    )
+    keep_alive_s: float = Field(5.0, gt=0.0, description="an idle keep-alive connection is closed after this")
+    max_connections: int = Field(
+        512, ge=1, description="open connections and requests in progress; a request beyond it gets 503 (keep it "
+        "under the open-file limit, `ulimit -n`)"
+    )
+    max_header_bytes: int = Field(
+        64 * 1024, ge=1024, description="largest request head (request line and headers); larger: 431"
+    )
+    protect_metrics: bool = Field(
+        False, description="true: /metrics, /docs, /redoc and /openapi.json need the API key (SIGNPOST_API_KEY) too"
+    )
     prediction_log: str | None = Field(
         None, description="SQLAlchemy URL of the prediction log; default: SQLite (WAL) at workdir/serve/predictions.db"
     )
@@ -296,6 +316,21 @@ class TrackingConfig(StrictModel):
     registered_model: str = Field("signpost-gtsrb", description="registry name the gated models are versions of")
 
 
+class SecurityConfig(StrictModel):
+    """Artifact signatures (``signpost.signing``; SECURITY.md). The environment overrides the files: the signing
+    key from SIGNPOST_SIGNING_KEY, the public keys from SIGNPOST_PUBLIC_KEYS (PEM text)."""
+
+    signing_key: Path | None = Field(
+        None, description="PEM private key the stages sign manifests with (`signpost keys generate`); none: unsigned"
+    )
+    public_keys: list[Path] = Field(
+        default_factory=list, description="PEM public keys trusted to sign models; any set: unsigned models refused"
+    )
+    allow_unsigned: bool = Field(
+        False, description="load unsigned models although a public key is set (local experiments; --allow-unsigned)"
+    )
+
+
 class SignpostConfig(StrictModel):
     """One experiment."""
 
@@ -311,6 +346,7 @@ class SignpostConfig(StrictModel):
     package: PackageConfig = Field(default_factory=PackageConfig)
     monitor: MonitorConfig = Field(default_factory=MonitorConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    security: SecurityConfig = Field(default_factory=SecurityConfig)
 
 
 def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> SignpostConfig:
@@ -323,7 +359,7 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
             raise ConfigError(f"config file not found: {p}")
         try:
             loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
-        except yaml.YAMLError as exc:
+        except (yaml.YAMLError, UnicodeDecodeError) as exc:  # a binary file given as the config is no YAML either
             raise ConfigError(f"{p}: not valid YAML: {exc}") from exc
         if loaded is None:
             loaded = {}

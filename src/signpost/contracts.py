@@ -60,7 +60,7 @@ class Candidate(BaseModel):
 def read_candidate(bench_folder: Path) -> Candidate:
     """The bench folder's candidate, hash-checked against the bench manifest and validated."""
     bench_folder = Path(bench_folder)
-    verify_artifact(bench_folder, [CANDIDATE])
+    verify_artifact(bench_folder, [CANDIDATE], signed=True)
     path = bench_folder / CANDIDATE
     try:
         return Candidate.model_validate_json(path.read_text(encoding="utf-8"))
@@ -73,7 +73,7 @@ def candidate_variant(bench_folder: Path, candidate: Candidate, workdir: Path) -
     """The variant folder the candidate names: in the optimize run the bench measured (its manifest's inputs name it
     and its key), found beside the bench folder or in ``workdir``, never at a path the file alone chooses."""
     bench_folder = Path(bench_folder)
-    inputs = read_manifest(bench_folder).get("inputs", {})
+    inputs = read_manifest(bench_folder, signed=True).get("inputs", {})
     run, run_key = inputs.get("optimize"), inputs.get("optimize_key")
     if not isinstance(run, str) or not _NAME.fullmatch(run) or not run_key:
         raise ArtifactError(f"{bench_folder}: its manifest does not name the optimize run it measured")
@@ -83,7 +83,7 @@ def candidate_variant(bench_folder: Path, candidate: Candidate, workdir: Path) -
     places = [bench_folder.resolve().parent.parent / "optimize" / run, Path(workdir) / "optimize" / run]
     for optimize_dir in places:
         if (optimize_dir / candidate.variant).is_dir():
-            if read_manifest(optimize_dir).get("key") != run_key:
+            if read_manifest(optimize_dir, signed=True).get("key") != run_key:
                 raise ArtifactError(f"{optimize_dir} is not the optimize run the bench measured (its key differs)")
             return optimize_dir / candidate.variant
     raise ArtifactError(f"{bench_folder}: variant {candidate.variant!r} of optimize run {run!r} not found in "

@@ -121,7 +121,7 @@ def load_predictor(
     if form is None:
         wanted = " or ".join(FORMS[f] for f in _RUNTIME_FORMS[runtime])
         raise RuntimeUnavailable(f"{folder} has no {wanted}: the {runtime} runtime cannot load it")
-    verify_artifact(folder, [CARD, FORMS[form]])
+    verify_artifact(folder, [CARD, FORMS[form]], signed=True)
     card = ModelCard.model_validate_json((folder / CARD).read_text(encoding="utf-8"))
     if threads:
         torch.set_num_threads(threads)

@@ -369,7 +369,7 @@ class Registry:
             )
         model_dir = Path(model_dir)
         try:
-            manifest = verify_artifact(model_dir)
+            manifest = verify_artifact(model_dir, signed=True)
         except ArtifactError as exc:
             raise RegistryError(f"cannot register {model_dir}: {exc}") from exc
         version_tags = {"signpost.artifact": model_dir.name, "signpost.key": str(manifest.get("key", ""))}
@@ -482,7 +482,7 @@ class Registry:
         final = dest / (tags.get("signpost.artifact") or f"{self.name}-v{version}")
         if is_complete(final):
             try:
-                verify_artifact(final)
+                verify_artifact(final, signed=True)
                 log.info("%s version %s is already at %s", self.name, version, final)
                 return final
             except ArtifactError as exc:
@@ -499,7 +499,7 @@ class Registry:
             for item in local.iterdir():
                 item.rename(tmp / item.name)
             shutil.rmtree(tmp / ".download")
-            verify_artifact(tmp)
+            verify_artifact(tmp, signed=True)
         log.info("downloaded %s version %s (%r) to %s", self.name, version, alias, final)
         return final
 

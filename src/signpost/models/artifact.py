@@ -68,7 +68,7 @@ def load_model(folder: Path, *, device: str | torch.device = "cpu", verify: bool
     """The model in ``folder`` in eval mode, and its card. Files are checked against the manifest first."""
     folder = Path(folder)
     if verify:
-        verify_artifact(folder, [WEIGHTS, CARD])
+        verify_artifact(folder, [WEIGHTS, CARD], signed=True)
     try:
         card = ModelCard.model_validate_json((folder / CARD).read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:

@@ -180,6 +180,6 @@ def _from_registry(uri: str, config: SignpostConfig, runtime: str) -> ModelSourc
 def _version(folder: Path) -> str:
     """A model artifact's version: its folder name (derived from the hash of its inputs), with the optimize run's
     name in front for a variant (``demo-1a2b3c4d/int8``)."""
-    read_manifest(folder)  # a missing or unfinished folder is a clear error here, not a missing file later
+    read_manifest(folder, signed=True)  # a missing, unfinished or unsigned folder is a clear error here
     folder = folder.resolve()
     return f"{folder.parent.name}/{folder.name}" if folder.parent.parent.name == "optimize" else folder.name

@@ -84,7 +84,7 @@ def evaluate(
     """
     model_dir, data_dir = Path(model_dir), Path(data_dir)
     model, card = load_model(model_dir)
-    model_key = read_manifest(model_dir)["key"]
+    model_key = read_manifest(model_dir, signed=True)["key"]
     splits = [TEST_SPLIT] + ([FEEDBACK_SPLIT] if FEEDBACK_SPLIT in read_manifest(data_dir)["files"] else [])
     data_manifest = verify_artifact(data_dir, splits)
     data_key = data_manifest["key"]

@@ -116,7 +116,7 @@ def optimize(config: SignpostConfig, *, model_dir: Path, data_dir: Path, progres
     """
     model_dir, data_dir = Path(model_dir), Path(data_dir)
     parent, card = load_model(model_dir)
-    parent_key = read_manifest(model_dir)["key"]
+    parent_key = read_manifest(model_dir, signed=True)["key"]
     data_manifest = verify_artifact(data_dir, ["train.safetensors", "val.safetensors", "test.safetensors"])
     opt = config.optimize
     key = hash_json({

@@ -11,6 +11,9 @@ The context (``package/<name>-<hash>/context/``) holds everything the image need
 - ``app/``: Signpost's own source, installed without dependencies;
 - ``model/``: the model artifact folder, files checked against its manifest before they are copied;
 - ``signpost.yaml``: the server's config (listen on 0.0.0.0:8000, the chosen runtime, no tracking);
+- ``keys/trusted.pub``: the public keys the server trusts to have signed its model (those this process trusts, and
+  the public half of the key it signs with), so the image refuses a model swapped in after the build; none when
+  this process has no key, and the manifest says the image checks no signatures;
 - ``.dockerignore``.
 
 The runtime must run on every platform of the image without a compiler: ``eager`` and ``onnxruntime`` do;
@@ -36,7 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from signpost import __version__
+from signpost import __version__, signing
 from signpost.artifacts import (
     artifact_path,
     atomic_dir,
@@ -47,7 +50,7 @@ from signpost.artifacts import (
     verify_artifact,
     write_manifest,
 )
-from signpost.config import SignpostConfig, config_to_dict, save_config
+from signpost.config import SecurityConfig, SignpostConfig, config_to_dict, save_config
 from signpost.models.artifact import CARD, ModelCard
 from signpost.runtime import FORMS
 from signpost.serve.model import resolve
@@ -90,6 +93,7 @@ RUN useradd --system --uid 10001 --user-group --create-home --home-dir /var/lib/
 COPY --from=build /opt/venv /opt/venv
 COPY model /srv/artifacts/{model_path}
 COPY signpost.yaml /etc/signpost/config.yaml
+COPY keys /etc/signpost/keys
 ENV PATH=/opt/venv/bin:$PATH PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
 USER 10001:10001
 WORKDIR /var/lib/signpost
@@ -149,7 +153,7 @@ class PackageResult:
 def package(config: SignpostConfig, *, model: str | Path, runtime: str = "auto") -> PackageResult:
     """Write the build context for ``model`` (a model folder, a bench folder, or ``models:/name@alias``)."""
     source = resolve(model, config, runtime)
-    model_manifest = verify_artifact(source.folder)
+    model_manifest = verify_artifact(source.folder, signed=True)
     card = ModelCard.model_validate_json((source.folder / CARD).read_text(encoding="utf-8"))
     chosen, why = _portable_runtime(source.folder, source.runtime, config.package.platforms)
     lock = requirements_lock(chosen, source.folder)
@@ -157,7 +161,7 @@ def package(config: SignpostConfig, *, model: str | Path, runtime: str = "auto")
     key = hash_json({"model": model_manifest["key"], "runtime": chosen, "asked": source.runtime,
                      "package": config_to_dict(config.package),
                      "serve": config_to_dict(config.serve), "lock": lock, "code": code_version(*_CODE),
-                     "revision": revision})
+                     "revision": revision, "trusted_keys": sorted(signing.image_keys(signing.current()))})
     path = artifact_path(config.workdir, STAGE, config.name, key)
     if is_complete(path):
         log.info("a build context for this model, runtime, settings and code exists: reusing %s", path)
@@ -199,6 +203,17 @@ def package(config: SignpostConfig, *, model: str | Path, runtime: str = "auto")
         server.tracking.backend = "none"
         server.serve.host, server.serve.port, server.serve.runtime = "0.0.0.0", PORT, chosen
         server.serve.prediction_log = None
+        server.security = SecurityConfig()  # never the signing key: the image only verifies
+        trusted = signing.public_pem(signing.image_keys(signing.current()))
+        (context / "keys").mkdir()
+        if trusted:
+            (context / "keys" / "trusted.pub").write_text(trusted, encoding="utf-8")
+            server.security.public_keys = [Path("/etc/signpost/keys/trusted.pub")]
+        else:
+            log.warning("no signing or public key configured: the image will not check its model's signature")
+            (context / "keys" / "README").write_text(
+                "No public key was configured when this image was packaged: the server checks file hashes only.\n",
+                encoding="utf-8")
         save_config(server, context / "signpost.yaml")
         manifest = write_manifest(
             tmp, stage=STAGE, key=key,
@@ -206,7 +221,8 @@ def package(config: SignpostConfig, *, model: str | Path, runtime: str = "auto")
             config=config_to_dict(cfg), code=code_version(*_CODE),
             extra={"image": {"name": cfg.image, "tags": [image_tag(source.version), image_tag(revision[:12])],
                              "platforms": cfg.platforms, "runtime": chosen, "runtime_reason": why,
-                             "labels": labels, "model_path": model_path}},
+                             "labels": labels, "model_path": model_path,
+                             "trusted_keys": sorted(signing.image_keys(signing.current()))}},
         )
     log.info("wrote the build context for %s (%s) to %s", source.version, chosen, path / CONTEXT)
     return PackageResult(path, False, manifest)
