@@ -10,7 +10,8 @@ by ``signpost keys generate``:
 - signing (the stages that write artifacts): ``SIGNPOST_SIGNING_KEY`` holds the private key's PEM text (a CI
   secret), else ``security.signing_key`` names the file. Without one, artifacts are written unsigned.
 - verifying (serve, package, evaluate, the registry): ``SIGNPOST_PUBLIC_KEYS`` holds one or more public keys' PEM
-  text, else ``security.public_keys`` names the files. Several keys are trusted at once while a key is rotated.
+  text, else ``security.public_keys`` names the files. Several keys are trusted at once while a key is rotated; a
+  process with a signing key also trusts its own public half.
   Once any key is trusted, an unsigned artifact is refused unless ``security.allow_unsigned`` (``--allow-unsigned``)
   says otherwise, loudly; a signature that does not verify is refused always.
 
@@ -151,6 +152,8 @@ def policy_from(signing_key: Path | None = None, public_keys: list[Path] | tuple
     else:
         for path in public_keys:
             trusted |= load_public_keys(_read_key_file(path), str(path))
+    if signer is not None:  # a process that signs trusts its own key: artifacts handed between CI jobs are checked
+        trusted[key_id(signer.public_key())] = signer.public_key()
     return Policy(signer, trusted, allow_unsigned)
 
 

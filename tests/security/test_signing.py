@@ -163,3 +163,13 @@ def test_the_package_carries_the_public_key_and_never_the_private_one(keys: dict
     (context / "model" / signing.SIGNATURE).unlink()
     with pytest.raises(ArtifactError, match="is not signed"):
         load_model(context / "model")
+
+
+def test_a_process_that_signs_checks_what_it_loads(keys: dict, tmp_path: Path) -> None:
+    """CI jobs hold the signing key only: the models they hand each other are still checked."""
+    unsigned = _model(tmp_path / "unsigned")
+    _use(keys["private"])
+    signed = _model(tmp_path / "signed")
+    load_model(signed)
+    with pytest.raises(ArtifactError, match="is not signed"):
+        load_model(unsigned)
