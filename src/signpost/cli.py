@@ -44,7 +44,7 @@ def entry() -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``signpost`` console script."""
     parser = _build_parser()
-    args = parser.parse_args(argv)
+    args = _parse(parser, argv)
     logging.basicConfig(
         level=logging.DEBUG
         if getattr(args, "verbose", False)
@@ -71,6 +71,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Stage errors (LayoutError, PrepareError, DownloadError, ...) subclass these and carry a full message.
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_FAILURE
+
+
+def _parse(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
+    """Parse ``argv``, taking ``key=value`` overrides wherever they stand among the options.
+
+    argparse fills a ``nargs="*"`` positional from the first run of positionals only, so an override after an
+    option comes back unrecognized (and ``parse_intermixed_args`` refuses subparsers). Such leftovers join the
+    overrides in command-line order; ``load_config`` names any that is not ``key=value``. A leftover option stays
+    argparse's usage error.
+    """
+    args, leftover = parser.parse_known_args(argv)
+    options = [item for item in leftover if item.startswith("-")]
+    if options or (leftover and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(options or leftover)}")
+    if leftover:
+        args.overrides = [*args.overrides, *leftover]
+    return args
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -172,7 +189,8 @@ def _build_parser() -> argparse.ArgumentParser:
                              "store labelled images as a feedback batch", _feedback)
     feedback.add_argument("--images", nargs="+", type=Path, default=[], help="image files, all with --label")
     feedback.add_argument("--label", help="the class (id or name) of every --images file")
-    feedback.add_argument("--csv", type=Path, help="a CSV of path,label rows (paths relative to the CSV)")
+    feedback.add_argument("--csv", type=Path, help="a CSV with the header row path,label, then one row per image "
+                          "(paths relative to the CSV)")
     feedback.add_argument("--data", type=Path, help="prepared data whose classes the labels name (default: newest)")
 
     _stage_parser(sub, "promote", "move the registry's champion alias to the challenger", _promote)
@@ -237,6 +255,14 @@ def _prepare(args: argparse.Namespace) -> int:
     if args.data_root is not None:
         extra.append(f"data.root={args.data_root}")
     config = _config(args, extra)
+    roots = [item for item in args.overrides if item.partition("=")[0].strip() == "data.root"]
+    given = f"--data-root {args.data_root}" if args.data_root is not None else (roots[-1] if roots else None)
+    if given and config.data.source == "synthetic":
+        # The synthetic source generates its own data: a folder named here would be silently left unread.
+        raise ConfigError(f"{given} is ignored because data.source is synthetic"
+                          f"{f' in {args.config}' if args.config else ''}: "
+                          "add data.source=local to read that folder as it is (or --download to fetch GTSRB into "
+                          "it), or leave the folder out for generated data")
     result = prepare(config, progress=_progress(args))
     _print_prepared(result.path, result.reused, result.manifest)
     return 0
@@ -453,6 +479,8 @@ def _monitor(args: argparse.Namespace) -> int:
 
     config = _config(args)
     since = since_seconds(args.since) if args.since else None
+    if args.log:
+        predlog.check_log(args.log)  # a log named by hand must exist: opening would create a mistyped one
     url = args.log or config.serve.prediction_log or predlog.default_url(config.workdir)
     window = None if since is not None else (args.last or config.monitor.window)
     model = args.model or served_model_dir(config, url, last=window, since=since) or latest_artifact(

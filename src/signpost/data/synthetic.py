@@ -99,16 +99,18 @@ class SyntheticSummary:
 def generate_gtsrb(root: Path, cfg: SyntheticConfig, *, progress: bool = False) -> SyntheticSummary:
     """Write a synthetic dataset under `root` in the official GTSRB layout.
 
-    Refuses (ValueError) when ``root/GTSRB`` already exists and is not empty. See the module docstring for the
-    layout and what the images hold.
+    Refuses (ValueError) when ``root`` is a file or a folder that holds anything but an empty ``GTSRB`` folder:
+    thousands of files written among someone's own would be hard to take out again. See the module docstring for
+    the layout and what the images hold.
     """
     root = Path(root)
     gtsrb = root / "GTSRB"
-    if gtsrb.exists() and (not gtsrb.is_dir() or any(gtsrb.iterdir())):
-        raise ValueError(
-            f"{gtsrb} already exists and is not empty; refusing to write a synthetic dataset over it. "
-            "Choose another folder or delete that one."
-        )
+    if root.exists() and not root.is_dir():
+        raise ValueError(f"{root} is a file, not a folder; refusing to write a synthetic dataset there. "
+                         "Choose a new or empty folder.")
+    if root.is_dir() and any(p != gtsrb or not p.is_dir() or any(p.iterdir()) for p in root.iterdir()):
+        raise ValueError(f"{root} is not empty; refusing to write a synthetic dataset into it. "
+                         "Choose a new or empty folder.")
     start = time.perf_counter()
     tracks = _track_counts(cfg)
     test_frames = range(0, cfg.frames_per_track, 3)

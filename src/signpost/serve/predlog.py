@@ -13,10 +13,12 @@ a million rows into numpy arrays without parsing anything.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import queue
+import sqlite3
 import threading
 import time
 from collections.abc import Iterator, Mapping
@@ -36,10 +38,12 @@ from sqlalchemy import (
     event,
     func,
     insert,
+    inspect,
     select,
     text,
 )
-from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.engine import URL, Engine, make_url
+from sqlalchemy.exc import ArgumentError, DatabaseError
 
 from signpost.data.stats import EMBEDDING_DIMS, STAT_NAMES, image_stats
 
@@ -63,6 +67,8 @@ predictions = Table(
     Column("latency_ms", Float, nullable=False, doc="server-side, from body received to answer"),
     Column("width", Integer, nullable=False, doc="of the uploaded image, pixels"),
     Column("height", Integer, nullable=False),
+    Column("orientation", Integer, nullable=False, default=1, server_default="1",
+           doc="the EXIF orientation the image was turned upright by: 1 none (or no EXIF), 2-8 mirrored or rotated"),
     *(Column(name, Float, nullable=False) for name in STAT_NAMES),
     *(Column(name, Float, nullable=False) for name in EMBEDDING_COLUMNS),
 )
@@ -103,11 +109,76 @@ def redact(url: str) -> str:
     return make_url(url).render_as_string(hide_password=True)
 
 
+class PredictionLogError(ValueError):
+    """A prediction log URL that cannot be used; the message names it and says what to give instead."""
+
+
+_URL_HINT = ("give the file `signpost serve` writes as sqlite:////absolute/path/predictions.db, or a database URL "
+             "such as postgresql+psycopg://user@host/db")
+
+
+def _parse_url(url: str) -> URL:
+    try:
+        return make_url(url)
+    except ArgumentError:
+        plain = Path(url).expanduser()
+        hint = f"for that file give sqlite:///{plain.resolve()}" if plain.exists() else _URL_HINT
+        raise PredictionLogError(f"{url!r} is not a SQLAlchemy URL: {hint}") from None
+
+
+def _sqlite_file(parsed: URL) -> Path | None:
+    """The file a SQLite URL names; None for other databases and in-memory SQLite."""
+    if parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:"):
+        return None
+    return Path(parsed.database)
+
+
+def check_log(url: str) -> None:
+    """Refuse (PredictionLogError) a ``url`` that names no existing prediction log, before anything opens it.
+
+    For readers such as the monitor: opening creates the log's tables, so a mistyped path would become a new empty
+    database, and another SQLite file (MLflow's, say) would get prediction tables added to it.
+    """
+    if "://" not in url and Path(url).is_file():
+        _check_sqlite_file(Path(url))  # a plain path: first say whether the file is a prediction log at all
+    path = _sqlite_file(_parse_url(url))
+    if path is not None:  # a database server: make_engine says what is wrong with it
+        _check_sqlite_file(path)
+
+
+def _check_sqlite_file(path: Path) -> None:
+    if not path.is_file():
+        state = "is a folder" if path.is_dir() else "does not exist"
+        raise PredictionLogError(f"{path} {state}: no prediction log database there; {_URL_HINT}")
+    with open(path, "rb") as fh:
+        if fh.read(16) != b"SQLite format 3\x00":  # the header every SQLite database file starts with
+            raise PredictionLogError(f"{path} is not a prediction log database (not a SQLite file): {_URL_HINT}")
+    try:  # read-only: checking must not write to the file either
+        with contextlib.closing(sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)) as conn:
+            tables = {name for (name,) in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    except sqlite3.Error as exc:
+        raise PredictionLogError(f"{path} is not a prediction log database ({exc}): {_URL_HINT}") from None
+    if tables and predictions.name not in tables:
+        named = ", ".join(sorted(tables)[:3]) + (", ..." if len(tables) > 3 else "")
+        raise PredictionLogError(f"{path} is not a prediction log database (no {predictions.name} table; it has "
+                                 f"{named}): {_URL_HINT}")
+
+
 def make_engine(url: str) -> Engine:
-    """An engine for ``url``; SQLite files get WAL mode, and their folder is created."""
-    if url.startswith("sqlite:///") and len(url) > len("sqlite:///"):
-        Path(url[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
-    engine = create_engine(url)
+    """An engine for ``url``; SQLite files get WAL mode, and their folder is created.
+
+    A URL that does not parse, names a missing driver, or opens something that is not a database raises
+    PredictionLogError (one line: what is wrong and what to give instead).
+    """
+    parsed = _parse_url(url)
+    path = _sqlite_file(parsed)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        engine = create_engine(parsed)
+    except (ArgumentError, ImportError) as exc:  # an unknown dialect, or its driver package not installed
+        raise PredictionLogError(f"cannot open the prediction log {redact(url)}: no database driver for "
+                                 f"{parsed.drivername!r} ({exc}); {_URL_HINT}") from None
     if engine.dialect.name == "sqlite":
 
         @event.listens_for(engine, "connect")
@@ -118,8 +189,33 @@ def make_engine(url: str) -> Engine:
             cursor.execute("PRAGMA busy_timeout=5000")  # ms to wait for a monitor holding a lock
             cursor.close()
 
-    metadata.create_all(engine)
+    try:
+        metadata.create_all(engine)
+        _add_new_columns(engine)
+    except DatabaseError as exc:  # SQLite: "file is not a database", "unable to open"; a server: refused, no login
+        engine.dispose()
+        reason = " ".join(str(exc.orig or exc).split())  # a server's message can span lines
+        where = f"{path} is not a prediction log database" if path else f"cannot open the prediction log {redact(url)}"
+        raise PredictionLogError(f"{where} ({reason}): {_URL_HINT}") from None
     return engine
+
+
+def _add_new_columns(engine: Engine) -> None:
+    """Add the columns a log made by an older Signpost lacks (``orientation``), with their defaults: create_all
+    makes missing tables only, and inserts naming the new column would fail on the old table."""
+    have = {column["name"] for column in inspect(engine).get_columns(predictions.name)}
+    for column in predictions.columns:
+        if column.name in have or column.server_default is None:
+            continue
+        kind = column.type.compile(dialect=engine.dialect)
+        try:
+            with engine.begin() as conn:
+                conn.execute(text(f"ALTER TABLE {predictions.name} ADD COLUMN {column.name} {kind} NOT NULL "
+                                  f"DEFAULT {column.server_default.arg}"))
+            log.info("added the column %s to the prediction log (made by an older Signpost)", column.name)
+        except DatabaseError:  # another process added it first
+            if column.name not in {c["name"] for c in inspect(engine).get_columns(predictions.name)}:
+                raise
 
 
 def count(url: str) -> int:

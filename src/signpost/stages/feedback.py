@@ -107,14 +107,34 @@ def store_feedback(
 
 
 def read_items(csv_path: Path) -> list[tuple[Path, str]]:
-    """``path,label`` rows of a CSV (a header row is skipped; paths relative to the CSV's folder)."""
-    rows = list(csv.reader(Path(csv_path).read_text(encoding="utf-8").splitlines()))
-    if rows and rows[0] and rows[0][0].strip().lower() in ("path", "file", "filename"):
-        rows = rows[1:]
+    """The rows of a CSV whose header row names the columns ``path`` and ``label`` (others are ignored), as
+    (image path, label); paths are relative to the CSV's folder. A missing or different header is refused, naming
+    the columns found: a first row taken for data, or columns taken in the wrong order, would store wrong labels.
+    """
+    csv_path = Path(csv_path)
+    if not csv_path.is_file():
+        raise FeedbackError(f"{csv_path} {'is a folder' if csv_path.is_dir() else 'does not exist'}: give --csv a "
+                            "CSV file with a path,label header row")
+    try:
+        text = csv_path.read_text(encoding="utf-8-sig")  # -sig: a spreadsheet's byte-order mark is no column name
+        reader = csv.reader(text.splitlines())
+        rows = [(reader.line_num, row) for row in reader if any(cell.strip() for cell in row)]
+    except (UnicodeDecodeError, csv.Error) as exc:
+        raise FeedbackError(f"{csv_path} is not a readable text CSV ({exc}): give a UTF-8 CSV with a path,label "
+                            "header row") from None
+    if not rows:
+        raise FeedbackError(f"{csv_path} is empty: expected a header row path,label, then one row per image")
+    found = [cell.strip().lower() for cell in rows[0][1]]
+    if "path" not in found or "label" not in found:
+        raise FeedbackError(f"{csv_path}: the header row must name the columns path,label; found "
+                            f"{','.join(cell.strip() for cell in rows[0][1])!r}")
+    at_path, at_label = found.index("path"), found.index("label")
     items = []
-    for n, row in enumerate(rows, 1):
-        if len(row) < 2:
-            raise FeedbackError(f"{csv_path}, row {n}: expected path,label; got {row}")
-        file = Path(row[0].strip())
-        items.append((file if file.is_absolute() else Path(csv_path).parent / file, row[1]))
+    for line, row in rows[1:]:
+        if len(row) <= max(at_path, at_label) or not row[at_path].strip() or not row[at_label].strip():
+            raise FeedbackError(f"{csv_path}, line {line}: expected a path and a label; got {row}")
+        file = Path(row[at_path].strip())
+        items.append((file if file.is_absolute() else csv_path.parent / file, row[at_label]))
+    if not items:
+        raise FeedbackError(f"{csv_path} has a header but no rows: add one path,label row per image")
     return items
