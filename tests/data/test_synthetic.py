@@ -217,6 +217,37 @@ def test_refuses_non_empty_target_but_accepts_empty(tmp_path: Path) -> None:
     assert summary.train_images == 2 and summary.test_images == 2
 
 
+@pytest.mark.parametrize("error", [OSError(28, "No space left on device"), KeyboardInterrupt()],
+                         ids=["disk-full", "interrupt"])
+@pytest.mark.parametrize("existing", [False, True], ids=["new-folder", "empty-folder"])
+def test_an_interrupted_run_leaves_the_folder_as_it_was(
+    error: BaseException, existing: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root = tmp_path / "out"
+    if existing:
+        (root / "GTSRB").mkdir(parents=True)
+    before = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*"))
+    save = Image.Image.save
+    written: list[object] = []
+
+    def save_then_fail(image: Image.Image, fp: object, *args: object, **kwargs: object) -> None:
+        if len(written) == 5:
+            raise error
+        written.append(fp)
+        save(image, fp, *args, **kwargs)
+
+    monkeypatch.setattr(Image.Image, "save", save_then_fail)
+    with pytest.raises(type(error)):
+        _generate(root)
+    monkeypatch.undo()
+
+    assert len(written) == 5  # images were written before the failure...
+    # ...yet no half-written dataset and no temporary folder is left: the folder is as it was
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*")) == before
+    summary = _generate(root, num_classes=2, max_tracks=1, frames_per_track=1)  # so a re-run is not refused
+    assert summary.train_images == 2 and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
 def test_progress_bar_goes_to_stderr(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     cfg = SMALL.model_copy(update={"num_classes": 2, "max_tracks": 1, "frames_per_track": 1})
     generate_gtsrb(tmp_path / "new" / "root", cfg, progress=True)

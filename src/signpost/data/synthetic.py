@@ -32,8 +32,11 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+import shutil
 import sys
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import lru_cache
@@ -117,16 +120,40 @@ def generate_gtsrb(root: Path, cfg: SyntheticConfig, *, progress: bool = False) 
     n_train = sum(tracks) * cfg.frames_per_track
     n_test = cfg.num_classes * cfg.test_tracks * len(test_frames)
     seed = cfg.seed % (1 << 64)  # SeedSequence wants non-negative entropy; distinct seeds stay distinct
+    # Written beside `root` and renamed into place at the end: an interrupted run leaves `root` as it was, not a
+    # half-written folder that the check above would refuse on the next run. (A link to a folder: beside its target.)
+    target = root.resolve()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / f".tmp-{target.name}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
     bar = tqdm(total=n_train + n_test, desc="synthetic GTSRB", unit="img", disable=not progress, file=sys.stderr)
-    with bar:
-        _write_train(gtsrb / "Final_Training" / "Images", cfg, seed, tracks, bar)
-        _write_test(root, gtsrb / "Final_Test" / "Images", cfg, seed, test_frames, bar)
+    try:
+        with bar:
+            _write_train(tmp / "GTSRB" / "Final_Training" / "Images", cfg, seed, tracks, bar)
+            _write_test(tmp, tmp / "GTSRB" / "Final_Test" / "Images", cfg, seed, test_frames, bar)
+        _rename_into_place(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # gone already when the rename succeeded
     log.info(
         "synthetic GTSRB: %d training and %d test images of %d classes in %s (%.1f s)",
         n_train, n_test, cfg.num_classes, root, time.perf_counter() - start,
     )  # fmt: skip
     counts = [t * cfg.frames_per_track for t in tracks]
     return SyntheticSummary(root=root, train_images=n_train, test_images=n_test, class_counts=counts)
+
+
+def _rename_into_place(tmp: Path, root: Path) -> None:
+    """Rename the finished ``tmp`` to ``root``, which is absent, empty or holds only an empty ``GTSRB`` folder."""
+    try:
+        # rmdir removes only empty folders: whatever was put into `root` since the check stays, and we stop.
+        for folder in (root / "GTSRB", root):
+            if folder.is_dir():
+                folder.rmdir()
+        os.rename(tmp, root)
+    except OSError as exc:
+        raise ValueError(f"{root} could not take the generated dataset ({exc.strerror or exc}): it was filled "
+                         "meanwhile, or it is a mount point. Choose a new or empty folder that is not a mount point."
+                         ) from exc
 
 
 def _write_train(images: Path, cfg: SyntheticConfig, seed: int, tracks: list[int], bar: tqdm) -> None:
