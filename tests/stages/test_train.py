@@ -17,7 +17,7 @@ import torch
 from signpost.artifacts import verify_artifact
 from signpost.models.artifact import load_model
 from signpost.stages.prepare import prepare
-from signpost.stages.train import train
+from signpost.stages.train import CHECKPOINT, _read_checkpoint, train
 from tests.conftest import local_config
 
 # Small and deterministic: one thread, so a resumed run can match an uninterrupted one bit for bit.
@@ -56,9 +56,9 @@ def _uninterrupted_history(data_dir: Path, workdir: Path) -> list[dict]:
 def _wait_for_checkpoint(workdir: Path, proc: subprocess.Popen, epochs: int = 1, timeout: float = 120) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        for state in (workdir / "train" / ".checkpoints").glob("*/checkpoint.json"):
+        for checkpoint in (workdir / "train" / ".checkpoints").glob(f"*/{CHECKPOINT}"):
             try:
-                if json.loads(state.read_text())["epoch"] >= epochs:
+                if _read_checkpoint(checkpoint)[1]["epoch"] >= epochs:
                     return
             except (OSError, ValueError):
                 pass  # written atomically, but the glob may race a rename

@@ -53,7 +53,7 @@ from signpost.optimize.export import write_aoti, write_onnx
 from signpost.optimize.prune import count_parameters, prune_model
 from signpost.optimize.quantize import quantize_int8, save_program
 from signpost.runtime import AOTI, AOTI_BF16, ONNX, PROGRAM
-from signpost.stages.train import CHECKPOINT_STATE, Derived, Recipe
+from signpost.stages.train import CHECKPOINT, Derived, Recipe
 
 log = logging.getLogger(__name__)
 
@@ -352,7 +352,7 @@ class _VariantMaker:
         try:
             if not is_complete(recipe.path):
                 log.info("training %s (%s)", derived.name, derived.identity["method"])
-                recipe.setup(resume=(recipe.checkpoint_dir / CHECKPOINT_STATE).is_file())
+                recipe.setup(resume=(recipe.checkpoint_dir / CHECKPOINT).is_file())
                 recipe.run()
                 recipe.finish()
             else:
