@@ -1,7 +1,8 @@
 """Decode every image once into a compact uint8 tensor cache, and read that cache back.
 
 Decoding runs in worker processes (PIL holds the GIL, so threads do not help): each worker reads a file, hashes its
-bytes, decodes, crops the ROI with a margin, converts to RGB and resizes, writing straight into a uint8 array. The
+bytes, decodes, turns the image upright by its EXIF orientation (as a viewer shows it, and as the server decodes
+uploads), crops the ROI with a margin, converts to RGB and resizes, writing straight into a uint8 array. The
 cache of a split is one safetensors file: images ``[N, 3, S, S]`` uint8, labels, track ids, original sizes and
 per-image statistics. Nothing is pickled on disk.
 """
@@ -23,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
@@ -36,6 +37,9 @@ log = logging.getLogger(__name__)
 MAX_PIXELS = 50_000_000
 _CHUNK = 256  # images per task: large enough to amortise IPC, small enough to balance two workers
 _PPM_HEADER = re.compile(rb"P6\s+(\d+)\s+(\d+)\s+255\s")
+# The EXIF Orientation tag: 1 is upright as stored; 2-8 mirror and/or rotate (3: 180°, 6: 90° clockwise, 8: 90°
+# anticlockwise; 5-8 swap width and height). Cameras and phones store pixels as the sensor read them and set this.
+EXIF_ORIENTATION = 0x0112
 
 
 class CorruptImageError(ValueError):
@@ -87,11 +91,42 @@ class DecodedImages:
         self.failures.update({start + i: reason for i, reason in chunk.failures.items()})
 
 
+@dataclass
+class PendingImage:
+    """An image whose header has been read and checked, nothing decoded yet: ``decode_image`` decodes it."""
+
+    image: Image.Image  # opened lazily; a JPEG larger than needed is already set to decode at reduced scale
+    size: tuple[int, int]  # width, height as stored in the file, before any reduction
+    pixels: int  # width x height that decoding it will produce
+
+
+@dataclass
+class DecodedImage:
+    """A decoded image, upright, and what it was before."""
+
+    image: Image.Image  # 8-bit RGB, turned upright by its EXIF orientation
+    size: tuple[int, int]  # width, height of the image as sent, upright (before any reduced-scale decoding)
+    orientation: int  # the EXIF orientation applied: 1 (none, or no EXIF) to 8
+
+
 def open_image(data: bytes, *, max_pixels: int = MAX_PIXELS, formats: frozenset[str] | None = None) -> Image.Image:
-    """Decode image bytes to an RGB PIL image, refusing empty, truncated, unknown or oversized input.
+    """Decode image bytes to an upright RGB PIL image, refusing empty, truncated, unknown or oversized input.
 
     The size is checked from the header, before any pixel is decoded. ``formats``: Pillow format names to accept
     (e.g. ``{"PNG", "JPEG"}``); None accepts any format Pillow reads.
+    """
+    return decode_image(open_header(data, max_pixels=max_pixels, formats=formats)).image
+
+
+def open_header(
+    data: bytes, *, max_pixels: int = MAX_PIXELS, formats: frozenset[str] | None = None, min_side: int | None = None
+) -> PendingImage:
+    """Read and check an image's header, decoding no pixel: empty, unknown, unsupported (``formats``: Pillow format
+    names, None: any) and oversized input is refused here, at the cost of a few microseconds.
+
+    ``min_side``: a JPEG larger than that on both sides is set to decode at 1/2, 1/4 or 1/8 scale (Pillow's draft
+    mode: the scaling happens in the inverse DCT, so it skips most of a full decode's work), never below ``min_side``
+    pixels on either side. ``max_pixels`` bounds what will be decoded, after that reduction.
     """
     if not data:
         raise CorruptImageError("empty file")
@@ -103,28 +138,68 @@ def open_image(data: bytes, *, max_pixels: int = MAX_PIXELS, formats: frozenset[
         if width * height > max_pixels:
             raise ImageTooLargeError(f"image too large ({width}x{height} pixels, limit {max_pixels:,})")
         if width > 0 and height > 0 and len(data) - start >= need:
-            return Image.frombuffer("RGB", (width, height), data[start : start + need], "raw", "RGB", 0, 1)
+            image = Image.frombuffer("RGB", (width, height), data[start : start + need], "raw", "RGB", 0, 1)
+            return PendingImage(image, (width, height), width * height)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(data))
-            if formats is not None and image.format not in formats:
-                raise UnsupportedImageError(
-                    f"unsupported image format {image.format}; accepted: {', '.join(sorted(formats))}"
-                )
-            width, height = image.size
-            if width * height > max_pixels:
-                raise ImageTooLargeError(f"image too large ({width}x{height} pixels, limit {max_pixels:,})")
-            image.load()
+        if formats is not None and image.format not in formats:
+            raise UnsupportedImageError(
+                f"unsupported image format {image.format}; accepted: {', '.join(sorted(formats))}"
+            )
+        size = image.size
+        if min_side is not None:
+            image.draft(None, (min_side, min_side))  # JPEG (and its MPO kin) only; other formats ignore it
+        width, height = image.size
+        if width * height > max_pixels:
+            reduced = f", {width}x{height} at the smallest scale a JPEG decodes to" if image.size != size else ""
+            raise ImageTooLargeError(f"image too large ({size[0]}x{size[1]} pixels{reduced}; limit {max_pixels:,})")
     except CorruptImageError:
         raise
     except Image.UnidentifiedImageError:
         raise NotAnImageError("not an image in any format Pillow reads") from None
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise ImageTooLargeError(
+            f"image too large (its header declares over {Image.MAX_IMAGE_PIXELS:,} pixels; limit {max_pixels:,})"
+        ) from None
+    except (OSError, ValueError, SyntaxError, EOFError) as exc:
+        raise CorruptImageError(f"cannot decode (corrupt or truncated): {exc}") from None
+    return PendingImage(image, size, width * height)
+
+
+def decode_image(pending: PendingImage) -> DecodedImage:
+    """Decode an image ``open_header`` checked: 8-bit RGB, turned upright by its EXIF orientation
+    (``ImageOps.exif_transpose``), so that a photo taken sideways is seen as it is shown, at prepare time and when
+    served alike."""
+    image = pending.image
+    try:
+        image.load()  # the size was checked from the header (open_header)
+    except Image.DecompressionBombError as exc:
         raise ImageTooLargeError(f"image too large: {exc}") from None
     except (OSError, ValueError, SyntaxError, EOFError) as exc:
         raise CorruptImageError(f"cannot decode (corrupt or truncated): {exc}") from None
-    return _to_rgb(image)
+    orientation = _orientation(image)  # after load: a PNG's eXIf chunk may follow its pixels
+    if orientation != 1:
+        try:
+            image = ImageOps.exif_transpose(image)
+        except Exception as exc:  # it rewrites the EXIF block too, and a hostile one can fail in many ways
+            raise CorruptImageError(f"cannot apply its EXIF orientation {orientation}: {type(exc).__name__}") from None
+    width, height = pending.size
+    if orientation >= 5:  # orientations 5-8 turn the image a quarter: width and height swap
+        width, height = height, width
+    return DecodedImage(_to_rgb(image), (width, height), orientation)
+
+
+def _orientation(image: Image.Image) -> int:
+    """The image's EXIF orientation, 1-8; 1 when it has none (or made from raw pixels: no metadata at all)."""
+    if image.format is None:
+        return 1
+    try:
+        value = image.getexif().get(EXIF_ORIENTATION, 1)
+    except Exception:  # a malformed EXIF block, in any of the ways Pillow reports it: the pixels are still good
+        return 1
+    return value if isinstance(value, int) and 1 <= value <= 8 else 1
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
@@ -173,7 +248,10 @@ def decode_samples(
     workers: int = 0,
     progress: bool = False,
 ) -> DecodedImages:
-    """Read, hash, decode, crop, resize and measure every sample once, in ``workers`` processes (0: one per core)."""
+    """Read, hash, decode, crop, resize and measure every sample once, in ``workers`` processes (0: one per core).
+
+    An image with an EXIF orientation is turned upright before its ROI is cropped: ROIs are read as coordinates in
+    the image as a viewer shows it (GTSRB's own images carry no EXIF)."""
     decoded = DecodedImages.empty(len(samples), size)
     tasks = [
         ([(s.file, s.roi) for s in samples[i : i + _CHUNK]], i, size, margin)

@@ -20,34 +20,30 @@ import itertools
 import logging
 import os
 import random
+import re
 import secrets
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from dataclasses import dataclass, field
+from pathlib import PurePath
 from typing import Any
 
 import numpy as np
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from signpost import __version__
-from signpost.config import SignpostConfig
-from signpost.data.cache import (
-    CorruptImageError,
-    ImageTooLargeError,
-    NotAnImageError,
-    UnsupportedImageError,
-    open_image,
-    preprocess,
-)
-from signpost.serve import predlog
+from signpost.config import ConfigError, SignpostConfig
+from signpost.serve import predlog, uploads
 from signpost.serve.batching import Batcher, QueueFull
-from signpost.serve.model import ModelSource, Outputs, ServedModel, load, resolve
+from signpost.serve.model import REGISTRY_SCHEME, ModelSource, Outputs, ServedModel, load, resolve
 from signpost.serve.schemas import (
     BatchPrediction,
     ErrorResponse,
@@ -63,8 +59,6 @@ log = logging.getLogger(__name__)
 
 API_KEY_ENV = "SIGNPOST_API_KEY"  # when set, prediction routes need it (X-API-Key or Authorization: Bearer)
 ADMIN_KEY_ENV = "SIGNPOST_ADMIN_KEY"  # when set, the admin routes exist behind it; unset, they answer 403
-# Formats a camera or a client library sends; others (PSD, ICO, EPS, ...) are refused by name.
-IMAGE_FORMATS = frozenset({"JPEG", "PNG", "PPM", "BMP", "WEBP", "GIF", "TIFF"})
 RAW_TYPES = ("image/", "application/octet-stream")
 RETRY_AFTER_S = 1
 _ERRORS = {400: {"model": ErrorResponse}, 401: {"model": ErrorResponse}, 413: {"model": ErrorResponse},
@@ -77,6 +71,14 @@ class ApiError(Exception):
     def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.status, self.code, self.message, self.headers = status, code, message, headers
+
+
+class ClientAborted(Exception):
+    """The client closed its connection before its request was read whole: nothing to answer, not a server error."""
+
+    def __init__(self, received: int) -> None:
+        super().__init__(f"closed the connection after {received:,} bytes of the body")
+        self.received = received  # bytes of the body that had arrived
 
 
 @dataclass
@@ -100,6 +102,11 @@ class Metrics:
         self.log_dropped = Gauge("signpost_prediction_log_dropped", "records the log could not keep", registry=r)
         self.model_info = Gauge("signpost_model_info", "the models being served (value 1); role main or canary",
                                 ["model_version", "runtime", "role"], registry=r)
+        # Clients, not server errors: each is also in signpost_requests (an abort as status 499, as nginx logs it).
+        self.client_aborts = Counter("signpost_client_aborts", "requests whose client closed the connection before "
+                                     "sending the whole body", ["route"], registry=r)
+        self.slow_clients = Counter("signpost_slow_clients", "connections cut off for a client too slow or too big: "
+                                    "idle, header_timeout, header_too_large, body_timeout", ["reason"], registry=r)
 
 
 @dataclass
@@ -119,6 +126,7 @@ class ServerState:
     canary_batcher: Batcher | None = None
     canary_share: float = 0.0
     router: random.Random = field(default_factory=random.Random)
+    decode_pool: uploads.DecodePool | None = None  # decodes large uploads apart from inference (signpost.serve.uploads)
 
     def set_model(self, model: ServedModel) -> None:
         self.model = model  # one reference swap: a batch in flight finishes on the model it started with
@@ -155,6 +163,9 @@ def create_app(
     source = resolve(model, config, runtime or config.serve.runtime)
     state = ServerState(config, source, api_key or os.environ.get(API_KEY_ENV) or None,
                         admin_key or os.environ.get(ADMIN_KEY_ENV) or None)
+    if config.serve.protect_metrics and state.api_key is None:
+        raise ConfigError(f"serve.protect_metrics puts /metrics and /docs behind the API key, but none is set: set "
+                          f"{API_KEY_ENV}, or serve.protect_metrics=false")
     if canary is not None:
         state.canary_source = resolve(canary, config, runtime or config.serve.runtime)
         state.canary_share = config.serve.canary_share
@@ -164,8 +175,10 @@ def create_app(
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         cfg = config.serve
+        # Every record names this config as its experiment: servers of other experiments may share the log.
         state.log = predlog.PredictionLog(cfg.prediction_log or predlog.default_url(config.workdir),
-                                          batch_size=cfg.log_batch_size, interval_s=cfg.log_interval_s)
+                                          batch_size=cfg.log_batch_size, interval_s=cfg.log_interval_s,
+                                          experiment=config.name)
         if cfg.batching:
             lanes = [("batcher", lambda: state.model)] + ([("canary_batcher", lambda: state.canary)]
                                                            if state.canary_source else [])
@@ -175,6 +188,7 @@ def create_app(
                                   on_batch=state.metrics.batch_size.observe)
                 batcher.start()
                 setattr(state, attribute, batcher)
+        state.decode_pool = uploads.DecodePool(cfg.decode_workers, cfg.max_decode_queue)
         loader = asyncio.get_running_loop().create_task(asyncio.to_thread(_initial_load, state))
         try:
             yield
@@ -183,10 +197,14 @@ def create_app(
             for batcher in (state.batcher, state.canary_batcher):
                 if batcher is not None:
                     await batcher.stop()
+            state.decode_pool.close()
             state.log.close()
 
+    # serve.protect_metrics: FastAPI's own docs routes are open to all; _add_routes adds them behind the API key.
+    docs = {"docs_url": None, "redoc_url": None, "openapi_url": None} if config.serve.protect_metrics else {}
     app = FastAPI(title="Signpost inference service", version=__version__, lifespan=lifespan,
-                  description="Traffic-sign classification: predict, health, readiness, metrics and the model card.")
+                  description="Traffic-sign classification: predict, health, readiness, metrics and the model card.",
+                  **docs)
     app.state.signpost = state
     app.add_middleware(_MetricsMiddleware, metrics=state.metrics)
     _add_error_handlers(app)
@@ -220,36 +238,51 @@ class Classified:
     class_names: list[str]  # of the model that classified them (a reload may have swapped models since)
     outputs: Outputs
     images: np.ndarray  # uint8 [n, S, S, 3], as the model saw them
-    sizes: np.ndarray  # [n, 2] original width, height
+    sizes: np.ndarray  # [n, 2] original width, height (upright)
+    orientations: np.ndarray  # [n] the EXIF orientation each image was turned upright by (1: none)
+    lineage: tuple[str, str] = ("", "")  # the model's data key (its card's) and artifact key (its manifest's)
 
 
 def _processor(
     state: ServerState, current: Callable[[], ServedModel | None]
-) -> Callable[[list[list[bytes]]], list[Classified | ApiError]]:
+) -> Callable[[list[list[bytes] | uploads.Decoded]], list[Classified | ApiError | uploads.Large]]:
     """Decode and classify the requests of one batch (in a worker thread) on the model ``current()`` gives; a
-    request with a bad image gets its ApiError back, the others are classified together in one forward pass."""
+    request with a bad image gets its ApiError back, the others are classified together in one forward pass. A
+    request is its image bytes, or its images already decoded by the decode pool; one with too much to decode here
+    gets ``uploads.Large`` back, for the pool (``signpost.serve.uploads``)."""
     cfg = state.config.serve
 
-    def process(requests: list[list[bytes]]) -> list[Classified | ApiError]:
+    def process(requests: list[list[bytes] | uploads.Decoded]) -> list[Classified | ApiError | uploads.Large]:
         model = current()  # read once: a reload swaps it between batches, never inside one
         if model is None:
             raise ApiError(503, "not_ready", "the model is not loaded", {"Retry-After": str(RETRY_AFTER_S)})
-        results: list[Any] = [None] * len(requests)  # each becomes a Classified or an ApiError
-        decoded: list[tuple[int, np.ndarray, np.ndarray]] = []
-        for i, blobs in enumerate(requests):
-            try:
-                images, sizes = _decode(blobs, model.card.image_size, cfg.max_image_pixels)
-            except ApiError as exc:
-                results[i] = exc
+        size = model.card.image_size
+        results: list[Any] = [None] * len(requests)  # each becomes a Classified, an ApiError or a Large
+        decoded: list[tuple[int, uploads.Decoded]] = []
+        for i, payload in enumerate(requests):
+            if isinstance(payload, uploads.Decoded):
+                if payload.images.shape[1] != size:  # a reload to a model of another input size came in between
+                    results[i] = ApiError(503, "model_changed", "the model changed while the images were decoded; "
+                                          "send them again", {"Retry-After": str(RETRY_AFTER_S)})
+                else:
+                    decoded.append((i, payload))
                 continue
-            decoded.append((i, images, sizes))
+            try:
+                pending = uploads.open_request(payload, size=size, max_pixels=cfg.max_image_pixels)
+                if uploads.is_large(pending):
+                    results[i] = uploads.Large(pending, size)
+                    continue
+                decoded.append((i, uploads.decode(pending, size)))
+            except uploads.Refused as exc:
+                results[i] = ApiError(exc.status, exc.code, exc.message)
         if decoded:
-            batch = decoded[0][1] if len(decoded) == 1 else np.concatenate([images for _, images, _ in decoded])
-            outputs = model.forward(batch, cfg.top_k)
+            parts = [d.images for _, d in decoded]
+            outputs = model.forward(parts[0] if len(parts) == 1 else np.concatenate(parts), cfg.top_k)
             start = 0
-            for i, images, sizes in decoded:
-                end = start + len(images)
-                results[i] = Classified(model.version, model.card.class_names, outputs.rows(start, end), images, sizes)
+            for i, d in decoded:
+                end = start + len(d.images)
+                results[i] = Classified(model.version, model.card.class_names, outputs.rows(start, end), d.images,
+                                        d.sizes, d.orientations, (model.card.data_key, model.key))
                 start = end
         return results
 
@@ -278,15 +311,20 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
         return Health(status="ok")
 
     @app.get("/readyz", response_model=Readiness, responses={503: {"model": Readiness}}, tags=["health"])
-    async def readyz() -> Any:
-        """The model is loaded and warmed up: send traffic."""
+    async def readyz(request: Request) -> Any:
+        """The model is loaded and warmed up: send traffic. Until then, why not (with X-Admin-Key: the full
+        detail, paths included)."""
         if not state.ready():
-            detail = state.load_error or ("loading the canary" if state.model else "loading the model")
+            error = state.load_error if _is_admin(request, state) else _public_error(state)
+            detail = error or ("loading the canary" if state.model else "loading the model")
             return JSONResponse(Readiness(ready=False, detail=detail).model_dump(), status_code=503)
         return Readiness(ready=True, model_version=state.model.version,
                          canary_version=state.canary.version if state.canary else None)
 
-    @app.get("/metrics", tags=["health"], response_class=Response)
+    # serve.protect_metrics: what the service runs and how busy it is, for key holders only.
+    guarded = [Depends(require_api_key)] if cfg.protect_metrics else []
+
+    @app.get("/metrics", tags=["health"], response_class=Response, dependencies=guarded)
     async def metrics() -> Response:
         """Prometheus metrics."""
         m = state.metrics
@@ -297,10 +335,30 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
         return Response(generate_latest(m.registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/model", response_model=ModelInfo, responses=_ERRORS, tags=["model"])
-    async def model_info() -> ModelInfo:
-        """The model card of the model being served, with its version and runtime (and the canary's, if any)."""
-        canary = {**state.canary.describe(), "share": state.canary_share} if state.canary else None
-        return ModelInfo(**_ready(state).describe(), canary=canary)
+    async def model_info(request: Request) -> ModelInfo:
+        """The model card of the model being served, with its version and runtime (and the canary's, if any).
+        ``origin`` is what the server was started with: a folder's name only, unless X-Admin-Key is sent."""
+        admin = _is_admin(request, state)
+
+        def describe(model: ServedModel) -> dict[str, Any]:
+            facts = model.describe()
+            return facts if admin else {**facts, "origin": _public_origin(facts["origin"])}
+
+        canary = {**describe(state.canary), "share": state.canary_share} if state.canary else None
+        return ModelInfo(**describe(_ready(state)), canary=canary)
+
+    if cfg.protect_metrics:  # FastAPI's docs routes, behind the API key (create_app turned its own off)
+        @app.get("/openapi.json", include_in_schema=False, dependencies=guarded)
+        async def openapi() -> JSONResponse:
+            return JSONResponse(app.openapi())
+
+        @app.get("/docs", include_in_schema=False, dependencies=guarded)
+        async def docs() -> HTMLResponse:
+            return get_swagger_ui_html(openapi_url="/openapi.json", title=f"{app.title} - docs")
+
+        @app.get("/redoc", include_in_schema=False, dependencies=guarded)
+        async def redoc() -> HTMLResponse:
+            return get_redoc_html(openapi_url="/openapi.json", title=f"{app.title} - ReDoc")
 
     @app.post("/v1/predict", response_model=Prediction, responses=_ERRORS, tags=["predict"],
               dependencies=[Depends(require_api_key)],
@@ -367,9 +425,46 @@ def _load_new(state: ServerState, spec: str, runtime: str) -> ServedModel:
 
 def _ready(state: ServerState) -> ServedModel:
     if not state.ready():
-        raise ApiError(503, "not_ready", f"the model is not loaded yet ({state.load_error or 'loading'}); "
+        raise ApiError(503, "not_ready", f"the model is not loaded yet ({_public_error(state) or 'loading'}); "
                        "retry when /readyz says ready", {"Retry-After": str(RETRY_AFTER_S)})
     return state.model
+
+
+def _is_admin(request: Request, state: ServerState) -> bool:
+    """The request carries the admin key: it may read full errors and paths."""
+    return state.admin_key is not None and _key_matches(request, state.admin_key, header="x-admin-key")
+
+
+def _public_error(state: ServerState) -> str | None:
+    """Why the model did not load, without paths: what a client without the admin key is told (the log and
+    /readyz with X-Admin-Key have it whole)."""
+    if state.load_error is None:
+        return None
+    sources = [s for s in (state.source, state.canary_source) if s is not None]
+    given = [state.config.workdir] + [s.folder for s in sources] + [s.origin for s in sources]
+    return _redact(state.load_error, [str(place) for place in given])
+
+
+def _public_origin(origin: str) -> str:
+    """What the server was started with, for clients without the admin key: a registry URI as it is, a path as
+    its folder's name."""
+    return origin if origin.startswith(REGISTRY_SCHEME) else PurePath(origin).name
+
+
+# A path in a message: absolute (/..., C:\...), home- or dot-relative, up to a space, quote, colon or bracket.
+_PATH_END = r"""[^\s'"`,;:()<>\[\]{}]*"""
+_PATH = re.compile(r"(?<![\w~.:\\-])(?:~|\.{1,2}|[A-Za-z]:)?[/\\]" + _PATH_END)
+
+
+def _redact(text: str, relative: list[str]) -> str:
+    """``text`` with each path replaced by ``<path>``: absolute ones, and those under one of the ``relative``
+    places (the workdir or a model as the user gave them, e.g. ``artifacts/train/x``). What was wrong stays."""
+    for place in sorted({p for p in relative if p and not PurePath(p).is_absolute() and p != "."}, key=len,
+                        reverse=True):
+        # A one-word place ("artifacts") only as the start of a longer path: the word alone may be plain English.
+        ahead = r"(?![\w.-])" if re.search(r"[/\\]", place) else r"(?=[/\\])"
+        text = re.sub(rf"(?<![\w~.-]){re.escape(place)}{ahead}{_PATH_END}", "<path>", text)
+    return _PATH.sub("<path>", text)
 
 
 def _key_matches(request: Request, key: str, header: str = "x-api-key") -> bool:
@@ -386,7 +481,9 @@ def _content_type(request: Request) -> str:
 
 
 async def _read_body(request: Request, limit: int) -> bytes:
-    """The body, refused with 413 as soon as it is known to be over ``limit`` bytes (declared or streamed)."""
+    """The body, refused with 413 as soon as it is known to be over ``limit`` bytes (declared or streamed), and
+    with 408 when it has not arrived whole within ``serve.body_timeout_s``. A client that leaves before the end is
+    ``ClientAborted``."""
     declared = request.headers.get("content-length")
     if declared is not None:
         if not declared.isdigit():
@@ -394,13 +491,32 @@ async def _read_body(request: Request, limit: int) -> bytes:
         if int(declared) > limit:
             raise ApiError(413, "payload_too_large", f"the body is {int(declared):,} bytes; the limit is {limit:,} "
                            "(serve.max_upload_bytes)")
-    chunks, total = [], 0
-    async for chunk in request.stream():
-        total += len(chunk)
-        if total > limit:
-            raise ApiError(413, "payload_too_large", f"the body is over the limit of {limit:,} bytes "
-                           "(serve.max_upload_bytes)")
-        chunks.append(chunk)
+    state: ServerState = request.app.state.signpost
+    timeout_s = state.config.serve.body_timeout_s
+    chunks: list[bytes] = []
+    total = 0
+
+    async def read() -> None:
+        nonlocal total
+        async for chunk in request.stream():
+            total += len(chunk)
+            if total > limit:
+                raise ApiError(413, "payload_too_large", f"the body is over the limit of {limit:,} bytes "
+                               "(serve.max_upload_bytes)")
+            chunks.append(chunk)
+
+    try:
+        # One deadline for the whole body: a client sending a byte now and then never trips a per-read timeout.
+        await asyncio.wait_for(read(), timeout_s)
+    except asyncio.TimeoutError:
+        state.metrics.slow_clients.labels("body_timeout").inc()
+        log.info("%s %s: %s bytes of the body in %g s (serve.body_timeout_s); answered 408", request.method,
+                 request.url.path, f"{total:,}", timeout_s)
+        raise ApiError(408, "body_timeout", f"the body did not arrive within {timeout_s:g} s "
+                       "(serve.body_timeout_s): send it in one go, or a smaller image", {"Connection": "close"}) \
+            from None
+    except ClientDisconnect:
+        raise ClientAborted(total) from None
     return b"".join(chunks)
 
 
@@ -444,51 +560,37 @@ async def _parse_form(request: Request, body: bytes, limit: int, max_images: int
         raise ApiError(400, "bad_multipart", f"malformed multipart form: {exc}") from None
 
 
-def _decode(blobs: list[bytes], size: int, max_pixels: int) -> tuple[np.ndarray, np.ndarray]:
-    """uint8 images [N, size, size, 3] and their original (width, height); the first bad image fails the request."""
-    images = np.empty((len(blobs), size, size, 3), dtype=np.uint8)
-    sizes = np.empty((len(blobs), 2), dtype=np.int64)
-    for i, data in enumerate(blobs):
-        which = f"image {i}: " if len(blobs) > 1 else ""
-        try:
-            image = open_image(data, max_pixels=max_pixels, formats=IMAGE_FORMATS)
-            images[i] = preprocess(image, size)
-        except ImageTooLargeError as exc:
-            raise ApiError(413, "image_too_large", f"{which}{exc} (serve.max_image_pixels)") from None
-        except UnsupportedImageError as exc:
-            raise ApiError(415, "unsupported_image", f"{which}{exc}") from None
-        except NotAnImageError as exc:
-            raise ApiError(400, "not_an_image", f"{which}{exc}") from None
-        except CorruptImageError as exc:
-            raise ApiError(400, "corrupt_image", f"{which}{exc}") from None
-        except Exception as exc:  # Pillow raises more kinds than it documents on hostile input
-            raise ApiError(400, "corrupt_image", f"{which}cannot decode: {type(exc).__name__}") from None
-        sizes[i] = image.size
-    return images, sizes
-
-
 async def _classify(state: ServerState, blobs: list[bytes], started: float) -> list[dict[str, Any]]:
     """Decode, predict and log ``blobs``; the answers as plain dicts shaped like ``Prediction``."""
     _ready(state)
     cfg = state.config.serve
     canary = state.canary is not None and state.router.random() < state.canary_share
-    try:
-        batcher = state.canary_batcher if canary else state.batcher
+    batcher = state.canary_batcher if canary else state.batcher
+    current = (lambda: state.canary) if canary else (lambda: state.model)
+
+    async def through_model(payload: list[bytes] | uploads.Decoded) -> Any:
         if batcher is not None:
-            work: Awaitable = batcher.submit(blobs, len(blobs))
-        else:  # one forward pass per request, concurrently in threads: the reference server's way
-            state.metrics.batch_size.observe(len(blobs))
-            current = (lambda: state.canary) if canary else (lambda: state.model)
-            work = asyncio.to_thread(_processor(state, current), [blobs])
-        result = await asyncio.wait_for(work, cfg.request_timeout_s)
-    except QueueFull as exc:
+            return await batcher.submit(payload, len(blobs))
+        # one forward pass per request, concurrently in threads: the reference server's way
+        state.metrics.batch_size.observe(len(blobs))
+        return (await asyncio.to_thread(_processor(state, current), [payload]))[0]
+
+    async def decode_and_classify() -> Any:
+        result = await through_model(blobs)
+        if isinstance(result, uploads.Large):  # too much to decode beside the forward pass: the pool does it first
+            result = await through_model(await state.decode_pool.decode(result))
+        return result
+
+    try:
+        result = await asyncio.wait_for(decode_and_classify(), cfg.request_timeout_s)
+    except (QueueFull, uploads.DecoderBusy) as exc:
         raise ApiError(503, "overloaded", f"the server is at capacity: {exc}; retry shortly",
                        {"Retry-After": str(RETRY_AFTER_S)}) from None
+    except uploads.Refused as exc:  # an image the decode pool found bad
+        raise ApiError(exc.status, exc.code, exc.message) from None
     except asyncio.TimeoutError:
         raise ApiError(504, "timeout", f"no answer within {cfg.request_timeout_s:g} s (serve.request_timeout_s)") \
             from None
-    if batcher is None:
-        result = result[0]
     if isinstance(result, ApiError):
         raise result
     latency_ms = (time.perf_counter() - started) * 1000
@@ -528,6 +630,8 @@ def _log_records(log_: predlog.PredictionLog, answers: list[dict[str, Any]], res
             "class_id": answer["class_id"], "class_name": answer["class_name"], "confidence": answer["confidence"],
             "entropy": entropy[i], "top_k": [[s["class_id"], round(s["confidence"], 6)] for s in answer["top_k"]],
             "latency_ms": answer["latency_ms"], "width": int(result.sizes[i, 0]), "height": int(result.sizes[i, 1]),
+            "orientation": int(result.orientations[i]),
+            "data_key": result.lineage[0], "model_key": result.lineage[1],
             "embedding": result.outputs.embeddings[i], "image": result.images[i],
         })
 
@@ -542,6 +646,16 @@ def _add_error_handlers(app: FastAPI) -> None:
         if state.log is not None and request.url.path.startswith("/v1/predict"):
             state.log.add_error(request.url.path, exc.status, exc.code)  # the monitor's error rate
         return JSONResponse(body(exc.code, exc.message), status_code=exc.status, headers=exc.headers)
+
+    @app.exception_handler(ClientAborted)
+    async def aborted(request: Request, exc: ClientAborted) -> Response:
+        state: ServerState = request.app.state.signpost
+        route = getattr(request.scope.get("route"), "path", "unmatched")
+        state.metrics.client_aborts.labels(route).inc()
+        client = request.client.host if request.client else "?"
+        log.info("%s %s: the client (%s) %s; not answered", request.method, route, client, exc)
+        # Nobody is left to read this: 499 ("client closed request", as nginx logs it) is for signpost_requests.
+        return Response(status_code=499)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
