@@ -64,7 +64,9 @@ def _fill(url: str, data: Path, rows: int, cache: Path) -> None:
     reference = load_reference(data, None, None, cache_dir=cache)
     rng = np.random.default_rng(0)
     engine = predlog.make_engine(url)
-    columns = [c.name for c in predlog.predictions.columns if c.name != "id"]
+    # Named, in the order of the rows below (the others take their defaults); the experiment is the config's name.
+    columns = ["ts", "request_id", "model_version", "class_id", "class_name", "confidence", "entropy", "top_k",
+               "latency_ms", "width", "height", *STAT_NAMES, *predlog.EMBEDDING_COLUMNS, "experiment"]
     sql = f"INSERT INTO predictions ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})"
     classes = reference.class_counts / reference.class_counts.sum()
     for start in range(0, rows, 100_000):
@@ -77,7 +79,7 @@ def _fill(url: str, data: Path, rows: int, cache: Path) -> None:
                                    sizes, stats, rng.normal(0, 1, (n, len(predlog.EMBEDDING_COLUMNS)))])
         batch = [(float(start + i), f"r{start + i}", "v1", int(row[0]), "c", float(row[1]), float(row[2]), "[]",
                   float(row[3]), int(row[4]), int(row[5]), *row[6 : 6 + len(STAT_NAMES)].tolist(),
-                  *row[6 + len(STAT_NAMES):].tolist()) for i, row in enumerate(numbers)]
+                  *row[6 + len(STAT_NAMES):].tolist(), "scale") for i, row in enumerate(numbers)]
         with engine.begin() as conn:
             conn.exec_driver_sql(sql, batch)
     engine.dispose()

@@ -98,10 +98,68 @@ def artifact_path(workdir: Path, stage: str, name: str, key: str) -> Path:
     return Path(workdir) / stage / f"{name}-{key[:12]}"
 
 
-def latest_artifact(workdir: Path, stage: str, name: str) -> Path | None:
-    """The most recently finished artifact of ``stage`` made for the config ``name``, or None."""
-    done = [p for p in (Path(workdir) / stage).glob(f"{name}-*") if is_complete(p)]
-    return max(done, key=lambda p: (p / MANIFEST).stat().st_mtime_ns, default=None)
+def latest_artifact(
+    workdir: Path, stage: str, name: str, settings: dict[str, Any] | None = None
+) -> Path | None:
+    """The most recently finished artifact of ``stage`` made for the experiment ``name``, or None.
+
+    With ``settings``, only one made with exactly those settings counts (``find_artifact``).
+    """
+    return find_artifact(workdir, stage, name, settings)[0]
+
+
+def find_artifact(
+    workdir: Path, stage: str, name: str, settings: dict[str, Any] | None = None
+) -> tuple[Path | None, list[str]]:
+    """The newest finished artifact of ``stage`` whose manifest names the experiment ``name`` (and, given
+    ``settings``, the hash of those settings), and why each newer one that may look like it was passed over.
+
+    The experiment is read from the manifest, never from the folder's name: a prefix would let ``gtsrb`` pick up
+    ``gtsrb-kaggle-…``. Passed over, newest first, one line each: an artifact of this experiment made with other
+    settings, and one of an older Signpost whose manifest names no experiment (its folder name says ``name``).
+    Another experiment's artifacts are neither picked nor listed.
+    """
+    wanted = None if settings is None else hash_json(settings)
+    passed_over: list[str] = []
+    for folder, manifest in _finished(Path(workdir) / stage):
+        owner = manifest.get("experiment")
+        if not isinstance(owner, dict):
+            if folder.name.rpartition("-")[0] == name:
+                passed_over.append(f"{folder} (made by an older Signpost: its manifest names no experiment)")
+            continue
+        if owner.get("name") != name:
+            continue
+        if wanted is None or owner.get("config_sha256") == wanted:
+            return folder, passed_over
+        passed_over.append(f"{folder} (made with other settings: {_differences(manifest.get('config'), settings)})")
+    return None, passed_over
+
+
+def _finished(folder: Path) -> list[tuple[Path, dict[str, Any]]]:
+    """Every finished artifact directly in ``folder`` with its manifest, the most recently finished first."""
+    found = []
+    for path in folder.iterdir() if folder.is_dir() else ():
+        try:
+            found.append(((path / MANIFEST).stat().st_mtime_ns, path, read_manifest(path)))
+        except (OSError, ArtifactError):
+            continue  # not an artifact, or not a finished one (temporary folders, an interrupted write)
+    return [(path, manifest) for _, path, manifest in sorted(found, key=lambda f: (f[0], f[1].name), reverse=True)]
+
+
+def _differences(recorded: Any, settings: dict[str, Any] | None) -> str:
+    """``image_size 48 there, 32 here; ...``: the settings an artifact was made with that differ from ``settings``."""
+    recorded = recorded if isinstance(recorded, dict) else {}
+    settings = settings or {}
+
+    def show(values: dict[str, Any], key: str) -> str:
+        return json.dumps(values[key], default=str) if key in values else "unset"
+
+    changed = [
+        f"{key} {show(recorded, key)} there, {show(settings, key)} here"
+        for key in sorted(set(recorded) | set(settings))
+        if key not in recorded or key not in settings or hash_json(recorded[key]) != hash_json(settings[key])
+    ]
+    return "; ".join(changed) or "the same values, hashed differently"
 
 
 def is_complete(folder: Path) -> bool:
@@ -140,13 +198,19 @@ def write_manifest(
     *,
     stage: str,
     key: str,
+    experiment: str | None = None,
     inputs: dict[str, Any],
     config: dict[str, Any],
     code: str,
     metrics: dict[str, Any] | None = None,
     extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Hash every file in ``folder`` and write the manifest last. Returns the manifest."""
+    """Hash every file in ``folder`` and write the manifest last. Returns the manifest.
+
+    ``experiment``: the config's ``name``. With the hash of ``config`` (the settings that decide this artifact) it
+    is recorded as the artifact's ``experiment``, which is how later stages find their inputs (``find_artifact``).
+    Every stage passes it; a manifest without it (hand-made, or an older Signpost's) is never picked as an input.
+    """
     folder = Path(folder)
     files = {
         p.relative_to(folder).as_posix(): hash_file(p)
@@ -157,6 +221,7 @@ def write_manifest(
         "schema": SCHEMA_VERSION,
         "stage": stage,
         "key": key,
+        **({"experiment": {"name": experiment, "config_sha256": hash_json(config)}} if experiment else {}),
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "inputs": inputs,
         "config": config,

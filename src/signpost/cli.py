@@ -7,6 +7,7 @@ errors the user can fix end in one line on stderr and a non-zero exit, without a
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -17,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from signpost import GLIBC_TUNABLES, __version__
-from signpost.artifacts import ArtifactError, latest_artifact
+from signpost.artifacts import ArtifactError, find_artifact
 from signpost.config import ConfigError, SignpostConfig, load_config
 
 if TYPE_CHECKING:  # the stages import torch and MLflow: loaded only by the commands that need them
@@ -100,26 +101,28 @@ def _build_parser() -> argparse.ArgumentParser:
 
     prepare = _stage_parser(sub, "prepare", "decode a raw dataset once into a versioned uint8 tensor cache", _prepare)
     prepare.add_argument(
-        "--download", action="store_true", help="fetch the official GTSRB archives into data.root first"
+        "--download", action="store_true", help="fetch the official GTSRB archives into data.root first, from "
+        "data.base_url (a mirror works: the official checksums are verified whatever the URL)"
     )
     prepare.add_argument("--data-root", type=Path, help="the raw dataset folder (same as data.root=...)")
 
     train = _stage_parser(sub, "train", "train a model on prepared data (also under torchrun)", _train)
-    train.add_argument("--data", type=Path, help="prepared data folder (default: the newest for this config)")
+    train.add_argument("--data", type=Path, help="prepared data folder (default: the newest of this experiment, "
+                       "made with its data settings)")
     train.add_argument("--resume", action="store_true", help="continue an interrupted run from its checkpoint")
 
     evaluate = _stage_parser(sub, "evaluate", "score a model on the test split and apply the gate", _evaluate)
-    evaluate.add_argument("--model", type=Path, help="model folder (default: the newest trained for this config)")
+    evaluate.add_argument("--model", type=Path, help="model folder (default: the newest trained for this experiment)")
     evaluate.add_argument("--data", type=Path, help="prepared data folder (default: the model's own)")
 
     optimize = _stage_parser(sub, "optimize", "make int8, pruned, distilled and exported variants of a model",
                              _optimize)
-    optimize.add_argument("--model", type=Path, help="model folder (default: the newest trained for this config)")
+    optimize.add_argument("--model", type=Path, help="model folder (default: the newest trained for this experiment)")
     optimize.add_argument("--data", type=Path, help="prepared data folder (default: the model's own)")
 
     bench = _stage_parser(sub, "bench", "measure accuracy and speed of the variants across runtimes and math "
                           "settings; or compare two results", _bench)
-    bench.add_argument("--optimized", type=Path, help="optimize folder (default: the newest for this config)")
+    bench.add_argument("--optimized", type=Path, help="optimize folder (default: the newest of this experiment)")
     bench.add_argument("--data", type=Path, help="prepared data folder (default: the optimized model's own)")
     bench.add_argument("--profile", metavar="VARIANT/RUNTIME/MATH/BATCH",
                        help="write the op table and a Chrome trace of one cell, e.g. int8/compile/default/64")
@@ -208,7 +211,8 @@ def _build_parser() -> argparse.ArgumentParser:
     synth = _stage_parser(sub, "synth", "write a synthetic dataset in the official GTSRB file layout", _synth)
     synth.add_argument("--out", type=Path, required=True, help="folder to write the dataset into (must be empty)")
 
-    _stage_parser(sub, "run", "run the whole pipeline, skipping stages whose inputs are unchanged", _run)
+    run = _stage_parser(sub, "run", "run the whole pipeline, skipping stages whose inputs are unchanged", _run)
+    run.add_argument("--data-root", type=Path, help="the raw dataset folder prepare reads (same as data.root=...)")
     return parser
 
 
@@ -249,23 +253,28 @@ def _config(args: argparse.Namespace, extra: Sequence[str] = ()) -> SignpostConf
 def _prepare(args: argparse.Namespace) -> int:
     from signpost.stages.prepare import prepare
 
-    extra = []
-    if args.download:
-        extra.append("data.source=download")
-    if args.data_root is not None:
-        extra.append(f"data.root={args.data_root}")
-    config = _config(args, extra)
+    config = _config_with_data_root(args, ["data.source=download"] if args.download else [], fetch="--download")
+    result = prepare(config, progress=_progress(args))
+    _print_prepared(result.path, result.reused, result.manifest)
+    return 0
+
+
+def _config_with_data_root(
+    args: argparse.Namespace, extra: Sequence[str] = (), *, fetch: str = "data.source=download"
+) -> SignpostConfig:
+    """The config with ``--data-root`` as data.root (prepare, run); a folder named either way that a synthetic
+    source would ignore is refused, ``fetch`` being how this command downloads into it."""
+    root = [f"data.root={args.data_root}"] if args.data_root is not None else []
+    config = _config(args, [*extra, *root])
     roots = [item for item in args.overrides if item.partition("=")[0].strip() == "data.root"]
     given = f"--data-root {args.data_root}" if args.data_root is not None else (roots[-1] if roots else None)
     if given and config.data.source == "synthetic":
         # The synthetic source generates its own data: a folder named here would be silently left unread.
         raise ConfigError(f"{given} is ignored because data.source is synthetic"
                           f"{f' in {args.config}' if args.config else ''}: "
-                          "add data.source=local to read that folder as it is (or --download to fetch GTSRB into "
+                          f"add data.source=local to read that folder as it is (or {fetch} to fetch GTSRB into "
                           "it), or leave the folder out for generated data")
-    result = prepare(config, progress=_progress(args))
-    _print_prepared(result.path, result.reused, result.manifest)
-    return 0
+    return config
 
 
 def _print_prepared(path: Path, reused: bool, manifest: dict) -> None:
@@ -291,7 +300,7 @@ def _train(args: argparse.Namespace) -> int:
     from signpost.tracking import run_factory
 
     config = _config(args)
-    data = args.data or _newest(config, "data", "signpost prepare")
+    data = _given("train", "data", args.data, "--data") or _newest_data(config, "train")
     try:
         tracking = run_factory(config)
         result = train(config, data_dir=data, resume=args.resume, progress=_progress(args), tracking=tracking)
@@ -311,8 +320,9 @@ def _evaluate(args: argparse.Namespace) -> int:
     from signpost.stages.pipeline import evaluate_and_register
 
     config = _config(args)
-    model = args.model or _newest(config, "train", "signpost train")
-    data = args.data or _model_data(config, model)
+    model = _given("evaluate", "train", args.model, "--model") or _newest(config, "evaluate", "train",
+                                                                          "signpost train", "--model")
+    data = _given("evaluate", "data", args.data, "--data") or _model_data(config, model, "evaluate")
     result, version, decision = evaluate_and_register(config, model_dir=model, data_dir=data,
                                                       progress=_progress(args))
     _print_evaluation(result, version, decision)
@@ -324,8 +334,9 @@ def _optimize(args: argparse.Namespace) -> int:
     from signpost.tracking import log_stage, run_factory
 
     config = _config(args)
-    model = args.model or _newest(config, "train", "signpost train")
-    data = args.data or _model_data(config, model)
+    model = _given("optimize", "train", args.model, "--model") or _newest(config, "optimize", "train",
+                                                                          "signpost train", "--model")
+    data = _given("optimize", "data", args.data, "--data") or _model_data(config, model, "optimize")
     result = optimize(config, model_dir=model, data_dir=data, progress=_progress(args))
     if not result.reused:
         log_stage(run_factory(config), "optimize", **tracking_summary(config, result))
@@ -343,8 +354,9 @@ def _bench(args: argparse.Namespace) -> int:
         print(report)
         return EXIT_REGRESSION if regressed else 0
     config = _config(args)
-    optimized = args.optimized or _newest(config, "optimize", "signpost optimize")
-    data = args.data or _optimized_data(config, optimized)
+    optimized = _given("bench", "optimize", args.optimized, "--optimized") or _newest(
+        config, "bench", "optimize", "signpost optimize", "--optimized")
+    data = _given("bench", "data", args.data, "--data") or _optimized_data(config, optimized)
     result = bench(config, optimize_dir=optimized, data_dir=data, profile=args.profile, progress=_progress(args))
     if not result.reused:
         log_stage(run_factory(config), "bench", **bench_summary(config, result))
@@ -359,23 +371,42 @@ def _print_bench(path: Path, reused: bool, results: dict) -> None:
     print(f"  table: {path / 'results.md'}; chart: {path / 'chart.png'}")
     for r in failed:
         print(f"  failed: {r['variant']}/{r['runtime']}/{r['math']}: {r['reason']}")
+    timed = [r for r in rows if r["status"] != "failed"]
+    unstable = sum(not r.get("stable", True) for r in timed)
+    if stability := results.get("stability"):
+        print(f"  stability: {unstable} of {len(timed)} timed rows unstable ({stability['unstable_first_pass']} "
+              f"before {stability['repeat_passes']} repeat passes of {stability['repeat_measurements']} cell "
+              "measurements; "
+              f"{stability['stopped']})")
+    if unstable:
+        print(f"warning: {unstable} of {len(timed)} timed rows are unstable: their figures and ratios swing from run "
+              "to run (the stable column of results.md)", file=sys.stderr)
     candidate = results.get("candidate")
     if candidate:
         print(f"  deployable: {candidate['variant']} on {candidate['runtime']} ({candidate['math']}) — "
               f"{candidate['reason']}")
+        if candidate.get("stable") is False:
+            print(f"warning: the deployable was chosen from an unstable timing ({unstable} of {len(timed)} rows "
+                  "unstable, none stable at its batch size)", file=sys.stderr)
     else:
         print("  deployable: none (no variant within the accuracy budget was measured at the deploy batch size)")
+    keys = ("variant", "runtime", "math", "threads", "batch")
     for batch, best in (results.get("candidates_by_batch") or {}).items():
         if best:
+            row = next(r for r in timed if all(r[k] == best[k] for k in keys))
+            ratio = f", {row['speedup']:.1f}x eager fp32 ±{100 * row['speedup_spread']:.1f}%" if row["speedup"] else ""
             print(f"  fastest at batch {batch}: {best['variant']} on {best['runtime']} ({best['math']}), "
-                  f"{best['images_per_s']:,.0f} images/s")
+                  f"{best['images_per_s']:,.0f} images/s ±{100 * row['spread']:.1f}%{ratio}"
+                  f"{'' if best.get('stable', True) else ' (UNSTABLE)'}")
 
 
 def _optimized_data(config: SignpostConfig, optimized: Path) -> Path:
     """The prepared data the optimized model was made from, as its manifest names it."""
     from signpost.artifacts import read_manifest
 
-    return config.workdir / "data" / read_manifest(optimized)["inputs"]["data"]
+    data = config.workdir / "data" / read_manifest(optimized)["inputs"]["data"]
+    print(f"bench: data {data} (the variants were made from it)")
+    return data
 
 
 def _print_variants(path: Path, reused: bool, variants: list[dict]) -> None:
@@ -394,14 +425,16 @@ def _pct(value: float | None) -> str:
     return "-" if value is None else f"{100 * value:.2f}%"
 
 
-def _model_data(config: SignpostConfig, model: Path) -> Path:
+def _model_data(config: SignpostConfig, model: Path, who: str) -> Path:
     """The prepared data a model was trained on, as its card names it."""
     from signpost.artifacts import read_manifest
     from signpost.models.artifact import CARD
 
     read_manifest(model, signed=True)  # a missing, unfinished or unsigned folder is a clear error here
     card = json.loads((model / CARD).read_text(encoding="utf-8"))
-    return config.workdir / "data" / card["data_artifact"]
+    data = config.workdir / "data" / card["data_artifact"]
+    print(f"{who}: data {data} (the model was trained on it, says its card)")
+    return data
 
 
 def _print_evaluation(
@@ -432,6 +465,7 @@ def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from signpost.serve.app import create_app
+    from signpost.serve.server import uvicorn_config
 
     extra = [f"serve.{key}={value}" for key, value in (("host", args.host), ("port", args.port)) if value is not None]
     config = _config(args, extra)
@@ -440,9 +474,15 @@ def _serve(args: argparse.Namespace) -> int:
     print(f"serve: {args.model}{canary} on http://{config.serve.host}:{config.serve.port} (docs at /docs); "
           "Ctrl-C stops")
     # uvicorn turns SIGTERM and SIGINT into a graceful shutdown: open requests are answered, then the app's
-    # shutdown writes every queued prediction record.
-    uvicorn.run(app, host=config.serve.host, port=config.serve.port, log_level="warning" if args.quiet else "info",
-                access_log=bool(args.verbose), timeout_graceful_shutdown=30)
+    # shutdown writes every queued prediction record. Slow, idle and surplus clients are bounded by serve.*.
+    server = uvicorn.Server(uvicorn_config(app, config, log_level="warning" if args.quiet else "info",
+                                           access_log=bool(args.verbose), timeout_graceful_shutdown=30))
+    with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C, after the graceful shutdown: a normal end
+        server.run()
+    if not server.started:
+        print(f"error: the server did not start on {config.serve.host}:{config.serve.port} (the log above says why)",
+              file=sys.stderr)
+        return EXIT_FAILURE
     return 0
 
 
@@ -450,8 +490,8 @@ def _package(args: argparse.Namespace) -> int:
     from signpost.stages.package import build_image, package
 
     config = _config(args)
-    model = args.model or latest_artifact(config.workdir, "bench", config.name) or _newest(
-        config, "train", "signpost train")
+    model = (_given("package", "train", args.model, "--model") or _latest(config, "package", "bench", "--model")[0]
+             or _newest(config, "package", "train", "signpost train", "--model"))
     build_args = {}
     for item in args.build_arg:
         key, sep, value = item.partition("=")
@@ -483,17 +523,20 @@ def _monitor(args: argparse.Namespace) -> int:
         predlog.check_log(args.log)  # a log named by hand must exist: opening would create a mistyped one
     url = args.log or config.serve.prediction_log or predlog.default_url(config.workdir)
     window = None if since is not None else (args.last or config.monitor.window)
-    model = args.model or served_model_dir(config, url, last=window, since=since) or latest_artifact(
-        config.workdir, "train", config.name)
+    model = _given("monitor", "train", args.model, "--model") or _served(
+        served_model_dir(config, url, last=window, since=since)) or _latest(config, "monitor", "train", "--model")[0]
     result = monitor(
-        config, data_dir=args.data or _newest(config, "data", "signpost prepare"), log_url=url,
-        last=args.last, since=since,
-        evaluation_dir=args.evaluation or latest_artifact(config.workdir, "evaluate", config.name),
+        config, data_dir=_given("monitor", "data", args.data, "--data") or _newest_data(config, "monitor"),
+        log_url=url, last=args.last, since=since,
+        evaluation_dir=_given("monitor", "evaluate", args.evaluation, "--evaluation") or _latest(
+            config, "monitor", "evaluate", "--evaluation")[0],
         model_dir=model, alerts=not args.no_alerts,
     )
     r = result.result
     verdict = r["verdict"]
     print(f"monitor: {r['window']['rows']:,} predictions -> {result.path / 'report.html'}")
+    if r["experiment"]["skipped_total"]:  # a log shared with other experiments, or made by an older Signpost
+        print(f"  {r['experiment']['note']}")
     if not verdict.get("enough_data"):
         print(f"  {verdict['note']}")
         return 0
@@ -532,11 +575,12 @@ def _simulate(args: argparse.Namespace) -> int:
 
     config = _config(args)
     windows = simulate(
-        config, url=args.url, data_dir=args.data or _newest(config, "data", "signpost prepare"),
+        config, url=args.url, data_dir=_given("simulate", "data", args.data, "--data") or _newest_data(config,
+                                                                                                     "simulate"),
         per_window=args.per_window, clean_windows=args.clean_windows,
         drifts=tuple(d for d in args.drifts.split(",") if d), concurrency=args.concurrency,
         api_key=os.environ.get("SIGNPOST_API_KEY"), log_url=args.log,
-        evaluation_dir=latest_artifact(config.workdir, "evaluate", config.name),
+        evaluation_dir=_latest(config, "simulate", "evaluate", None)[0],
         model_dir=args.model, feedback=args.feedback,
     )
     print(f"{'window':>6}  {'traffic':8} {'sent':>5} {'failed':>6}  monitor")
@@ -558,7 +602,8 @@ def _feedback(args: argparse.Namespace) -> int:
     if bool(args.images) == bool(args.csv) or (args.images and args.label is None):
         raise ConfigError("feedback add: give --images FILE ... with --label CLASS, or --csv FILE")
     items = read_items(args.csv) if args.csv else [(path, args.label) for path in args.images]
-    result = add_feedback(config, data_dir=args.data or _newest(config, "data", "signpost prepare"), items=items)
+    data = _given("feedback", "data", args.data, "--data") or _newest_data(config, "feedback")
+    result = add_feedback(config, data_dir=data, items=items)
     classes = ", ".join(f"{name} ×{n}" for name, n in result.manifest.get("classes", {}).items())
     print(f"feedback: {'already stored' if result.reused else 'stored'} {result.manifest['metrics']['images']} "
           f"images in {result.path} ({classes})")
@@ -583,11 +628,57 @@ def _rollback(args: argparse.Namespace) -> int:
     return 0
 
 
-def _newest(config: SignpostConfig, stage: str, command: str) -> Path:
-    found = latest_artifact(config.workdir, stage, config.name)
+# What each stage's artifact is to the command that reads it.
+_INPUT = {"data": "data", "train": "model", "evaluate": "evaluation", "optimize": "variants", "bench": "bench"}
+
+
+def _given(who: str, stage: str, path: Path | str | None, option: str) -> Path | None:
+    """The input artifact the user named with ``option``, printed as the one used (None when not given)."""
+    if path is None:
+        return None
+    print(f"{who}: {_INPUT[stage]} {path} ({option})")
+    return Path(path)
+
+
+def _latest(
+    config: SignpostConfig, who: str, stage: str, option: str | None, settings: dict | None = None
+) -> tuple[Path | None, list[str]]:
+    """The newest ``stage`` artifact of this experiment (its manifest names it; with ``settings``, made with them),
+    printed with why it was picked, and each newer look-alike passed over with the option that picks it instead."""
+    found, passed_over = find_artifact(config.workdir, stage, config.name, settings)
+    if found is not None:
+        print(f"{who}: {_INPUT[stage]} {found} (newest for experiment {config.name})")
+        for miss in passed_over:
+            print(f"  passed over {miss}" + (f": pass it with {option} to use it" if option else ""))
+    return found, passed_over
+
+
+def _newest(
+    config: SignpostConfig, who: str, stage: str, command: str, option: str, settings: dict | None = None
+) -> Path:
+    """``_latest``, required: none is an error naming what was found instead and how to use it."""
+    found, passed_over = _latest(config, who, stage, option, settings)
     if found is None:
-        raise ArtifactError(f"no {stage} artifact for {config.name!r} in {config.workdir}: run `{command}` first")
+        which = " made with this config's settings" if settings is not None else ""
+        seen = f"; found {', '.join(passed_over)}: pass one with {option} to use it" if passed_over else ""
+        raise ArtifactError(f"no {stage} artifact of experiment {config.name!r}{which} in {config.workdir}: run "
+                            f"`{command}` first{seen}")
     return found
+
+
+def _served(model: Path | None) -> Path | None:
+    """The model the prediction log names, printed as monitor's input when there is one."""
+    if model is not None:
+        print(f"monitor: model {model} (it made most of the window's predictions)")
+    return model
+
+
+def _newest_data(config: SignpostConfig, who: str) -> Path:
+    """The newest prepared data of this experiment made with this config's data settings: another experiment's, or
+    this one's prepared with other settings, would silently train or compare on other images."""
+    from signpost.stages.prepare import data_settings
+
+    return _newest(config, who, "data", "signpost prepare", "--data", data_settings(config))
 
 
 def _keys_generate(args: argparse.Namespace) -> int:
@@ -615,12 +706,16 @@ def _synth(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     from signpost.stages.pipeline import run_pipeline
 
-    config = _config(args)
+    config = _config_with_data_root(args)
     result = run_pipeline(config, progress=_progress(args))
     for outcome in result.outcomes:
         state = "skipped" if outcome.skipped else "ran"
         print(f"{outcome.stage:>8}: {state:7} ({outcome.reason}) -> {outcome.path}")
+        if outcome.used:
+            print(f"{'':>8}  input: {outcome.used}")
     _print_evaluation(result.evaluation, result.registered, result.promotion)
+    if result.registered is None and result.registry:
+        print(f"  registry: {result.registry}")
     if result.candidate:
         c = result.candidate
         print(f"deployable: {c['variant']} on {c['runtime']} ({c['math']}) — {c['reason']}")

@@ -14,6 +14,9 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 LAYOUTS = ("auto", "gtsrb", "torchvision", "kaggle", "imagefolder")
+# An experiment's and a registered model's name: also a folder-name prefix, and inside a models:/<name>@<alias> URI
+# (MLflow refuses '/' and ':' in registered model names).
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
 
 
 class ConfigError(ValueError):
@@ -83,7 +86,8 @@ class DataConfig(StrictModel):
     workers: int = Field(0, ge=0, description="decode processes; 0 means one per CPU core")
     base_url: str = Field(
         "https://sid.erda.dk/public/archives/daaeac0d7ce1152aea9b61d9f1e19370",
-        description="where the official GTSRB archives are downloaded from",
+        description="where the official GTSRB archives are downloaded from (<base_url>/<archive name>): the official "
+        "server or a mirror; the official checksums are verified whatever the URL",
     )
     synthetic: SyntheticConfig = Field(default_factory=SyntheticConfig)
     feedback: FeedbackDataConfig = Field(default_factory=FeedbackDataConfig)
@@ -108,6 +112,11 @@ class TrainConfig(StrictModel):
 
     model: Literal["signnet", "traffic_sign_net"] = Field("signnet", description="architecture, by name")
     epochs: int = Field(12, ge=1, le=1000)
+    min_steps: int = Field(
+        0, ge=0, le=1_000_000, description="train for at least this many optimizer steps: a dataset too small for "
+        "`epochs` gets more epochs (warm-up and cosine stretched to match, said in the log and the model card); "
+        "0: `epochs` as given"
+    )
     batch_size: int = Field(256, ge=1, le=65536, description="images per optimizer step, across all ranks")
     optimizer: Literal["adamw", "sgd"] = "adamw"
     lr: float = Field(3e-3, gt=0.0, le=10.0, description="peak learning rate")
@@ -188,6 +197,10 @@ class BenchConfig(StrictModel):
 
     enabled: bool = Field(True, description="false: `signpost run` skips the benchmark")
     variants: list[str] | None = Field(None, description="variant names to measure; default: every candidate")
+    include_rejected: bool = Field(
+        False, description="also time the variants optimize rejected (over the accuracy budget); they are never the "
+        "deployable choice"
+    )
     runtimes: list[Literal["eager", "compile", "aoti", "onnxruntime"]] = ["eager", "compile", "aoti", "onnxruntime"]
     math: list[Literal["default", "bf16", "no-onednn"]] = Field(
         ["default", "bf16", "no-onednn"],
@@ -199,6 +212,13 @@ class BenchConfig(StrictModel):
     min_seconds: float = Field(1.0, gt=0.0, description="measure each batch size at least this long")
     max_seconds: float = Field(6.0, gt=0.0, description="stop repeating after this long even if not stable")
     max_cv: float = Field(0.05, gt=0.0, description="stable: the median's rolling spread below this fraction")
+    repeats: int = Field(
+        2, ge=0, description="passes over the cells left unstable, each cell in a fresh process, every pass in the "
+        "opposite order to the one before; 0: no repeats"
+    )
+    repeat_seconds: float = Field(
+        300.0, gt=0.0, description="no repeat measurement starts after the repeats have taken this long (s)"
+    )
     timeout: float = Field(300.0, gt=0.0, description="seconds one subprocess may take before it is failed")
     deploy_batch_size: int = Field(64, ge=1, description="the batch size the deployable choice is made for")
 
@@ -218,7 +238,16 @@ class ServeConfig(StrictModel):
     max_queue: int = Field(512, ge=1, description="images waiting for a forward pass; beyond it: 503 + Retry-After")
     request_timeout_s: float = Field(10.0, gt=0.0, description="a request still unanswered after this gets 504")
     max_upload_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="largest request body")
-    max_image_pixels: int = Field(25_000_000, ge=64, description="largest declared width x height of one image")
+    max_image_pixels: int = Field(
+        2048 * 2048, ge=64, description="largest width x height decoded from one image (a JPEG larger than the model "
+        "needs is decoded at 1/2-1/8 scale and counts at that scale); larger: 413"
+    )
+    decode_workers: int = Field(
+        1, ge=1, description="threads decoding large uploads (over 512 x 512 pixels a request), apart from inference"
+    )
+    max_decode_queue: int = Field(
+        8, ge=1, description="large uploads waiting for or in a decode thread; beyond it: 503 + Retry-After"
+    )
     max_batch_images: int = Field(64, ge=1, description="images in one /v1/predict/batch request")
     top_k: int = Field(5, ge=1, description="classes listed per prediction (at most the model's)")
     # Slow, idle and vanishing clients: each holds a connection (a file descriptor) until one of these cuts it off.
@@ -313,7 +342,10 @@ class TrackingConfig(StrictModel):
         None, description="tracking URI; default: MLFLOW_TRACKING_URI, else a SQLite store in the workdir"
     )
     experiment: str | None = Field(None, description="experiment name; default: the config's name")
-    registered_model: str = Field("signpost-gtsrb", description="registry name the gated models are versions of")
+    registered_model: str | None = Field(
+        None, pattern=NAME_PATTERN, description="registry name the gated models are versions of; default: "
+        "signpost-<the config's name>, so each experiment has a champion of its own"
+    )
 
 
 class SecurityConfig(StrictModel):
@@ -334,7 +366,7 @@ class SecurityConfig(StrictModel):
 class SignpostConfig(StrictModel):
     """One experiment."""
 
-    name: str = Field("experiment", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    name: str = Field("experiment", pattern=NAME_PATTERN)
     seed: int = 0
     workdir: Path = Field(Path("artifacts"), description="where every stage writes its artifacts")
     data: DataConfig = Field(default_factory=DataConfig)
@@ -347,6 +379,14 @@ class SignpostConfig(StrictModel):
     monitor: MonitorConfig = Field(default_factory=MonitorConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     security: SecurityConfig = Field(default_factory=SecurityConfig)
+
+    @model_validator(mode="after")
+    def _registered_model(self) -> SignpostConfig:
+        # One registered model per experiment unless the config names one: a digits model must never become a
+        # version of the traffic-sign model, nor be gated against its champion.
+        if self.tracking.registered_model is None:
+            self.tracking.registered_model = f"signpost-{self.name}"
+        return self
 
 
 def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> SignpostConfig:

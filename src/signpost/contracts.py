@@ -48,6 +48,10 @@ class Candidate(BaseModel):
     top1: float = Field(ge=0, le=1)
     reason: str
     small_batch: SmallBatch | None = None
+    stable: bool | None = Field(
+        None, description="false: chosen from a timing that never settled (no stable cell was left); None: a file "
+        "written before the bench recorded it"
+    )
 
     @field_validator("variant")
     @classmethod

@@ -342,7 +342,10 @@ class Registry:
     def __init__(self, config: TrackingConfig, workdir: Path) -> None:
         self.config = config
         self.workdir = Path(workdir).resolve()
-        self.name = config.registered_model
+        if config.registered_model is None and config.backend != "none":
+            # A whole config always names one (signpost-<name>); a TrackingConfig made alone must say it.
+            raise RegistryError("no registered model name: set tracking.registered_model")
+        self.name = config.registered_model or ""
         # Resolved once: a registry stays bound to one store even if the environment changes later.
         self.uri = tracking_uri(config, self.workdir)
         self._client: MlflowClient | None = None

@@ -32,7 +32,7 @@ def test_drift_feedback_retrain_promote_and_rollback(
     # The first model to pass the gate becomes champion: there is nothing to beat.
     assert main(["run", *args]) == 0
     out = capsys.readouterr().out
-    assert "promoted signpost-gtsrb v1 to champion" in out and "no champion yet" in out
+    assert "promoted signpost-loop v1 to champion" in out and "no champion yet" in out
     assert registry.get(CHAMPION).version == "1"
 
     # Serve the champion; clean traffic, then blurred traffic of which a reviewer labels 200 images.
@@ -58,7 +58,7 @@ def test_drift_feedback_retrain_promote_and_rollback(
     assert main(["run", *args]) == 0
     out = capsys.readouterr().out
     assert "prepare: ran" in out and "train: ran" in out and "held-out feedback: top-1" in out
-    assert "promoted signpost-gtsrb v2 to champion: feedback top-1" in out, out
+    assert "promoted signpost-loop v2 to champion: feedback top-1" in out, out
     (data_dir,) = (Path(line.split("-> ")[1]) for line in out.splitlines() if line.strip().startswith("prepare:"))
     lineage = json.loads((data_dir / "manifest.json").read_text())["lineage"]
     assert [b["batch"] for b in lineage["feedback"]] == [batch.name] and lineage["base"] != data_dir.name

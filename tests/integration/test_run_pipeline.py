@@ -36,7 +36,7 @@ def test_run_registers_promotes_and_rolls_back(
     lax = [*LAX, "evaluate.promote=false"]
     assert main(["run", *_args(synthetic_root, tmp_path, *lax)]) == 0
     out = capsys.readouterr().out
-    assert "prepare: ran" in out and "train: ran" in out and "registered signpost-gtsrb v1 as challenger" in out
+    assert "prepare: ran" in out and "train: ran" in out and "registered signpost-e2e v1 as challenger" in out
     for stage in ("data", "train", "evaluate"):
         assert len(list((tmp_path / stage).glob("e2e-*"))) == 1
     (run_dir,) = (tmp_path / "runs").iterdir()
@@ -45,7 +45,7 @@ def test_run_registers_promotes_and_rolls_back(
     for section in ("Stages", "Lineage", "Gate", "Test metrics", "Training", "Confusion matrix", "Per class", "Data"):
         assert f"<h2>{section}</h2>" in report
     assert report.count("data:image/png;base64,") == 5  # curves, confusion, reliability, mistakes, data preview
-    assert "signpost-gtsrb v1 as challenger" in report and "gate passed" in report
+    assert "signpost-e2e v1 as challenger" in report and "gate passed" in report
     (model_dir,) = (tmp_path / "train").glob("e2e-*")
     run_id = json.loads((model_dir / "manifest.json").read_text())["tracking_run"]
     assert run_id and f"<code>{run_id[:12]}</code>" in report  # lineage: data → training run → model version
@@ -71,7 +71,7 @@ def test_run_registers_promotes_and_rolls_back(
     assert main(["rollback", *_args(synthetic_root, tmp_path)]) == 0
     assert "v1 is the champion again" in capsys.readouterr().out
 
-    registry = Registry(load_config(None, [f"workdir={tmp_path}"]).tracking, tmp_path)
+    registry = Registry(load_config(None, [f"workdir={tmp_path}", "name=e2e"]).tracking, tmp_path)
     champion = registry.get("champion")
     assert champion is not None and champion.version == "1" and "top1" in champion.metrics
 
@@ -147,14 +147,14 @@ def test_a_run_stopped_before_the_promotion_decision_decides_next_time(
 
     monkeypatch.setattr(pipeline, "promote_if_better", killed)
     assert main(["run", *_args(synthetic_root, tmp_path, *LAX)]) == 1  # registered v1, then stopped
-    registry = Registry(load_config(None, [f"workdir={tmp_path}"]).tracking, tmp_path)
+    registry = Registry(load_config(None, [f"workdir={tmp_path}", "name=e2e"]).tracking, tmp_path)
     assert registry.get("challenger").version == "1" and registry.get("champion") is None
     capsys.readouterr()
 
     monkeypatch.setattr(pipeline, "promote_if_better", decide)
     assert main(["run", *_args(synthetic_root, tmp_path, *LAX)]) == 0  # nothing retrained; the decision is made
     out = capsys.readouterr().out
-    assert "evaluate: skipped" in out and "promoted signpost-gtsrb v1 to champion" in out
+    assert "evaluate: skipped" in out and "promoted signpost-e2e v1 to champion" in out
     assert registry.get("champion").version == "1"
     assert main(["run", *_args(synthetic_root, tmp_path, *LAX)]) == 0  # decided: nothing more to do
     assert "promote: skipped (not run: no new challenger was registered)" in capsys.readouterr().out

@@ -16,9 +16,9 @@ from signpost.stages.monitor import load_reference, monitor
 
 
 def _write_log(url: str, data_dir: Path, n: int, *, darken: float = 1.0, only_class: int | None = None,
-               latency_ms: float = 5.0) -> None:
+               latency_ms: float = 5.0, experiment: str = "t") -> None:
     """``n`` records drawn from the monitor's own reference (the training images as served, the training class
-    mix), as if served."""
+    mix), as if served by a server of ``experiment`` (by default the test config's name: the monitor's own)."""
     reference = load_reference(data_dir, None, None)
     rng = np.random.default_rng(1)
     pick = rng.integers(0, len(reference.samples["brightness"]), n)
@@ -26,7 +26,7 @@ def _write_log(url: str, data_dir: Path, n: int, *, darken: float = 1.0, only_cl
     labels = rng.choice(len(classes), size=n, p=classes)
     rows = []
     for i, j in enumerate(pick):
-        row = {"ts": 1000.0 + i, "request_id": f"r{i}", "model_version": "v1",
+        row = {"ts": 1000.0 + i, "request_id": f"r{i}", "model_version": "v1", "experiment": experiment,
                "class_id": int(labels[i]) if only_class is None else only_class, "class_name": "c",
                "confidence": float(rng.uniform(0.7, 1.0)), "entropy": 0.2, "top_k": "[]",
                "latency_ms": latency_ms, "width": int(reference.samples["width"][j]),
@@ -99,7 +99,7 @@ def test_the_cli_exits_5_on_drift_and_says_when_there_is_too_little_data(
     config, optimized: dict, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
     base = ["monitor", "--data", str(optimized["data_dir"]), f"workdir={config.workdir}", "tracking.backend=none",
-            "--no-alerts"]
+            "name=t", "--no-alerts"]
     dark = f"sqlite:///{tmp_path / 'dark.db'}"
     _write_log(dark, optimized["data_dir"], 800, darken=0.4)
     assert main([*base, "--log", dark]) == EXIT_DRIFT
@@ -119,10 +119,10 @@ def test_a_high_error_rate_is_an_incident(config, optimized: dict, tmp_path: Pat
     engine = predlog.make_engine(url)
     with engine.begin() as conn:
         conn.execute(insert(predlog.request_errors), [
-            {"ts": 1000.0 + i * 4, "route": "/v1/predict", "status": 400, "code": "corrupt_image"}
+            {"ts": 1000.0 + i * 4, "route": "/v1/predict", "status": 400, "code": "corrupt_image", "experiment": "t"}
             for i in range(60)])
         conn.execute(insert(predlog.request_errors), [{"ts": 50.0, "route": "/v1/predict", "status": 400,
-                                                       "code": "old"}])  # outside the window: not counted
+                                                       "code": "old", "experiment": "t"}])  # outside the window
     engine.dispose()
     r = monitor(config, data_dir=optimized["data_dir"], log_url=url).result
     assert r["health"]["errors"] == 60 and r["health"]["error_rate"] == pytest.approx(60 / 360)

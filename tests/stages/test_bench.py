@@ -8,13 +8,28 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from signpost import cli
 from signpost.cli import EXIT_REGRESSION, main
 from signpost.config import SignpostConfig, load_config
-from signpost.stages.bench import BASELINE, bench, compare, markdown_table, tracking_summary
+from signpost.contracts import Candidate
+from signpost.stages import bench as bench_module
+from signpost.stages.bench import (
+    BASELINE,
+    bench,
+    choose,
+    compare,
+    markdown_table,
+    merge_runs,
+    plan,
+    repeat_order,
+    repeat_unstable,
+    small_batch_runtime,
+    tracking_summary,
+)
 
 SMALL_MATRIX = ["bench.variants=[fp32,int8,pruned]", "bench.runtimes=[eager,aoti,onnxruntime]",
                 "bench.math=[default,bf16]", "bench.threads=[1]", "bench.batch_sizes=[1,8]", "bench.min_seconds=0.05",
-                "bench.max_seconds=0.3", "bench.deploy_batch_size=8"]
+                "bench.max_seconds=0.3", "bench.deploy_batch_size=8", "bench.repeats=1", "bench.repeat_seconds=20"]
 
 
 def _config(optimized: dict, *overrides: str) -> SignpostConfig:
@@ -67,8 +82,15 @@ def test_the_table_chart_and_deployable_choice_are_written(measured: dict) -> No
         assert chart.width > 600 and chart.height > 300
     candidate = json.loads((path / "candidate.json").read_text(encoding="utf-8"))
     at_batch = [r for r in results["rows"] if r["batch"] == 8 and r["status"] == "ok"]
-    assert candidate["images_per_s"] == max(r["images_per_s"] for r in at_batch)
+    settled = [r for r in at_batch if r["stable"]]
+    assert candidate["images_per_s"] == max(r["images_per_s"] for r in settled or at_batch)
+    assert candidate["stable"] is bool(settled)
     assert candidate["reason"].startswith("fastest within the accuracy budget at batch 8")
+    stability = results["stability"]  # counted before and after the repeat pass, and shown above the table
+    assert stability["rows"] == len(results["rows"]) and stability["repeat_passes"] <= 1
+    assert stability["unstable"] == sum(not r["stable"] for r in results["rows"]) <= stability["unstable_first_pass"]
+    assert f"Stability: {stability['unstable']} of {stability['rows']} timed rows unstable" in table
+    assert all(len(r["runs"]) >= 1 for r in results["rows"])
     assert Path(candidate["folder"]).name == candidate["variant"]
     by_batch = results["candidates_by_batch"]
     assert set(by_batch) == {"1", "8"} and by_batch["8"] | {"small_batch": None} == results["candidate"] | {
@@ -106,6 +128,188 @@ def test_a_cell_that_times_out_is_failed_with_the_reason(optimized: dict) -> Non
     assert row["status"] == "failed" and "timed out after" in row["reason"] and "bench.timeout" in row["reason"]
     assert result.candidate is None
     assert "failed: timed out" in markdown_table(result.results)
+    assert result.results["stability"]["repeat_measurements"] == 0  # a failed cell is not timed again
+
+
+# --- stability: synthetic rows -------------------------------------------------------------------------------
+
+
+def _row(variant: str, runtime: str, rate: float, *, stable: bool = True, spread: float = 0.02,
+         batch: int = 64) -> dict:
+    """One ok table row at ``batch`` as ``_table_rows`` makes it, eager fp32 at 1,000 images/s ±1% its baseline."""
+    return {"variant": variant, "runtime": runtime, "math": "default", "threads": 2, "batch": batch, "status": "ok",
+            "reason": "", "top1": 0.95, "images_per_s": rate, "spread": spread, "stable": stable, "runs": [rate],
+            "speedup": rate / 1000, "speedup_spread": spread + 0.01, "size_bytes": 4096, "mflops": 1.0,
+            "ms_per_image": 1e3 / rate, "ms_median": 1e3 * batch / rate, "ms_p95": 1e3 * batch / rate,
+            "ms_p99": 1e3 * batch / rate, "gflops": rate / 1e3, "bf16_peak_fraction": 0.1, "cpu_cores_mean": 2.0,
+            "rss_mib_peak": 300.0, "variant_status": "ok", "variant_test_acc": 0.95}
+
+
+def test_a_stable_cell_is_chosen_over_a_faster_unstable_one(tmp_path: Path) -> None:
+    rows = [_row("fp32", "eager", 1000), _row("int8", "compile", 9000, stable=False, spread=0.6),
+            _row("pruned", "compile", 4000), _row("fp32", "onnxruntime", 2000, spread=0.03)]
+    chosen = choose(rows, 64, tmp_path)
+    assert (chosen["variant"], chosen["runtime"], chosen["stable"]) == ("pruned", "compile", True)
+    assert "passed over 1 faster cell whose timing never settled" in chosen["reason"]
+    # the spread beside every figure and ratio: images/s, against eager fp32 (±(2+1)%), against ONNX (±(2+3)%)
+    assert "4,000 images/s ±2.0%" in chosen["reason"]
+    assert "4.0x eager fp32 ±3.0%" in chosen["reason"] and "2.00x the best ONNX Runtime cell ±5.0%" in chosen["reason"]
+
+
+def test_a_candidate_from_unstable_rows_is_marked(tmp_path: Path) -> None:
+    rows = [_row("fp32", "eager", 1000, stable=False), _row("int8", "compile", 9000, stable=False, spread=0.6),
+            _row("pruned", "compile", 20000, batch=1)]  # stable, but at another batch size
+    chosen = choose(rows, 64, tmp_path)
+    assert (chosen["variant"], chosen["stable"]) == ("int8", False)  # the fastest, since nothing at 64 settled
+    assert "UNSTABLE: none of the 2 cells at this batch size gave a settled timing" in chosen["reason"]
+    assert "±60.0%" in chosen["reason"]
+    written = Candidate.model_validate(chosen).model_dump_json()  # the contract carries the mark
+    assert json.loads(written)["stable"] is False
+    old = {k: v for k, v in chosen.items() if k != "stable"}  # a candidate.json from before the mark still reads
+    assert Candidate.model_validate(old).stable is None
+
+
+def test_the_small_batch_runtime_is_also_chosen_from_stable_cells(tmp_path: Path) -> None:
+    rows = [_row("pruned", "compile", 9000), _row("pruned", "onnxruntime", 5000, batch=1, stable=False),
+            _row("pruned", "eager", 3000, batch=1), _row("pruned", "compile", 1000, batch=1)]
+    small = small_batch_runtime(rows, choose(rows, 64, tmp_path))
+    assert small is not None and small["runtime"] == "eager" and "UNSTABLE" not in small["reason"]
+    nothing_settled = [r | {"stable": r["batch"] != 1} for r in rows]
+    small = small_batch_runtime(nothing_settled, choose(nothing_settled, 64, tmp_path))
+    assert small["runtime"] == "onnxruntime" and "UNSTABLE: no cell at batch 1 settled" in small["reason"]
+
+
+def test_the_spread_appears_beside_every_ratio_in_the_table_and_the_cli(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    rows = [_row("fp32", "eager", 1000), _row("int8", "compile", 9000, stable=False, spread=0.6),
+            _row("pruned", "compile", 4000, spread=0.07)]
+    candidate = choose(rows, 64, tmp_path)
+    machine = {"cpu": "test cpu", "arch": "x86_64", "physical_cores": 2, "logical_cores": 2, "isa": ["avx2"],
+               "libraries": {"torch": "x"}}
+    stability = {"rows": 3, "unstable_first_pass": 2, "unstable": 1, "repeat_passes": 2, "repeat_measurements": 3,
+                 "repeat_seconds": 12.0, "stopped": "bench.repeats=2 passes done"}
+    results = {"machine": machine, "peaks_gflops": {"2": {"fp32": 100.0, "bf16": 200.0}}, "baseline": "fp32/eager",
+               "settings": {"max_cv": 0.05}, "rows": rows, "stability": stability, "candidate": candidate,
+               "candidates_by_batch": {"64": candidate}}
+    table = markdown_table(results)
+    assert "| 4.00x ±8.0% |" in table and "| 9.00x ±61.0% |" in table and "| 1.00x ±3.0% |" in table
+    assert "| 60.0% | **no** |" in table  # the unstable row says so
+    assert "Stability: 1 of 3 timed rows unstable" in table
+    assert "2 before 2 repeat passes (3 cell measurements in 12 s" in table
+    cli._print_bench(tmp_path, False, results)
+    out, err = capsys.readouterr()
+    assert "warning: 1 of 3 timed rows are unstable" in err
+    assert "stability: 1 of 3 timed rows unstable (2 before 2 repeat passes" in out
+    assert "fastest at batch 64: pruned on compile (default), 4,000 images/s ±7.0%, 4.0x eager fp32 ±8.0%" in out
+    assert "4.0x eager fp32 ±8.0%" in out.split("deployable:")[1].splitlines()[0]
+
+
+def test_the_cli_warns_when_the_deployable_comes_from_an_unstable_cell(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    rows = [_row("fp32", "eager", 1000, stable=False), _row("int8", "compile", 9000, stable=False)]
+    results = {"rows": rows, "candidate": choose(rows, 64, tmp_path)}
+    cli._print_bench(tmp_path, False, results)
+    out, err = capsys.readouterr()
+    assert "warning: 2 of 2 timed rows are unstable" in err
+    assert "warning: the deployable was chosen from an unstable timing" in err
+    assert "UNSTABLE" in out
+
+
+def test_rejected_variants_are_not_planned_unless_asked(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(bench_module, "available_runtimes", lambda folder: {"eager"})
+    variants = [({"name": name, "role": "candidate", "status": status}, tmp_path / name)
+                for name, status in (("fp32", "ok"), ("int8", "rejected"), ("pruned", "ok"), ("broken", "failed"))]
+    matrix = ["bench.runtimes=[eager]", "bench.math=[default]", "bench.threads=[1]"]
+    planned = plan(variants, load_config(None, matrix).bench)
+    assert [c["variant"] for c in planned] == ["fp32", "pruned"]
+    asked = plan(variants, load_config(None, [*matrix, "bench.include_rejected=true"]).bench)
+    assert [c["variant"] for c in asked] == ["fp32", "int8", "pruned"]
+
+
+def _batch(batch: int, rate: float, stable: bool, spread: float = 0.02) -> dict:
+    return {"batch": batch, "images_per_s": rate, "ms_median": 1e3 * batch / rate, "spread": spread, "stable": stable}
+
+
+def test_merge_runs_takes_the_settled_runs_and_widens_the_spread() -> None:
+    swung = merge_runs([_batch(1, 9, False), _batch(1, 190, True), _batch(1, 200, True)], max_cv=0.05)
+    assert swung["images_per_s"] == 190 and swung["stable"] and not swung["stable_first_run"]  # the lower median
+    assert swung["runs"] == [9, 190, 200] and swung["spread"] == pytest.approx(5 / 195)
+    disagree = merge_runs([_batch(1, 100, True), _batch(1, 150, True)], max_cv=0.05)  # each settled, far apart
+    assert not disagree["stable"] and disagree["images_per_s"] == 100 and disagree["spread"] == pytest.approx(0.2)
+    never = merge_runs([_batch(1, 100, False, 0.3), _batch(1, 120, False, 0.1)], max_cv=0.05)
+    assert not never["stable"] and never["spread"] == pytest.approx(0.3)
+
+
+def test_repeat_passes_alternate_and_never_measure_a_cell_twice_in_a_row() -> None:
+    assert repeat_order([1, 3, 5], 1, last=9) == [5, 3, 1]
+    assert repeat_order([1, 3, 5], 2, last=9) == [1, 3, 5]
+    assert repeat_order([1, 3, 5], 1, last=5) == [3, 1, 5]  # 5 was just measured: it goes last
+    assert repeat_order([5], 1, last=5) == [5]
+
+
+class _Clock:
+    """Stands in for the bench module's ``time``: seconds pass only when a fake measurement says so."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def perf_counter(self) -> float:
+        return self.now
+
+
+def _fake_measurements(monkeypatch: pytest.MonkeyPatch, results: dict[tuple[str, int], list[bool]]) -> tuple:
+    """Replace the subprocess measurement: each call to cell ``v`` at ``batch`` pops its next stability from
+    ``results``, and takes 100 s of the fake clock. Returns the calls (variant, batches) and the clock."""
+    calls, clock = [], _Clock()
+    monkeypatch.setattr(bench_module, "time", clock)
+
+    def measure(cell: dict, out: Path, data_dir: Path, cfg: object, profile_batch: int,
+                batches: list[int] | None = None) -> dict:
+        calls.append((cell["variant"], batches))
+        clock.now += 100.0
+        rates = {b: 1000.0 + 10 * len(calls) for b in batches}
+        return {**cell, "status": "ok", "batches": [_batch(b, rates[b], results[cell["variant"], b].pop(0))
+                                                    for b in batches]}
+
+    monkeypatch.setattr(bench_module, "_measure", measure)
+    return calls, clock
+
+
+def _first_pass(spec: dict[str, dict[int, bool] | None]) -> tuple[list[dict], list[dict]]:
+    cells = [{"variant": v, "folder": Path(v), "runtime": "eager", "math": "default", "threads": 1} for v in spec]
+    measured = [{**c, "status": "failed", "reason": "boom"} if spec[c["variant"]] is None else
+                {**c, "status": "ok", "batches": [_batch(b, 500.0, s) for b, s in spec[c["variant"]].items()]}
+                for c in cells]
+    return cells, measured
+
+
+def test_unstable_cells_are_repeated_in_alternating_passes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cells, measured = _first_pass({"a": {1: True, 8: True}, "b": {1: False, 8: True}, "c": None,
+                                   "d": {1: True, 8: False}, "e": {1: True, 8: True}})
+    calls, _ = _fake_measurements(monkeypatch, {("b", 1): [False, True], ("d", 8): [False, False]})
+    cfg = load_config(None, ["bench.repeats=2", "bench.repeat_seconds=1000"]).bench  # 100 fake s a measurement
+    stability = repeat_unstable(cells, measured, tmp_path, tmp_path, cfg, progress=False)
+    # pass 1 in reverse (d, b), pass 2 forward but not b twice in a row (d, b); only the unstable batch sizes
+    assert calls == [("d", [8]), ("b", [1]), ("d", [8]), ("b", [1])]
+    assert stability | {"repeat_seconds": 0} == {
+        "rows": 8, "unstable_first_pass": 2, "unstable": 1, "repeat_passes": 2, "repeat_measurements": 4,
+        "repeat_seconds": 0, "stopped": "bench.repeats=2 passes done"}
+    b1 = measured[1]["batches"][0]
+    assert b1["stable"] and not b1["stable_first_run"] and len(b1["runs"]) == 3
+    assert b1["images_per_s"] == b1["runs"][2]  # the one settled run gives the figure
+    assert measured[0]["batches"][0]["runs"] == [500.0] and measured[2]["status"] == "failed"
+    assert not measured[3]["batches"][1]["stable"] and len(measured[3]["batches"][1]["runs"]) == 3
+
+
+def test_repeats_stop_at_the_time_budget(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cells, measured = _first_pass({"a": {1: False}, "b": {1: False}, "c": {1: False}})
+    calls, _ = _fake_measurements(monkeypatch, {(v, 1): [False] * 4 for v in "abc"})
+    cfg = load_config(None, ["bench.repeats=5", "bench.repeat_seconds=150"]).bench
+    stability = repeat_unstable(cells, measured, tmp_path, tmp_path, cfg, progress=False)
+    assert calls == [("b", [1]), ("a", [1])]  # 100 s each: no third start after 150 s; c was measured last
+    assert stability["stopped"] == "bench.repeat_seconds=150 spent" and stability["unstable"] == 3
 
 
 def _results(rate: float, *, failed: bool = False) -> dict:

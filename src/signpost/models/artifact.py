@@ -64,15 +64,23 @@ def save_model(folder: Path, model: nn.Module, card: ModelCard) -> None:
     (Path(folder) / CARD).write_text(card.model_dump_json(indent=2) + "\n", encoding="utf-8")
 
 
+def read_card(folder: Path, *, verify: bool = True) -> ModelCard:
+    """The model card in ``folder`` (checked against the manifest first), without reading the weights."""
+    folder = Path(folder)
+    if verify:
+        verify_artifact(folder, [CARD], signed=True)
+    try:
+        return ModelCard.model_validate_json((folder / CARD).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ArtifactError(f"{folder / CARD}: not a valid model card: {exc}") from exc
+
+
 def load_model(folder: Path, *, device: str | torch.device = "cpu", verify: bool = True) -> tuple[nn.Module, ModelCard]:
     """The model in ``folder`` in eval mode, and its card. Files are checked against the manifest first."""
     folder = Path(folder)
     if verify:
         verify_artifact(folder, [WEIGHTS, CARD], signed=True)
-    try:
-        card = ModelCard.model_validate_json((folder / CARD).read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise ArtifactError(f"{folder / CARD}: not a valid model card: {exc}") from exc
+    card = read_card(folder, verify=False)
     try:
         model = build_model(card.architecture, card.num_classes, card.image_size, **card.architecture_options)
     except (TypeError, ValueError) as exc:

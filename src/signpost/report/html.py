@@ -56,7 +56,8 @@ def write_run_report(
         _lineage(data, model, report, registered),
         _gate(gate),
         _metrics(report),
-        "<h2>Training</h2>" + _img(model_dir / "training_curves.png", "training curves") + _history(model),
+        "<h2>Training</h2>" + _schedule(model) + _img(model_dir / "training_curves.png", "training curves")
+        + _history(model),
         "<h2>Confusion matrix</h2>" + _img(evaluation_dir / "confusion_matrix.png", "confusion matrix"),
         "<h2>Calibration</h2>" + _img(evaluation_dir / "reliability.png", "reliability diagram"),
         _per_class(report),
@@ -126,6 +127,17 @@ def _gate(gate: dict) -> str:
 def _metrics(report: dict) -> str:
     cells = "".join(f"<tr><th>{_e(k)}</th><td class=\"num\">{_num(v)}</td></tr>" for k, v in report["metrics"].items())
     return f"<h2>Test metrics</h2><table>{cells}</table>"
+
+
+def _schedule(model: dict) -> str:
+    """How long the model trained, and why longer than configured when train.min_steps raised the epochs."""
+    schedule = model.get("schedule")
+    if not schedule:
+        return ""  # a model trained before schedules were recorded
+    line = (f"{schedule['total_steps']:,} optimizer steps: {schedule['epochs']} epochs of "
+            f"{schedule['steps_per_epoch']:,}, {schedule['warmup_steps']:,} of them warm-up")
+    note = f"<br><strong>{_e(schedule['note'])}</strong>" if schedule.get("raised") else ""
+    return f"<p>{line}{note}</p>"
 
 
 def _history(model: dict) -> str:

@@ -72,6 +72,7 @@ class ServedModel:
     card: ModelCard
     loaded_at: float = field(default_factory=time.time)
     small: Predictor | None = None  # runs batches smaller than source.small_below, when the bench found one faster
+    key: str = ""  # the artifact's manifest key: with card.data_key, the lineage each prediction record names
 
     @property
     def version(self) -> str:
@@ -149,7 +150,9 @@ def load(source: ModelSource, *, threads: int | None, max_batch: int) -> ServedM
     if source.small_runtime is not None and source.small_below > 1:
         small = load_predictor(source.folder, source.small_runtime, bf16=source.small_bf16, threads=threads,
                                warmup=(1,), images=True)
-    model = ServedModel(source, predictor, predictor.card, small=small)
+    # load_predictor has checked the files against this manifest; only its key is read here
+    model = ServedModel(source, predictor, predictor.card, small=small,
+                        key=str(read_manifest(source.folder).get("key", "")))
     size = predictor.card.image_size
     for batch in (1, max_batch):  # the first call of each runtime allocates its buffers: pay that now
         model.forward(np.zeros((batch, size, size, 3), dtype=np.uint8))
@@ -167,8 +170,9 @@ def _from_registry(uri: str, config: SignpostConfig, runtime: str) -> ModelSourc
         raise ValueError(f"{uri!r}: expected {REGISTRY_SCHEME}<registered model>@<alias>, e.g. "
                          f"{REGISTRY_SCHEME}{config.tracking.registered_model}@champion")
     if name != config.tracking.registered_model:
-        raise ValueError(f"{uri!r}: this config's registry holds {config.tracking.registered_model!r}, not {name!r}; "
-                         "pass the config the model was registered with")
+        raise ValueError(f"{uri!r}: this config's registry holds {config.tracking.registered_model!r} "
+                         f"(signpost-<config name> unless tracking.registered_model is set), not {name!r}; pass the "
+                         "config the model was registered with")
     registry = Registry(config.tracking, config.workdir)
     version = registry.get(alias)
     if version is None:

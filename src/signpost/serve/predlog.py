@@ -9,6 +9,11 @@ every prediction it answered.
 
 One row per image; the image statistics and the embedding summary are plain float columns, so a monitor can read
 a million rows into numpy arrays without parsing anything.
+
+Every row names the experiment whose server made it (the config's ``name``) and the model's lineage (the data it was
+trained on, the model artifact's key), so several experiments can share one database, as a deployment's PostgreSQL
+is shared: readers pass ``experiment=`` and see only that experiment's rows. Rows of a log made before rows named
+their experiment read as ``UNKNOWN_EXPERIMENT``, which is no experiment's name.
 """
 
 from __future__ import annotations
@@ -44,12 +49,16 @@ from sqlalchemy import (
 )
 from sqlalchemy.engine import URL, Engine, make_url
 from sqlalchemy.exc import ArgumentError, DatabaseError
+from sqlalchemy.schema import CreateColumn
 
 from signpost.data.stats import EMBEDDING_DIMS, STAT_NAMES, image_stats
 
 log = logging.getLogger(__name__)
 
 EMBEDDING_COLUMNS = tuple(f"emb{i}" for i in range(EMBEDDING_DIMS))
+# The experiment of the rows an older Signpost wrote, before rows named one: no config name can be this
+# (config.NAME_PATTERN), so no monitor takes them for its own.
+UNKNOWN_EXPERIMENT = "(unknown)"
 
 metadata = MetaData()
 predictions = Table(
@@ -59,6 +68,12 @@ predictions = Table(
     Column("ts", Float, nullable=False, index=True, doc="Unix time of the answer, seconds"),
     Column("request_id", String(36), nullable=False),
     Column("model_version", String(200), nullable=False),
+    Column("experiment", String(200), nullable=False, default=UNKNOWN_EXPERIMENT, server_default=UNKNOWN_EXPERIMENT,
+           index=True, doc="the config name of the server that made it; readers keep their own experiment's rows"),
+    Column("data_key", String(100), nullable=False, default="", server_default="",
+           doc="the model card's data_key: the prepared data the model was trained on; '' when not known"),
+    Column("model_key", String(100), nullable=False, default="", server_default="",
+           doc="the model artifact's manifest key; '' when not known"),
     Column("class_id", Integer, nullable=False),
     Column("class_name", String(200), nullable=False),
     Column("confidence", Float, nullable=False),
@@ -88,17 +103,22 @@ request_errors = Table(
     Column("route", String(100), nullable=False),
     Column("status", Integer, nullable=False),
     Column("code", String(100), nullable=False, doc="the error code the client was given"),
+    Column("experiment", String(200), nullable=False, default=UNKNOWN_EXPERIMENT, server_default=UNKNOWN_EXPERIMENT,
+           doc="the config name of the server that answered"),
 )
 _ERROR = "__error__"  # marks a queued request_errors row among prediction records
 
 
-def error_count(url: str, since: float, until: float) -> int:
-    """Prediction requests answered with an error between Unix times ``since`` and ``until``."""
+def error_count(url: str, since: float, until: float, *, experiment: str | None = None) -> int:
+    """Prediction requests answered with an error between Unix times ``since`` and ``until`` (by ``experiment``'s
+    servers only, when given)."""
     engine = make_engine(url)
     try:
         with engine.connect() as conn:
             query = select(func.count()).select_from(request_errors).where(
                 request_errors.c.ts >= since, request_errors.c.ts <= until)
+            if experiment is not None:
+                query = query.where(request_errors.c.experiment == experiment)
             return int(conn.execute(query).scalar_one())
     finally:
         engine.dispose()
@@ -201,29 +221,43 @@ def make_engine(url: str) -> Engine:
 
 
 def _add_new_columns(engine: Engine) -> None:
-    """Add the columns a log made by an older Signpost lacks (``orientation``), with their defaults: create_all
-    makes missing tables only, and inserts naming the new column would fail on the old table."""
-    have = {column["name"] for column in inspect(engine).get_columns(predictions.name)}
-    for column in predictions.columns:
-        if column.name in have or column.server_default is None:
-            continue
-        kind = column.type.compile(dialect=engine.dialect)
-        try:
-            with engine.begin() as conn:
-                conn.execute(text(f"ALTER TABLE {predictions.name} ADD COLUMN {column.name} {kind} NOT NULL "
-                                  f"DEFAULT {column.server_default.arg}"))
-            log.info("added the column %s to the prediction log (made by an older Signpost)", column.name)
-        except DatabaseError:  # another process added it first
-            if column.name not in {c["name"] for c in inspect(engine).get_columns(predictions.name)}:
-                raise
+    """Add the columns a log made by an older Signpost lacks (``orientation``, ``experiment``, ...), with their
+    defaults, and their indexes: create_all makes missing tables only, and inserts naming the new column would fail
+    on the old table. Old rows get the default: ``experiment`` says UNKNOWN_EXPERIMENT, so no reader takes them for
+    its own."""
+    for table in (predictions, request_errors):
+        have = {column["name"] for column in inspect(engine).get_columns(table.name)}
+        for column in table.columns:
+            if column.name in have or column.server_default is None:
+                continue
+            definition = CreateColumn(column).compile(dialect=engine.dialect)  # "name TYPE DEFAULT '...' NOT NULL"
+            try:
+                with engine.begin() as conn:
+                    conn.execute(text(f"ALTER TABLE {table.name} ADD COLUMN {definition}"))
+                log.info("added the column %s.%s to the prediction log (made by an older Signpost)", table.name,
+                         column.name)
+            except DatabaseError:  # another process added it first
+                if column.name not in {c["name"] for c in inspect(engine).get_columns(table.name)}:
+                    raise
+        indexed = {index["name"] for index in inspect(engine).get_indexes(table.name)}
+        for index in table.indexes:
+            if index.name not in indexed:
+                try:
+                    index.create(engine)
+                except DatabaseError:  # another process made it first
+                    if index.name not in {i["name"] for i in inspect(engine).get_indexes(table.name)}:
+                        raise
 
 
-def count(url: str) -> int:
-    """Number of records in the log at ``url``."""
+def count(url: str, *, experiment: str | None = None) -> int:
+    """Number of records in the log at ``url`` (``experiment``'s only, when given)."""
     engine = make_engine(url)
     try:
+        query = select(func.count()).select_from(predictions)
+        if experiment is not None:
+            query = query.where(predictions.c.experiment == experiment)
         with engine.connect() as conn:
-            return int(conn.execute(select(func.count()).select_from(predictions)).scalar_one())
+            return int(conn.execute(query).scalar_one())
     finally:
         engine.dispose()
 
@@ -236,10 +270,12 @@ def read_window(
     since: float | None = None,
     chunk: int = 100_000,
     model_version: str | None = None,
+    experiment: str | None = None,
 ) -> Iterator[np.ndarray]:
     """The newest ``last`` records (or those since Unix time ``since``), numeric ``columns`` only, as float64
     arrays ``[rows, len(columns)]`` of at most ``chunk`` rows, oldest first: a caller that folds each chunk into
     running totals reads any window in bounded memory. ``model_version`` keeps that model's records of the window.
+    ``experiment``: that experiment's records only, and ``last`` counts only those.
 
     The rows come through the driver's own cursor: SQLAlchemy's row objects cost ~3x the time on a million rows.
     """
@@ -248,11 +284,11 @@ def read_window(
         raise ValueError(f"the prediction log has no column {unknown}")
     engine = make_engine(url)
     try:
-        where = _window_where(engine, last, since)
+        where = _window_where(engine, last, since, experiment)
         if where is None:
             return
         if model_version is not None:
-            where += " AND model_version = '{}'".format(model_version.replace("'", "''"))
+            where += f" AND model_version = {_quoted(model_version)}"
         raw = engine.raw_connection()
         try:
             cursor = raw.cursor()
@@ -266,25 +302,39 @@ def read_window(
         engine.dispose()
 
 
-def model_versions(url: str, *, last: int | None = None, since: float | None = None) -> dict[str, int]:
+def model_versions(url: str, *, last: int | None = None, since: float | None = None,
+                   experiment: str | None = None) -> dict[str, int]:
     """The model versions in the window (as ``read_window`` chooses it) and their record counts."""
+    return _counts(url, "model_version", last, since, experiment)
+
+
+def experiments(url: str, *, last: int | None = None, since: float | None = None) -> dict[str, int]:
+    """The experiments in the window of the whole log (its newest ``last`` records, or those since ``since``) and
+    their record counts: what a reader of one experiment passed over (UNKNOWN_EXPERIMENT: rows of an older log)."""
+    return _counts(url, "experiment", last, since, None)
+
+
+def _counts(url: str, column: str, last: int | None, since: float | None, experiment: str | None) -> dict[str, int]:
     engine = make_engine(url)
     try:
-        where = _window_where(engine, last, since)
+        where = _window_where(engine, last, since, experiment)
         if where is None:
             return {}
         with engine.connect() as conn:
-            rows = conn.execute(text(f"SELECT model_version, COUNT(*) FROM predictions WHERE {where} "
-                                     "GROUP BY model_version")).all()
-        return {str(version): int(n) for version, n in rows}
+            rows = conn.execute(text(f"SELECT {column}, COUNT(*) FROM predictions WHERE {where} "
+                                     f"GROUP BY {column}")).all()
+        return {str(value): int(n) for value, n in rows}
     finally:
         engine.dispose()
 
 
-def _window_where(engine: Engine, last: int | None, since: float | None) -> str | None:
-    """A WHERE clause for the window (numbers only, safe to format), or None when it is empty."""
+def _window_where(engine: Engine, last: int | None, since: float | None, experiment: str | None) -> str | None:
+    """A WHERE clause for the window (numbers and a quoted name, safe to format), or None when it is empty.
+    With ``experiment``, the window is that experiment's newest ``last`` records: others in between do not count."""
     with engine.connect() as conn:
         ids = select(predictions.c.id)
+        if experiment is not None:
+            ids = ids.where(predictions.c.experiment == experiment)
         if since is not None:
             ids = ids.where(predictions.c.ts >= since)
         if last is not None:
@@ -292,14 +342,27 @@ def _window_where(engine: Engine, last: int | None, since: float | None) -> str 
         first = conn.execute(select(func.min(ids.subquery().c.id))).scalar()
     if first is None:
         return None
-    return f"id >= {int(first)}" + (f" AND ts >= {float(since)!r}" if since is not None else "")
+    return (f"id >= {int(first)}" + (f" AND ts >= {float(since)!r}" if since is not None else "")
+            + (f" AND experiment = {_quoted(experiment)}" if experiment is not None else ""))
+
+
+def _quoted(value: str) -> str:
+    """``value`` as an SQL string literal. Experiment names follow config.NAME_PATTERN, so they hold no ':' that
+    text() would take for a parameter."""
+    return "'{}'".format(value.replace("'", "''"))
 
 
 class PredictionLog:
-    """Batched, off-request-path writes of prediction records (see the module doc)."""
+    """Batched, off-request-path writes of prediction records (see the module doc).
 
-    def __init__(self, url: str, *, batch_size: int = 256, interval_s: float = 0.5, max_pending: int = 1_000_000):
+    ``experiment``: the config name of the server writing, stamped on every record and error row that does not
+    name one (without it, they read as UNKNOWN_EXPERIMENT).
+    """
+
+    def __init__(self, url: str, *, batch_size: int = 256, interval_s: float = 0.5, max_pending: int = 1_000_000,
+                 experiment: str | None = None):
         self.url = url
+        self.experiment = experiment
         self.batch_size = batch_size
         self.interval_s = interval_s
         self.max_pending = max_pending
@@ -379,6 +442,9 @@ class PredictionLog:
                 self._write(rows[start : start + self.batch_size])
 
     def _write(self, rows: list[dict[str, Any]]) -> None:
+        if self.experiment is not None:
+            for row in rows:
+                row.setdefault("experiment", self.experiment)
         errors = [{k: v for k, v in row.items() if k != _ERROR} for row in rows if _ERROR in row]
         if errors:
             try:

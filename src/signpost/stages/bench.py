@@ -2,9 +2,12 @@
 
 Read top to bottom: describe the machine and measure its matmul peaks, plan the matrix (variants × runtimes × math
 settings × threads; every batch size is measured inside each process), run each setting in a fresh subprocess
-(``signpost.bench_worker``) with a timeout, then turn the results into a table (JSON and markdown) with speedups
-against eager fp32 measured in the same run, achieved GFLOP/s against the peak, a chart, and the deployable choice:
-the fastest variant within the accuracy budget at the stated batch size.
+(``signpost.bench_worker``) with a timeout, measure the cells whose timing did not settle again (fresh processes,
+each pass in the opposite order to the one before, within ``bench.repeat_seconds``), then turn the results into a
+table (JSON and markdown) with speedups against eager fp32 measured in the same run and the spread beside every
+ratio, achieved GFLOP/s against the peak, a chart, and the deployable choice: the fastest stable cell of a variant
+within the accuracy budget at the stated batch size (an unstable one only when nothing else is left, and marked so).
+Variants optimize rejected are not timed unless ``bench.include_rejected`` asks for them.
 
 ``compare`` reads two results files (two machines, two PyTorch builds, before/after a change) and gives a
 regression verdict. Results carry the machine they were measured on, so a comparison says what it compares.
@@ -16,6 +19,7 @@ import json
 import logging
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import time
@@ -125,10 +129,12 @@ def matmul_peak(threads: int, seconds: float = 1.0) -> dict[str, float]:
 
 
 def plan(variants: list[tuple[dict[str, Any], Path]], cfg: BenchConfig) -> list[dict[str, Any]]:
-    """Every (variant, runtime, math, threads) the matrix holds; runtimes a variant has no form for are left out."""
+    """Every (variant, runtime, math, threads) the matrix holds; runtimes a variant has no form for are left out, and
+    so are variants over the accuracy budget unless ``bench.include_rejected``: they can never be the choice."""
+    timed = ("ok", "rejected") if cfg.include_rejected else ("ok",)
     cells = []
     for row, folder in variants:
-        if row["role"] != "candidate" or row["status"] not in ("ok", "rejected"):
+        if row["role"] != "candidate" or row["status"] not in timed:
             continue
         if cfg.variants is not None and row["name"] not in cfg.variants:
             continue
@@ -185,6 +191,11 @@ def bench(
     for name in sorted(set(cfg.variants or ()) - set(rows_by_name)):
         log.warning("bench.variants names %s, which was not made (%s): it is left out", name,
                     next(row["reason"] for row in table if row["name"] == name))
+    rejected = [row["name"] for row, _ in variants if row["role"] == "candidate" and row["status"] == "rejected"
+                and (cfg.variants is None or row["name"] in cfg.variants)]
+    if rejected and not cfg.include_rejected:
+        log.warning("not timing %s: over the accuracy budget, so never the deployable choice "
+                    "(bench.include_rejected=true times them)", ", ".join(rejected))
     if BASELINE[0] not in {c["variant"] for c in cells} or "eager" not in cfg.runtimes:
         log.warning("the matrix leaves out eager fp32, the speedup baseline: the speedup column will be empty")
     profile_cell = _parse_profile(profile, cells, cfg)
@@ -205,6 +216,11 @@ def bench(
                        if done["status"] == "ok" else f"failed: {done['reason']}")
             log.info("cell %d/%d %s/%s/%s/%dt: %s", i + 1, len(cells), cell["variant"], cell["runtime"],
                      cell["math"], cell["threads"], summary)
+        stability = repeat_unstable(cells, measured, tmp / "cells", data_dir, cfg, progress)
+        if stability["unstable"]:
+            log.warning("%d of %d timed rows are unstable (%d before repeating; %s): their figures and ratios swing "
+                        "from run to run", stability["unstable"], stability["rows"],
+                        stability["unstable_first_pass"], stability["stopped"])
         # The peak is a property of the machine, but one measurement can land in a busy second (469 against the
         # usual ~1,100 bf16 GFLOP/s once, which read as 150 % of peak): measured again after the cells, the larger
         # of the two counts.
@@ -222,6 +238,7 @@ def bench(
             "variants": [{k: r[k] for k in ("name", "method", "status", "reason", "val_acc", "test_acc", "size_bytes",
                                             "mflops", "role")} for r in rows_by_name.values()],
             "rows": rows,
+            "stability": stability,
             "seconds": time.perf_counter() - started,
         }
         results["candidate"] = choose(rows, cfg.deploy_batch_size, optimize_dir)
@@ -237,7 +254,7 @@ def bench(
             (tmp / CANDIDATE).write_text(chosen.model_dump_json(indent=1) + "\n", encoding="utf-8")
         bench_chart_png(rows, cfg.deploy_batch_size, tmp / CHART)
         write_manifest(
-            tmp, stage=STAGE, key=key,
+            tmp, stage=STAGE, key=key, experiment=config.name,
             inputs={"optimize": optimize_dir.name, "optimize_key": opt_manifest["key"], "data": data_dir.name},
             config=config_to_dict(cfg), code=code_version(*_CODE),
             metrics={"cells": len(rows), "failed": sum(r["status"] == "failed" for r in rows)},
@@ -261,15 +278,18 @@ def _parse_profile(profile: str | None, cells: list[dict[str, Any]], cfg: BenchC
     return wanted | {"batch": int(parts[3])}
 
 
-def _measure(cell: dict[str, Any], out: Path, data_dir: Path, cfg: BenchConfig, profile_batch: int) -> dict[str, Any]:
-    """Run one cell's worker in a fresh subprocess; a crash or a timeout is a failed cell with the reason."""
+def _measure(cell: dict[str, Any], out: Path, data_dir: Path, cfg: BenchConfig, profile_batch: int,
+             batches: list[int] | None = None) -> dict[str, Any]:
+    """Run one cell's worker in a fresh subprocess at ``batches`` (default: every batch size); a crash or a timeout
+    is a failed cell with the reason."""
     env = {**os.environ, "OMP_NUM_THREADS": str(cell["threads"]), "GLIBC_TUNABLES": GLIBC_TUNABLES}
     env.pop("DNNL_DEFAULT_FPMATH_MODE", None)
     if cell["math"] == "bf16":
         env["DNNL_DEFAULT_FPMATH_MODE"] = "BF16"
     command = [sys.executable, "-m", "signpost.bench_worker", "--folder", str(cell["folder"]),
                "--runtime", cell["runtime"], "--math", cell["math"], "--threads", str(cell["threads"]),
-               "--batches", ",".join(map(str, cfg.batch_sizes)), "--test", str(data_dir / "test.safetensors"),
+               "--batches", ",".join(map(str, batches or cfg.batch_sizes)),
+               "--test", str(data_dir / "test.safetensors"),
                "--min-seconds", str(cfg.min_seconds), "--max-seconds", str(cfg.max_seconds),
                "--max-cv", str(cfg.max_cv), "--profile-batch", str(profile_batch), "--out", str(out)]
     base = {k: cell[k] for k in ("variant", "runtime", "math", "threads")}
@@ -283,10 +303,97 @@ def _measure(cell: dict[str, Any], out: Path, data_dir: Path, cfg: BenchConfig, 
     return base | json.loads(out.read_text(encoding="utf-8"))
 
 
+def repeat_unstable(cells: list[dict[str, Any]], measured: list[dict[str, Any]], folder: Path, data_dir: Path,
+                     cfg: BenchConfig, progress: bool) -> dict[str, Any]:
+    """Measure again, each in a fresh process, the cells with a batch size whose timing did not settle, and merge
+    every batch size's runs into one (``merge_runs``, in ``measured`` in place): pass after pass while unstable cells
+    are left, at most ``bench.repeats`` passes, no new measurement after ``bench.repeat_seconds``. A repeat times
+    only the batch sizes still unstable. Returns the counts of unstable rows before and after, and why it stopped."""
+    runs = [{b["batch"]: [b] for b in m["batches"]} if m["status"] == "ok" else {} for m in measured]
+
+    def unstable_rows() -> int:
+        return sum(not b["stable"] for m in measured if m["status"] == "ok" for b in m["batches"])
+
+    first, started, last, passes, repeated = unstable_rows(), time.perf_counter(), len(cells) - 1, 0, 0
+    stopped, out_of_time = f"bench.repeats={cfg.repeats} passes done", False
+    for number in range(1, cfg.repeats + 1):
+        todo = [i for i, m in enumerate(measured) if _unstable_batches(m)]
+        if not todo:
+            break
+        bar = tqdm(repeat_order(todo, number, last), desc=f"bench repeat {number}", unit="cell",
+                   disable=not progress, file=sys.stderr)
+        for i in bar:
+            if time.perf_counter() - started >= cfg.repeat_seconds:
+                out_of_time = True
+                break
+            cell, batches = cells[i], _unstable_batches(measured[i])
+            name = f"{cell['variant']}/{cell['runtime']}/{cell['math']}/{cell['threads']}t"
+            bar.set_postfix_str(name)
+            out = folder / (f"{i:03d}-{cell['variant']}-{cell['runtime']}-{cell['math']}-{cell['threads']}t"
+                            f"-repeat{number}.json")
+            again = _measure(cell, out, data_dir, cfg, 0, batches)
+            last, repeated, passes = i, repeated + 1, number
+            if again["status"] != "ok":  # a repeat that fails leaves the cell's earlier runs as they were
+                log.warning("repeat %d of %s failed (%s): its earlier runs stand", number, name, again["reason"])
+                continue
+            for b in again["batches"]:
+                runs[i][b["batch"]].append(b)
+            measured[i]["batches"] = [merge_runs(found, cfg.max_cv) for found in runs[i].values()]
+            log.info("repeat %d of %s: %s", number, name, ", ".join(
+                f"batch {b['batch']}: {b['images_per_s']:,.0f}/s{'' if b['stable'] else ' (unstable)'}"
+                for b in again["batches"]))
+        if out_of_time:
+            stopped = f"bench.repeat_seconds={cfg.repeat_seconds:g} spent"
+            break
+    if not unstable_rows():
+        stopped = "every row settled"
+    for i, m in enumerate(measured):  # every row, repeated or not, carries its runs
+        if m["status"] == "ok":
+            m["batches"] = [merge_runs(found, cfg.max_cv) for found in runs[i].values()]
+    return {"rows": sum(len(r) for r in runs), "unstable_first_pass": first, "unstable": unstable_rows(),
+            "repeat_passes": passes, "repeat_measurements": repeated, "repeat_seconds": time.perf_counter() - started,
+            "stopped": stopped}
+
+
+def _unstable_batches(measurement: dict[str, Any]) -> list[int]:
+    if measurement["status"] != "ok":
+        return []  # a failed cell is reported failed, not timed again
+    return [b["batch"] for b in measurement["batches"] if not b["stable"]]
+
+
+def repeat_order(cells: list[int], pass_number: int, last: int) -> list[int]:
+    """The order of repeat pass ``pass_number`` (1, 2, ...) over ``cells``, indices in the plan's order: reversed on
+    odd passes, as planned on even ones (A B C, then C B A, then A B C), so a drift in the machine's load over the run
+    does not fall on the same cells each time; and never starting with ``last``, the cell measured just before, when
+    another can go first: the same cell twice in a row would see the same moment of the machine twice."""
+    order = sorted(cells, reverse=pass_number % 2 == 1)
+    if len(order) > 1 and order[0] == last:
+        order = order[1:] + order[:1]
+    return order
+
+
+def merge_runs(runs: list[dict[str, Any]], max_cv: float) -> dict[str, Any]:
+    """One batch size's measurements of a cell (the worker's batch dicts, first run first) as one row: the median
+    run among those that settled (among all, when none did), its spread widened to the spread between those runs,
+    and stable only when some run settled and the settled runs agree within ``max_cv``."""
+    settled = [r for r in runs if r["stable"]]
+    pool = sorted(settled or runs, key=lambda r: r["images_per_s"])
+    chosen = pool[(len(pool) - 1) // 2]  # the lower median: of two runs the slower, the figure less likely flattered
+    rates = [r["images_per_s"] for r in pool]
+    between = statistics.pstdev(rates) / statistics.fmean(rates) if len(rates) > 1 else 0.0
+    return chosen | {
+        "spread": max(chosen["spread"], between),
+        "spread_between_runs": between,
+        "stable": bool(settled) and between <= max_cv,
+        "stable_first_run": runs[0]["stable"],
+        "runs": [r["images_per_s"] for r in runs],  # images/s of every run, first run first
+    }
+
+
 def _table_rows(measured: list[dict[str, Any]], variants: dict[str, dict[str, Any]],
                 peaks: dict[int, dict[str, float]]) -> list[dict[str, Any]]:
     """One row per (cell, batch size) with speedup, GFLOP/s and the variant's verdict; failed cells keep one row."""
-    baseline = {(m["threads"], b["batch"]): b["images_per_s"] for m in measured if m["status"] == "ok"
+    baseline = {(m["threads"], b["batch"]): b for m in measured if m["status"] == "ok"
                 and (m["variant"], m["runtime"], m["math"]) == BASELINE for b in m["batches"]}
     rows = []
     for m in measured:
@@ -305,7 +412,10 @@ def _table_rows(measured: list[dict[str, Any]], variants: dict[str, dict[str, An
             peak = peaks[m["threads"]]["bf16"]
             rows.append(common | {
                 "status": status, "reason": reason, "top1": m["top1"], **b,
-                "speedup": b["images_per_s"] / base if base else None,
+                "speedup": b["images_per_s"] / base["images_per_s"] if base else None,
+                # A ratio's relative spread is at most about the sum of its two figures' (first order); the
+                # baseline against itself is exactly 1.
+                "speedup_spread": (0.0 if b is base else b["spread"] + base["spread"]) if base else None,
                 "gflops": gflops, "bf16_peak_fraction": gflops / peak if peak else None,
                 "cpu_cores_mean": m["resources"]["cpu_cores_mean"], "rss_mib_peak": m["resources"]["rss_mib_peak"],
                 "load_seconds": m["load_seconds"], "profile": m.get("profile"),
@@ -314,23 +424,39 @@ def _table_rows(measured: list[dict[str, Any]], variants: dict[str, dict[str, An
 
 
 def choose(rows: list[dict[str, Any]], batch: int, optimize_dir: Path) -> dict[str, Any] | None:
-    """The fastest cell at ``batch`` whose variant is within the accuracy budget: what to package, and why."""
+    """The fastest stable cell at ``batch`` whose variant is within the accuracy budget: what to package, and why,
+    with the spread beside every figure. When no cell at ``batch`` settled, the fastest unstable one, marked
+    ``stable: False`` and said so in the reason: a timing that swings is no ground for a choice."""
     ok = [r for r in rows if r["status"] == "ok" and r["batch"] == batch]
     if not ok:
         return None
-    best = max(ok, key=lambda r: r["images_per_s"])
-    onnx = max((r["images_per_s"] for r in ok if r["runtime"] == "onnxruntime"), default=None)
-    reason = (f"fastest within the accuracy budget at batch {batch}: {best['images_per_s']:,.0f} images/s, "
-              f"top-1 {best['top1']:.4f}")
+    stable = [r for r in ok if r["stable"]]
+    best = max(stable or ok, key=lambda r: r["images_per_s"])
+    onnx = max((r for r in ok if r["runtime"] == "onnxruntime"), key=lambda r: r["images_per_s"], default=None)
+    reason = (f"fastest within the accuracy budget at batch {batch}: {best['images_per_s']:,.0f} images/s "
+              f"{_pm(best['spread'])}, top-1 {best['top1']:.4f}")
     if best.get("speedup"):
-        reason += f", {best['speedup']:.1f}x eager fp32"
+        reason += f", {best['speedup']:.1f}x eager fp32 {_pm(best['speedup_spread'])}"
     if onnx:
-        reason += f", {best['images_per_s'] / onnx:.2f}x the best ONNX Runtime cell"
+        spread = 0.0 if onnx is best else best["spread"] + onnx["spread"]  # as for the speedup: the sum
+        reason += f", {best['images_per_s'] / onnx['images_per_s']:.2f}x the best ONNX Runtime cell {_pm(spread)}"
+    faster = sum(r["images_per_s"] > best["images_per_s"] for r in ok)
+    if not stable:
+        reason += (f"; UNSTABLE: none of the {len(ok)} cells at this batch size gave a settled timing, so the "
+                   "choice may not hold (a quieter machine, or a larger bench.max_seconds or bench.repeats, "
+                   "may settle them)")
+    elif faster:
+        reason += f"; passed over {faster} faster cell{'s' if faster > 1 else ''} whose timing never settled"
     return {
         "variant": best["variant"], "runtime": best["runtime"], "math": best["math"], "threads": best["threads"],
         "batch": batch, "folder": str(Path(optimize_dir) / best["variant"]), "images_per_s": best["images_per_s"],
-        "top1": best["top1"], "reason": reason,
+        "top1": best["top1"], "reason": reason, "stable": bool(stable),
     }
+
+
+def _pm(spread: float) -> str:
+    """A relative spread as ``±4.2%``."""
+    return f"±{100 * spread:.1f}%"
 
 
 def tracking_summary(config: SignpostConfig, result: BenchResult) -> dict[str, Any]:
@@ -362,7 +488,9 @@ def small_batch_runtime(rows: list[dict[str, Any]], candidate: dict[str, Any]) -
     if not cells:
         return None
     smallest = min(batch for _, _, batch in cells)
-    best = max((r for (_, _, batch), r in cells.items() if batch == smallest), key=lambda r: r["images_per_s"])
+    at_smallest = [r for (_, _, batch), r in cells.items() if batch == smallest]
+    # As in choose, a stable cell first (a row with no stability record, made by hand, counts as stable).
+    best = max([r for r in at_smallest if r.get("stable", True)] or at_smallest, key=lambda r: r["images_per_s"])
     ours, theirs = (candidate["runtime"], candidate["math"]), (best["runtime"], best["math"])
     if theirs == ours:
         return None
@@ -376,6 +504,8 @@ def small_batch_runtime(rows: list[dict[str, Any]], candidate: dict[str, Any]) -
     reason = f"p50 {best['ms_median']:.3f} ms at batch {smallest}"
     if (own := cells.get((*ours, smallest))) is not None:
         reason += f" against {own['ms_median']:.3f} ms on {ours[0]} ({ours[1]})"
+    if not best.get("stable", True):
+        reason += f" (UNSTABLE: no cell at batch {smallest} settled; spread {_pm(best['spread'])})"
     return {"runtime": theirs[0], "math": theirs[1], "below": below, "reason": reason}
 
 
@@ -390,25 +520,39 @@ def markdown_table(results: dict[str, Any]) -> str:
         f"onnxruntime {m['libraries'].get('onnxruntime', '-')}, torchao {m['libraries'].get('torchao', '-')}.",
         f"Matmul peaks: {peaks}.",
         f"Baseline: {results['baseline']}.",
+    ]
+    if stability := results.get("stability"):
+        lines.append(
+            f"Stability: {stability['unstable']} of {stability['rows']} timed rows unstable (their latency never "
+            f"settled within bench.max_cv {100 * results['settings']['max_cv']:g}%), "
+            f"{stability['unstable_first_pass']} before {stability['repeat_passes']} repeat passes "
+            f"({stability['repeat_measurements']} cell measurements in {stability['repeat_seconds']:.0f} s; "
+            f"{stability['stopped']}). "
+            "Spread: of all timed chunks and between runs; beside a ratio, the sum of its two figures' spreads. "
+            "An unstable row's figures are not to be trusted."
+        )
+    lines += [
         "",
         "| variant | runtime | math | threads | batch | status | top-1 | size KiB | ms/image | images/s | p50 ms | "
-        "p95 ms | p99 ms | spread | speedup | GFLOP/s | % bf16 peak | CPU cores | peak RSS MiB |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "p95 ms | p99 ms | spread | stable | speedup | GFLOP/s | % bf16 peak | CPU cores | peak RSS MiB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results["rows"]:
         size = f"{r['size_bytes'] / 1024:.0f}" if r["size_bytes"] else "-"
         if r["status"] == "failed":
             lines.append(f"| {r['variant']} | {r['runtime']} | {r['math']} | {r['threads']} | - | failed: "
-                         f"{r['reason'].replace('|', '/')} | - | {size} |" + " - |" * 11)
+                         f"{r['reason'].replace('|', '/')} | - | {size} |" + " - |" * 12)
             continue
         status = "ok" if r["status"] == "ok" else "rejected (budget)"
-        speedup = f"{r['speedup']:.2f}x" if r["speedup"] else "-"
+        speedup = f"{r['speedup']:.2f}x {_pm(r['speedup_spread'])}" if r["speedup"] else "-"
+        runs = len(r.get("runs", [])) or 1
+        stable = ("yes" if r["stable"] else "**no**") + (f", {runs} runs" if runs > 1 else "")
         frac = f"{100 * r['bf16_peak_fraction']:.0f}%" if r["bf16_peak_fraction"] is not None else "-"
         lines.append(
             f"| {r['variant']} | {r['runtime']} | {r['math']} | {r['threads']} | {r['batch']} | {status} | "
             f"{r['top1']:.4f} | {size} | {r['ms_per_image']:.4f} | {r['images_per_s']:,.0f} | {r['ms_median']:.3f} | "
-            f"{r['ms_p95']:.3f} | {r['ms_p99']:.3f} | {100 * r['spread']:.1f}% | {speedup} | {r['gflops']:.0f} | "
-            f"{frac} | {r['cpu_cores_mean']:.2f} | {r['rss_mib_peak']:.0f} |"
+            f"{r['ms_p95']:.3f} | {r['ms_p99']:.3f} | {100 * r['spread']:.1f}% | {stable} | {speedup} | "
+            f"{r['gflops']:.0f} | {frac} | {r['cpu_cores_mean']:.2f} | {r['rss_mib_peak']:.0f} |"
         )
     if results.get("candidate"):
         c = results["candidate"]
@@ -419,7 +563,8 @@ def markdown_table(results: dict[str, Any]) -> str:
     by_batch = {b: c for b, c in (results.get("candidates_by_batch") or {}).items() if c}
     if by_batch:
         lines += ["", "Fastest within the budget at each batch size: " + "; ".join(
-            f"{b}: {c['variant']} / {c['runtime']} / {c['math']} ({c['images_per_s']:,.0f} images/s)"
+            f"{b}: {c['variant']} / {c['runtime']} / {c['math']} ({c['images_per_s']:,.0f} images/s"
+            f"{'' if c.get('stable', True) else ', UNSTABLE'})"
             for b, c in by_batch.items()) + "."]
     return "\n".join(lines)
 

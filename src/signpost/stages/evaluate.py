@@ -74,12 +74,14 @@ def evaluate(
     model_dir: Path,
     data_dir: Path,
     champion: dict[str, float] | None = None,
+    champion_skipped: str | None = None,
     progress: bool = True,
 ) -> EvaluateResult:
     """Evaluate the model artifact in model_dir on the test split of the prepared data in data_dir; apply the gate.
 
     ``champion`` holds the current champion's test metrics (at least ``top1``); without it the champion rule is
-    skipped. Raises ``ArtifactError`` for a model or data folder that does not match its manifest, and
+    skipped, and ``champion_skipped`` is why (e.g. the champion was trained for other classes), as the report says.
+    Raises ``ArtifactError`` for a model or data folder that does not match its manifest, and
     ``ValueError`` for a model and data that do not fit each other (image size, class count).
     """
     model_dir, data_dir = Path(model_dir), Path(data_dir)
@@ -91,6 +93,8 @@ def evaluate(
     _check_fit(card, data_manifest["dataset"], model_dir, data_dir)
     if champion is not None and "top1" not in champion:
         raise ValueError(f"champion must give the champion's test 'top1', got keys {sorted(champion)}")
+    if champion is not None and champion_skipped is not None:
+        raise ValueError("give the champion's metrics or why it is not compared, not both")
 
     key = hash_json(
         {
@@ -98,6 +102,7 @@ def evaluate(
             "data": data_key,
             "settings": config_to_dict(config.evaluate),
             "champion": champion,
+            "champion_skipped": champion_skipped,
             "code": code_version(*_CODE),
         }
     )
@@ -126,7 +131,7 @@ def evaluate(
     feedback = _score_feedback(model, card, data_dir) if FEEDBACK_SPLIT in splits else None
     if feedback is not None:
         metrics["metrics"]["feedback_top1"] = feedback["top1"]
-    gate = apply_gate(metrics, config.evaluate, champion)
+    gate = apply_gate(metrics, config.evaluate, champion, skipped=champion_skipped)
     report = {
         "model": {
             "path": str(model_dir),
@@ -139,12 +144,14 @@ def evaluate(
         "class_names": card.class_names,
         "warnings": warnings,
         "champion": champion,
+        "champion_skipped": champion_skipped,
         **metrics,
         "feedback": feedback,
         "gate": gate,
     }
     summary = ", ".join(f"{name} {value:.4f}" for name, value in metrics["metrics"].items())
     verdict = "passed" if gate["passed"] else "failed: " + "; ".join(gate["failures"])
+    verdict += f" ({champion_skipped})" if champion_skipped else ""
     log.info("%s on %d test images: %s; gate %s", model_dir.name, len(test), summary, verdict)
 
     with atomic_dir(path) as tmp:
@@ -167,6 +174,7 @@ def evaluate(
             tmp,
             stage=STAGE,
             key=key,
+            experiment=config.name,
             inputs={
                 "model": model_key,
                 "data": data_key,
@@ -347,8 +355,11 @@ def confused_pairs(matrix: np.ndarray, class_names: list[str]) -> list[dict[str,
 # --- the gate ---------------------------------------------------------------------------------------------------
 
 
-def apply_gate(metrics: dict[str, Any], settings: EvaluateConfig, champion: dict[str, float] | None) -> dict[str, Any]:
-    """Check the metrics against ``evaluate.*`` and the champion; each rule records threshold, value and verdict."""
+def apply_gate(
+    metrics: dict[str, Any], settings: EvaluateConfig, champion: dict[str, float] | None, *, skipped: str | None = None
+) -> dict[str, Any]:
+    """Check the metrics against ``evaluate.*`` and the champion; each rule records threshold, value and verdict.
+    Without a champion its rule is skipped, and its detail says why (``skipped``, else that none was given)."""
     top1 = metrics["metrics"]["top1"]
     value, threshold = _apart(top1, settings.min_accuracy)
     rules = [
@@ -370,8 +381,8 @@ def apply_gate(metrics: dict[str, Any], settings: EvaluateConfig, champion: dict
     rules.append(_rule("min_class_accuracy", "lowest class recall", lowest, settings.min_class_accuracy, message))
 
     if champion is None:
-        skipped = {"rule": "max_drop", "metric": "top1", "threshold": None, "value": top1, "verdict": "skipped"}
-        rules.append(skipped | {"detail": "no champion given"})
+        not_run = {"rule": "max_drop", "metric": "top1", "threshold": None, "value": top1, "verdict": "skipped"}
+        rules.append(not_run | {"detail": skipped or "no champion given"})
     else:
         floor = champion["top1"] - settings.max_drop
         value, threshold = _apart(top1, floor)

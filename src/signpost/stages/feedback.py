@@ -99,8 +99,8 @@ def store_feedback(
                 (tmp / "images" / name).write_bytes(data)
                 writer.writerow([f"images/{name}", class_id, source])
         counts = {class_names[c]: sum(1 for _, _, k, _ in accepted if k == c) for c in sorted({a[2] for a in accepted})}
-        manifest = write_manifest(tmp, stage=STAGE, key=key, inputs={"data": data_dir.name}, config={},
-                                  code=code_version(__name__), metrics={"images": len(accepted)},
+        manifest = write_manifest(tmp, stage=STAGE, key=key, experiment=config.name, inputs={"data": data_dir.name},
+                                  config={}, code=code_version(__name__), metrics={"images": len(accepted)},
                                   extra={"classes": counts})
     log.info("stored %d feedback images in %s", len(accepted), path)
     return FeedbackResult(path, False, manifest)

@@ -1,7 +1,10 @@
 """monitor: compare a window of the prediction log with the reference saved at prepare and evaluate time.
 
-Reads the newest ``monitor.window`` predictions (or those since a time) a chunk at a time, folding each chunk into
-running histograms, counts and a bounded uniform sample, so a million rows take bounded memory. Then:
+Reads the newest ``monitor.window`` predictions of this experiment (or those since a time) a chunk at a time,
+folding each chunk into running histograms, counts and a bounded uniform sample, so a million rows take bounded
+memory. A log shared by several experiments' servers is fine: each record names the experiment (the server's config
+name) and the model's lineage, the monitor reads only its config's records, and it reports how many of the others
+(and of an older log's, which name none) it skipped. Then:
 
 - prediction drift: the predicted class distribution against the training data's (PSI or Jensen-Shannon over
   the threshold, and a chi-square test saying it is not a small window's noise), and the mean confidence against
@@ -103,10 +106,14 @@ def monitor(
     model = None if model_dir is None else _load_model(model_dir)
     reference = load_reference(Path(data_dir), evaluation_dir, model, cache_dir=config.workdir / STAGE)
     last = None if since is not None else (last or cfg.window)
-    window = _read(url, last=last, since=since, reference=reference)
-    versions = predlog.model_versions(url, last=last, since=since)
+    # The log may be shared with other experiments' servers: only this experiment's records are read, and the
+    # window's ``last`` counts only them.
+    experiment = config.name
+    window = _read(url, last=last, since=since, reference=reference, experiment=experiment)
+    versions = predlog.model_versions(url, last=last, since=since, experiment=experiment)
     if len(versions) > 1 and EMBEDDINGS[0] in reference.edges:
-        own = _read(url, last=last, since=since, reference=reference, model_version=max(versions, key=versions.get))
+        own = _read(url, last=last, since=since, reference=reference, model_version=max(versions, key=versions.get),
+                    experiment=experiment)
         for name in EMBEDDINGS:
             window["hist"][name], window["sample"][name] = own["hist"][name], own["sample"][name]
     result = evaluate_window(window, reference, cfg)
@@ -115,8 +122,12 @@ def monitor(
     if result["quality"].get("dropped"):
         result["verdict"]["retrain"] = True
         result["verdict"]["reasons"] = [*result["verdict"].get("reasons", []), "accuracy drop on feedback"]
-    result["models"] = compare_models(url, versions, last=last, since=since, reference=reference, cfg=cfg)
+    result["models"] = compare_models(url, versions, last=last, since=since, reference=reference, cfg=cfg,
+                                      experiment=experiment)
     result["log"] = predlog.redact(url)
+    result["experiment"] = skipped_records(url, experiment, last=last, since=since)
+    if result["experiment"]["skipped_total"]:
+        log.warning("%s", result["experiment"]["note"])
     result["reference"] = reference.name
     stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%d-%H%M%S-%f")[:-3]  # ms: two runs, two folders
     path = config.workdir / STAGE / f"{config.name}-{stamp}"
@@ -213,9 +224,9 @@ def _served_view(data_dir: Path, manifest: dict[str, Any], cache_dir: Path | Non
 
 def served_model_dir(config: SignpostConfig, url: str, *, last: int | None = None,
                      since: float | None = None) -> Path | None:
-    """The artifact of the model that made most of the window's predictions (a registry version is downloaded to
-    ``workdir/registry/``), or None when the log is empty or the model cannot be found."""
-    versions = predlog.model_versions(url, last=last, since=since)
+    """The artifact of the model that made most of the window's predictions of this experiment (a registry version
+    is downloaded to ``workdir/registry/``), or None when it has none or the model cannot be found."""
+    versions = predlog.model_versions(url, last=last, since=since, experiment=config.name)
     if not versions:
         return None
     version = max(versions, key=versions.get)
@@ -249,9 +260,9 @@ def _model_outputs(model: ServedModel, images: np.ndarray) -> Outputs:
 
 
 def _read(url: str, *, last: int | None, since: float | None, reference: Reference,
-          model_version: str | None = None) -> dict[str, Any]:
-    """Fold the window (one model's records of it, with ``model_version``) into counts, histograms and a uniform
-    sample (bottom-k of random keys), chunk by chunk."""
+          model_version: str | None = None, experiment: str | None = None) -> dict[str, Any]:
+    """Fold the window (one model's records of it, with ``model_version``; one experiment's, with ``experiment``)
+    into counts, histograms and a uniform sample (bottom-k of random keys), chunk by chunk."""
     rng = np.random.default_rng(0)
     features = [name for name in (*INPUTS, *EMBEDDINGS) if name in reference.edges]
     index = {name: COLUMNS.index(name) for name in COLUMNS}
@@ -264,7 +275,8 @@ def _read(url: str, *, last: int | None, since: float | None, reference: Referen
     sample = np.empty((0, len(features)))
     rows, confidence_sum = 0, 0.0
     first_ts, last_ts = np.inf, -np.inf
-    for chunk in predlog.read_window(url, COLUMNS, last=last, since=since, model_version=model_version):
+    for chunk in predlog.read_window(url, COLUMNS, last=last, since=since, model_version=model_version,
+                                     experiment=experiment):
         rows += len(chunk)
         first_ts = min(first_ts, float(chunk[:, index["ts"]].min()))
         last_ts = max(last_ts, float(chunk[:, index["ts"]].max()))
@@ -281,7 +293,7 @@ def _read(url: str, *, last: int | None, since: float | None, reference: Referen
         pool = np.concatenate([sample, columns])
         keep = np.argpartition(keys, SAMPLE)[:SAMPLE] if len(keys) > SAMPLE else np.arange(len(keys))
         sample_keys, sample = keys[keep], pool[keep]
-    errors = predlog.error_count(url, first_ts, last_ts) if rows else 0
+    errors = predlog.error_count(url, first_ts, last_ts, experiment=experiment) if rows else 0
     return {"rows": rows, "errors": errors, "span": (first_ts, last_ts) if rows else None,
             "classes": classes, "confidence": confidence,
             "mean_confidence": confidence_sum / rows if rows else None, "latency": latency, "hist": hist,
@@ -384,11 +396,12 @@ def quality(batches: list[Path], model: ServedModel | None, reference: Reference
 
 
 def compare_models(url: str, counts: dict[str, int], *, last: int | None, since: float | None,
-                   reference: Reference, cfg: MonitorConfig) -> dict[str, Any] | None:
+                   reference: Reference, cfg: MonitorConfig, experiment: str | None = None) -> dict[str, Any] | None:
     """Per model version in the window (canary mode): records, class mix against the main model's (the version with
     most records), mean confidence and latency; a canary looks worse when its mean confidence is lower by
     ``monitor.confidence_shift`` or more, or its p99 latency breaks the SLO while the main model's does not.
-    ``counts``: records per version in the window (``predlog.model_versions``). None when it holds one version."""
+    ``counts``: records per version in the window (``predlog.model_versions``), of ``experiment`` when given (as
+    ``counts`` should be). None when it holds one version."""
     if len(counts) < 2:
         return None
     stats = {}
@@ -396,7 +409,7 @@ def compare_models(url: str, counts: dict[str, int], *, last: int | None, since:
     for version in counts:
         classes, latency, confidence, n = np.zeros(n_classes), np.zeros(len(LATENCY_EDGES) - 1), 0.0, 0
         for chunk in predlog.read_window(url, ["class_id", "confidence", "latency_ms"], last=last, since=since,
-                                         model_version=version):
+                                         model_version=version, experiment=experiment):
             ids = np.clip(chunk[:, 0].astype(np.int64), 0, n_classes - 1)
             classes += np.bincount(ids, minlength=n_classes)
             confidence += float(chunk[:, 1].sum())
@@ -422,6 +435,29 @@ def compare_models(url: str, counts: dict[str, int], *, last: int | None, since:
             row["verdict"] = "worse: " + "; ".join(worse) if worse else "no worse than the main model"
         models[version] = row
     return {"main": main, "versions": models}
+
+
+def skipped_records(url: str, experiment: str, *, last: int | None, since: float | None) -> dict[str, Any]:
+    """The records the monitor of ``experiment`` passed over: those of the log's newest ``last`` (or those since
+    ``since``) that other experiments' servers wrote, or that an older Signpost wrote without naming one."""
+    others = {name: n for name, n in sorted(predlog.experiments(url, last=last, since=since).items())
+              if name != experiment}
+    total = sum(others.values())
+    parts = []
+    named = {name: n for name, n in others.items() if name != predlog.UNKNOWN_EXPERIMENT}
+    if named:
+        parts.append(f"{sum(named.values()):,} of other experiments ("
+                     + ", ".join(f"{name}: {n:,}" for name, n in named.items()) + ")")
+    if predlog.UNKNOWN_EXPERIMENT in others:
+        parts.append(f"{others[predlog.UNKNOWN_EXPERIMENT]:,} of an unknown experiment (logged before records "
+                     "named theirs)")
+    if since is not None:
+        scope = f"since {dt.datetime.fromtimestamp(since, dt.timezone.utc):%Y-%m-%d %H:%M:%S} UTC"
+    else:
+        scope = "in the log" if last is None else f"among the log's newest {last:,}"
+    note = (f"skipped {total:,} records {scope} not of experiment {experiment!r}: {'; '.join(parts)}" if total
+            else f"every record {scope} is of experiment {experiment!r}")
+    return {"name": experiment, "skipped": others, "skipped_total": total, "note": note}
 
 
 def _trained_feedback(workdir: Path, model: ServedModel | None) -> frozenset[str]:
@@ -503,6 +539,7 @@ td:first-child{{text-align:left}}tr.drift td{{color:#c44e52;font-weight:600}}img
 <body><h1>Drift report — {html.escape(config.name)}</h1>
 <p>{result['window']['rows']:,} predictions from <code>{html.escape(str(result.get('log', '')))}</code> against
 <code>{html.escape(str(result.get('reference', '')))}</code>.</p>
+<p>{html.escape(result.get('experiment', {}).get('note', ''))}</p>
 <h2>Verdict</h2><p><b>{'retrain' if verdict['retrain'] else 'no retraining needed'}</b>
 {html.escape('; '.join(verdict.get('reasons', [])) or verdict.get('note', ''))}</p>
 <h2>Predictions</h2><p>class PSI {prediction.get('class_psi', float('nan')):.4f}, Jensen-Shannon

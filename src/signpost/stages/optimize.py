@@ -157,6 +157,7 @@ def optimize(config: SignpostConfig, *, model_dir: Path, data_dir: Path, progres
             tmp,
             stage=STAGE,
             key=key,
+            experiment=config.name,
             inputs={"model": model_dir.name, "model_key": parent_key, "data": data_dir.name,
                     "data_key": data_manifest["key"]},
             config=config_to_dict(opt),
@@ -371,6 +372,7 @@ class _VariantMaker:
         metrics = {"val_acc": variant.val_acc, "test_acc": variant.test_acc}
         write_manifest(
             folder, stage=f"{STAGE}.variant", key=hash_json([self.parent_key, variant.name, variant.settings]),
+            experiment=self.config.name,
             inputs={"parent_model": self.model_dir.name, "parent_key": self.parent_key, "data": self.data_dir.name},
             config={"method": variant.method, **variant.settings}, code=code_version(*_CODE), metrics=metrics,
             extra={"variant": variant.name, "role": variant.role, "forms": variant.forms,

@@ -216,7 +216,7 @@ def package(config: SignpostConfig, *, model: str | Path, runtime: str = "auto")
                 encoding="utf-8")
         save_config(server, context / "signpost.yaml")
         manifest = write_manifest(
-            tmp, stage=STAGE, key=key,
+            tmp, stage=STAGE, key=key, experiment=config.name,
             inputs={"model": source.folder.name, "model_key": model_manifest["key"], "origin": source.origin},
             config=config_to_dict(cfg), code=code_version(*_CODE),
             extra={"image": {"name": cfg.image, "tags": [image_tag(source.version), image_tag(revision[:12])],

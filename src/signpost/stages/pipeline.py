@@ -25,7 +25,7 @@ from signpost.stages.optimize import optimize
 from signpost.stages.optimize import tracking_summary as optimize_summary
 from signpost.stages.package import build_image, package
 from signpost.stages.prepare import prepare
-from signpost.stages.promote import Decision, promote_if_better, undecided_challenger
+from signpost.stages.promote import Decision, champion_not_comparable, promote_if_better, undecided_challenger
 from signpost.stages.train import train
 from signpost.tracking import CHALLENGER, CHAMPION, ModelVersion, Registry, log_stage, run_factory
 
@@ -40,6 +40,7 @@ class StageOutcome:
     path: Path
     skipped: bool
     reason: str
+    used: str = ""  # the input artifact it read, and why that one: `signpost run` hands each stage the one before's
 
 
 @dataclass
@@ -52,6 +53,7 @@ class RunResult:
     report: Path
     candidate: dict | None = None  # the bench's deployable choice, when it ran
     promotion: Decision | None = None  # the champion / challenger decision, when a challenger was registered
+    registry: str | None = None  # the model's version and aliases in the registry, as the report says
 
 
 def run_pipeline(config: SignpostConfig, *, progress: bool = True) -> RunResult:
@@ -62,10 +64,12 @@ def run_pipeline(config: SignpostConfig, *, progress: bool = True) -> RunResult:
     evaluation, registered, promotion = evaluate_and_register(config, model_dir=model.path, data_dir=data.path,
                                                               progress=progress)
     outcomes = [
-        StageOutcome("prepare", data.path, data.reused, _why(data.reused, "data, feedback, data settings and code")),
-        StageOutcome("train", model.path, model.reused, _why(model.reused, "prepared data, train settings and code")),
+        StageOutcome("prepare", data.path, data.reused, _why(data.reused, "data, feedback, data settings and code"),
+                     f"raw data {data.manifest['inputs']['root']} (data.source {config.data.source})"),
+        StageOutcome("train", model.path, model.reused, _why(model.reused, "prepared data, train settings and code"),
+                     _used("data", data.path, "prepare", data.reused)),
         StageOutcome("evaluate", evaluation.path, evaluation.reused, _why(evaluation.reused, "model, test data, "
-                     "gate settings, champion and code")),
+                     "gate settings, champion and code"), _used("model", model.path, "train", model.reused)),
     ]
     if registered is None:
         outcomes.append(StageOutcome("promote", evaluation.path, True, "not run: no new challenger was registered"))
@@ -85,7 +89,8 @@ def run_pipeline(config: SignpostConfig, *, progress: bool = True) -> RunResult:
             log_stage(run_factory(config), "optimize", **optimize_summary(config, optimized))
         optimize_dir = optimized.path
         outcomes.append(StageOutcome("optimize", optimized.path, optimized.reused, _why(
-            optimized.reused, "model, data, optimize and train settings and code")))
+            optimized.reused, "model, data, optimize and train settings and code"),
+            _used("model", model.path, "train", model.reused)))
         if not config.bench.enabled:
             outcomes.append(StageOutcome("bench", optimized.path, True, "not run: bench.enabled is false"))
         else:
@@ -94,7 +99,8 @@ def run_pipeline(config: SignpostConfig, *, progress: bool = True) -> RunResult:
                 log_stage(run_factory(config), "bench", **bench_summary(config, measured))
             bench_dir, candidate = measured.path, measured.candidate
             outcomes.append(StageOutcome("bench", measured.path, measured.reused, _why(
-                measured.reused, "variants, test data, bench settings, machine and code")))
+                measured.reused, "variants, test data, bench settings, machine and code"),
+                _used("variants", optimized.path, "optimize", optimized.reused)))
     if not evaluation.passed:
         outcomes.append(StageOutcome("package", evaluation.path, True, "not run: the model failed the gate"))
     elif not config.package.enabled:
@@ -102,15 +108,19 @@ def run_pipeline(config: SignpostConfig, *, progress: bool = True) -> RunResult:
     else:
         source = bench_dir if candidate else model.path  # the deployable variant and its runtime, when measured
         packaged = package(config, model=str(source))
+        used = (_used("bench candidate", bench_dir, "bench", measured.reused) if bench_dir and candidate
+                else _used("model", model.path, "train", model.reused))
         outcomes.append(StageOutcome("package", packaged.path, packaged.reused, _why(
-            packaged.reused, "model, runtime, package and serve settings and code")))
+            packaged.reused, "model, runtime, package and serve settings and code"), used))
         if config.package.build:
             build_image(packaged, config)
     # Each run gets a folder of its own: the resolved config it ran with and its report.
     run_dir = config.workdir / "runs" / f"{dt.datetime.now():%Y%m%d-%H%M%S}-{config.name}"
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(config, run_dir / "config.yaml")
-    label = f"{registered.name} v{registered.version} as {CHALLENGER}" if registered else None
+    # A model registered by an earlier run (this run reused or repeated its evaluation) is still in the registry.
+    label = (f"{registered.name} v{registered.version} as {CHALLENGER}" if registered
+             else _registered_before(config, model.manifest["key"]))
     if promotion is not None:
         (run_dir / "promotion.json").write_text(json.dumps(promotion.to_dict(), indent=2) + "\n", encoding="utf-8")
         label += f"; {'promoted to' if promotion.promoted else 'not promoted to'} {CHAMPION}: {promotion.reason}"
@@ -119,14 +129,15 @@ def run_pipeline(config: SignpostConfig, *, progress: bool = True) -> RunResult:
         model_dir=model.path, evaluation_dir=evaluation.path, registered=label, optimize_dir=optimize_dir,
         bench_dir=bench_dir,
     )
-    return RunResult(outcomes, evaluation, registered, report, candidate, promotion)
+    return RunResult(outcomes, evaluation, registered, report, candidate, promotion, label)
 
 
 def evaluate_and_register(
     config: SignpostConfig, *, model_dir: Path, data_dir: Path, progress: bool = True
 ) -> tuple[EvaluateResult, ModelVersion | None, Decision | None]:
-    """Evaluate against the current champion; a model that passes the gate becomes the registry's challenger and,
-    with ``evaluate.promote``, the champion when it beats the current one (``stages/promote.py``).
+    """Evaluate against the current champion (when it was trained for the same classes and input; otherwise the
+    gate says why it was not compared); a model that passes the gate becomes the registry's challenger and, with
+    ``evaluate.promote``, the champion when it beats the current one (``stages/promote.py``).
 
     Returns the evaluation, the version registered (None when nothing new was) and the promotion decision (None
     when none was made). With ``tracking.backend: none`` the gate still applies, against no champion, and nothing
@@ -134,8 +145,15 @@ def evaluate_and_register(
     """
     registry = Registry(config.tracking, config.workdir) if config.tracking.backend != "none" else None
     champion = registry.get(CHAMPION) if registry is not None else None
-    champion_metrics = {"top1": champion.metrics["top1"]} if champion and "top1" in champion.metrics else None
-    result = evaluate(config, model_dir=model_dir, data_dir=data_dir, champion=champion_metrics, progress=progress)
+    champion_metrics = skipped = None
+    if registry is not None and champion is not None:
+        # The champion's top-1 is a yardstick only for a model of the same classes and input.
+        if (skipped := champion_not_comparable(registry, champion, model_dir)) is not None:
+            log.warning("%s %s", registry.name, skipped)
+        elif "top1" in champion.metrics:
+            champion_metrics = {"top1": champion.metrics["top1"]}
+    result = evaluate(config, model_dir=model_dir, data_dir=data_dir, champion=champion_metrics,
+                      champion_skipped=skipped, progress=progress)
     if registry is None:
         return result, None, None
     if result.reused:
@@ -147,7 +165,7 @@ def evaluate_and_register(
         log.info("%s version %s was registered but never compared with the champion: deciding now",
                  pending.name, pending.version)
         return result, pending, promote_if_better(config, registry=registry, challenger=pending, evaluation=result,
-                                                  data_dir=data_dir, progress=progress)
+                                                  model_dir=model_dir, data_dir=data_dir, progress=progress)
     with run_factory(config)("evaluate") as tracker:
         params = {"evaluate": config_to_dict(config.evaluate), "model": model_dir.name, "data": data_dir.name}
         tracker.log_params(params)
@@ -165,9 +183,24 @@ def evaluate_and_register(
     if not config.evaluate.promote:
         return result, version, None
     decision = promote_if_better(config, registry=registry, challenger=version, evaluation=result,
-                                 data_dir=data_dir, progress=progress)
+                                 model_dir=model_dir, data_dir=data_dir, progress=progress)
     return result, version, decision
 
 
 def _why(reused: bool, inputs: str) -> str:
     return f"{inputs} unchanged" if reused else f"no artifact for these {inputs} yet"
+
+
+def _registered_before(config: SignpostConfig, model_key: str) -> str | None:
+    """The registry's version of the model with manifest key ``model_key`` and the aliases on it now, when an
+    earlier run registered it; None when it is not registered or there is no registry."""
+    if config.tracking.backend == "none":
+        return None
+    known = Registry(config.tracking, config.workdir).find(model_key)
+    if known is None:
+        return None
+    return f"{known.name} v{known.version} ({', '.join(known.aliases) or 'no alias'}; registered by an earlier run)"
+
+
+def _used(what: str, path: Path, stage: str, reused: bool) -> str:
+    return f"{what} {path} (this run's {stage}, {'reused' if reused else 'made now'})"

@@ -53,6 +53,8 @@ STAGE = "data"
 _CODE = ("signpost.data.cache", "signpost.data.layouts", "signpost.data.split", "signpost.data.stats", __name__)
 FEEDBACK = "feedback"  # the origin of a feedback image that joins the train split
 HOLDOUT = "feedback-holdout"  # the origin of one kept out of training: the `feedback` split
+# Where the raw files come from and how fast they are decoded: the files' content hashes stand for them.
+_WHERE_FROM = {"source", "root", "workers", "base_url", "synthetic"}
 
 
 class PrepareError(RuntimeError):
@@ -111,6 +113,7 @@ def prepare(config: SignpostConfig, *, progress: bool = True) -> PrepareResult:
         # The version the raw data alone makes: this one is it plus the feedback below.
         "base": artifact_path(config.workdir, STAGE, config.name, _cache_key(config, base, False)).name,
         "feedback": feedback.batches,
+        "feedback_settings": config_to_dict(data.feedback) if feedback.batches else None,
     }
     with atomic_dir(path) as tmp:
         for name, split in splits.items():
@@ -122,9 +125,11 @@ def prepare(config: SignpostConfig, *, progress: bool = True) -> PrepareResult:
             tmp,
             stage=STAGE,
             key=key,
-            inputs={"layout": raw.layout, "root": str(raw.root), "files": len(samples), "sources_sha256": sources,
-                    "feedback": [batch["batch"] for batch in feedback.batches]},
-            config=config_to_dict(config.data) | {"seed": config.seed},
+            experiment=config.name,
+            inputs={"layout": raw.layout, "source": data.source, "root": str(raw.root), "files": len(samples),
+                    "sources_sha256": sources, "feedback": [batch["batch"] for batch in feedback.batches]}
+            | ({"base_url": data.base_url} if data.source == "download" else {}),
+            config=data_settings(config),
             code=code_version(*_CODE),
             metrics=_counts(splits),
             extra=_describe(raw, splits, rels, decoded)
@@ -196,6 +201,7 @@ def _raw_root(config: SignpostConfig, progress: bool) -> Path:
                     tmp,
                     stage="raw",
                     key=key,
+                    experiment="synthetic",  # shared by every experiment that generates these settings
                     inputs={},
                     config=config_to_dict(data.synthetic),
                     code=code_version("signpost.data.synthetic"),
@@ -276,7 +282,7 @@ def _cache_key(config: SignpostConfig, sources: str, with_feedback: bool) -> str
     The feedback settings shape it only when there is feedback to fold in.
     """
     data = config.data
-    ignored = {"source", "root", "workers", "base_url", "synthetic"} | (set() if with_feedback else {"feedback"})
+    ignored = _WHERE_FROM | (set() if with_feedback else {"feedback"})
     return hash_json(
         {
             "sources": sources,
@@ -285,6 +291,17 @@ def _cache_key(config: SignpostConfig, sources: str, with_feedback: bool) -> str
             "code": code_version(*_CODE),
         }
     )
+
+
+def data_settings(config: SignpostConfig) -> dict[str, Any]:
+    """The settings that make a data version this experiment's: recorded (and hashed) in its manifest, and what
+    ``train`` matches before it uses the newest prepared data.
+
+    Where the raw files come from is not among them (``prepare --data-root DIR`` then ``train`` is one experiment;
+    the files' content is in the cache key), nor the feedback settings: a version with feedback folded in is the
+    same experiment's newer data.
+    """
+    return config.data.model_dump(mode="json", exclude=_WHERE_FROM | {"feedback"}) | {"seed": config.seed}
 
 
 # --- decode results → splits ------------------------------------------------------------------------------------

@@ -5,6 +5,8 @@ folded labelled feedback in, the held-out ``feedback`` split (production images 
 challenger wins when it leads on the deciding score — feedback top-1 when there is feedback, else test top-1 — by at
 least ``evaluate.promote_margin`` (and by more than nothing: a tie keeps the champion), and does not fall more than
 ``evaluate.max_drop`` below the champion on the test split. The first model to pass the gate becomes champion.
+Only a champion trained for the same classes and input (its model card: class names, image size, normalization) is
+a yardstick: any other is not compared, the challenger is not promoted over it, and the reason says why.
 
 The champion is downloaded to ``workdir/registry/``. Promotion moves the registry's ``champion`` alias
 (``signpost rollback`` moves it back); the decision and its reason are tagged on the challenger's model version and
@@ -20,6 +22,7 @@ from typing import Any
 
 from signpost.artifacts import ArtifactError
 from signpost.config import EvaluateConfig, SignpostConfig
+from signpost.models.artifact import ModelCard, read_card
 from signpost.stages.evaluate import EvaluateResult, evaluate
 from signpost.tracking import CHALLENGER, CHAMPION, ModelVersion, Registry, RegistryError
 
@@ -28,6 +31,11 @@ log = logging.getLogger(__name__)
 DECISION_TAG = "signpost.promotion"  # on the challenger's model version: the decision and its reason
 
 _TOLERANCE = 1e-12
+# Largest difference of a channel mean or std (0..1 pixel units) between a champion and a challenger fed the same
+# way. They are each model's training-set statistics, so a retrain moves them: by 0.075 when blurred feedback became
+# most of the small fixture's training images (tests/integration/test_loop.py). A model fed pixels another way
+# (unscaled: mean 0, std 1; or another dataset's constants) is 0.25 and more away.
+NORMALIZATION_TOLERANCE = 0.25
 
 
 @dataclass
@@ -66,22 +74,67 @@ def decide(settings: EvaluateConfig, challenger: dict[str, Any], champion: dict[
     return Decision(False, f"{what}: the lead must be {needed}", deciding=deciding, scores=scores)
 
 
+def not_comparable(ours: ModelCard, theirs: ModelCard, version: str) -> str | None:
+    """Why champion ``version`` (model card ``theirs``) cannot be compared with the model of card ``ours``, or None
+    when both were trained for the same classes and the same input (image size, normalization)."""
+    made_for = f" ({name})" if (name := theirs.config.get("name")) else ""  # the champion's experiment
+    champion = f"champion v{version}"
+    if theirs.num_classes != ours.num_classes:
+        return (f"{champion} was trained for {theirs.num_classes} classes{made_for}, this model for "
+                f"{ours.num_classes}: not compared")
+    if theirs.class_names != ours.class_names:
+        pairs = enumerate(zip(theirs.class_names, ours.class_names, strict=False))
+        first = next(((i, a, b) for i, (a, b) in pairs if a != b), None)
+        which = f" (class {first[0]} is {first[1]!r} there, {first[2]!r} here)" if first else ""
+        return f"{champion} was trained for other classes{made_for}{which}: not compared"
+    if theirs.image_size != ours.image_size:
+        return (f"{champion} takes {theirs.image_size}x{theirs.image_size} images{made_for}, this model "
+                f"{ours.image_size}x{ours.image_size}: not compared")
+    # Each model is scored with its own mean and std, so only a normalization of another kind, not a retrain's
+    # drift, makes the champion's score a different measure (NORMALIZATION_TOLERANCE).
+    gap = max(abs(a - b) for a, b in zip([*theirs.mean, *theirs.std], [*ours.mean, *ours.std], strict=True))
+    if gap > NORMALIZATION_TOLERANCE:
+        return (f"{champion} normalizes its input another way{made_for}: mean {_rounded(theirs.mean)}, std "
+                f"{_rounded(theirs.std)}, this model mean {_rounded(ours.mean)}, std {_rounded(ours.std)} (up to "
+                f"{gap:.3f} apart, more than {NORMALIZATION_TOLERANCE:g}): not compared")
+    return None
+
+
+def champion_not_comparable(registry: Registry, champion: ModelVersion, model_dir: Path) -> str | None:
+    """``not_comparable`` for the registry's ``champion`` (its model card, downloaded) and the model in
+    ``model_dir``; a champion whose card cannot be read is not compared either, and the reason says so."""
+    try:
+        theirs = read_card(registry.download(None, version=champion.version))
+    except (ArtifactError, RegistryError) as exc:
+        return f"champion v{champion.version} cannot be read ({exc}): not compared"
+    return not_comparable(read_card(model_dir), theirs, champion.version)
+
+
 def promote_if_better(
     config: SignpostConfig,
     *,
     registry: Registry,
     challenger: ModelVersion,
     evaluation: EvaluateResult,
+    model_dir: Path,
     data_dir: Path,
     progress: bool = True,
 ) -> Decision:
-    """Score the champion on ``data_dir`` as the challenger was scored (``evaluation``) and promote the challenger
-    when it wins. Without a champion the challenger is promoted: it passed the gate and there is nothing to beat."""
+    """Score the champion on ``data_dir`` as the challenger (the model in ``model_dir``) was scored
+    (``evaluation``) and promote the challenger when it wins. Without a champion the challenger is promoted: it
+    passed the gate and there is nothing to beat. A champion trained for other classes or input is not compared,
+    and the challenger is not promoted over it (``signpost promote`` does that by hand)."""
     current = registry.get(CHAMPION)
     if current is None:
         registry.promote()
         decision = Decision(True, "no champion yet: the first model to pass the gate becomes champion",
                             challenger=challenger.version, scores={"challenger": _scores(evaluation.report)})
+        _record(registry, challenger, decision)
+        return decision
+    if (why := champion_not_comparable(registry, current, model_dir)) is not None:
+        decision = Decision(False, f"{why}; `signpost promote` makes v{challenger.version} champion if it should "
+                            "replace it", challenger=challenger.version, champion=current.version)
+        log.warning("kept %s v%s as champion: %s", registry.name, current.version, decision.reason)
         _record(registry, challenger, decision)
         return decision
     try:
@@ -109,6 +162,10 @@ def _scores(report: dict[str, Any]) -> dict[str, float]:
     if report.get("feedback"):
         scores["feedback"] = float(report["feedback"]["top1"])
     return scores
+
+
+def _rounded(values: list[float]) -> list[float]:
+    return [round(v, 3) for v in values]
 
 
 def _record(registry: Registry, challenger: ModelVersion, decision: Decision) -> None:

@@ -88,9 +88,10 @@ def simulate(
         if kind != "clean":
             reviewed += [(f"{kind}-{i}{_suffix(bodies[i])}", bodies[i], str(truth[i]))
                          for i in range(min(feedback, len(bodies)))]
-        before = predlog.count(log_url)
+        # Counted by experiment: other experiments' servers may write to the same log meanwhile.
+        before = predlog.count(log_url, experiment=config.name)
         sent, failed = _send(url, bodies, concurrency, api_key)
-        _wait_for_log(log_url, before + sent - failed)
+        _wait_for_log(log_url, before + sent - failed, config.name)
         if model_dir is None:  # the model the service logs its predictions under
             model_dir = served_model_dir(config, log_url, last=sent - failed)
         checked = monitor(config, data_dir=data_dir, log_url=log_url, last=sent - failed,
@@ -124,13 +125,14 @@ def _wait_ready(url: str, timeout_s: float = 180.0) -> None:
         time.sleep(0.2)
 
 
-def _wait_for_log(url: str, expected: int, timeout_s: float = 60.0) -> None:
+def _wait_for_log(url: str, expected: int, experiment: str, timeout_s: float = 60.0) -> None:
     """The server writes its log in batches, off the request path: wait until this window's records are in."""
     deadline = time.monotonic() + timeout_s
-    while (have := predlog.count(url)) < expected:
+    while (have := predlog.count(url, experiment=experiment)) < expected:
         if time.monotonic() > deadline:
-            raise TimeoutError(f"the prediction log at {predlog.redact(url)} holds {have} records after "
-                               f"{timeout_s:.0f} s, {expected} expected: is the server writing to this log?")
+            raise TimeoutError(f"the prediction log at {predlog.redact(url)} holds {have} records of experiment "
+                               f"{experiment!r} after {timeout_s:.0f} s, {expected} expected: is the server writing "
+                               "to this log, and was it started with this config (its name is the experiment)?")
         time.sleep(0.2)
 
 

@@ -104,6 +104,58 @@ class Derived:
     alpha: float = 0.0
 
 
+@dataclass(frozen=True)
+class Schedule:
+    """How long a run trains, in epochs and optimizer steps, and whether ``train.min_steps`` lengthened it."""
+
+    epochs: int
+    steps_per_epoch: int
+    warmup_steps: int
+    configured_epochs: int
+    min_steps: int
+
+    @property
+    def total_steps(self) -> int:
+        return self.epochs * self.steps_per_epoch
+
+    @property
+    def raised(self) -> bool:
+        return self.epochs > self.configured_epochs
+
+    def note(self) -> str:
+        """One line saying what was done when the dataset was too small for the configured epochs ('' if not)."""
+        if not self.raised:
+            return ""
+        return (
+            f"the dataset is too small for the schedule: {self.configured_epochs} epochs of {self.steps_per_epoch} "
+            f"optimizer steps would be {self.configured_epochs * self.steps_per_epoch} steps, under "
+            f"train.min_steps={self.min_steps}; training {self.epochs} epochs ({self.total_steps} steps) instead, "
+            f"with {self.warmup_steps} warm-up steps (lower train.batch_size for more steps per epoch, or set "
+            "train.min_steps=0 to keep the epochs)"
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"epochs": self.epochs, "configured_epochs": self.configured_epochs,
+                "steps_per_epoch": self.steps_per_epoch, "total_steps": self.total_steps,
+                "warmup_steps": self.warmup_steps, "min_steps": self.min_steps, "raised": self.raised,
+                "note": self.note()}
+
+
+def plan_schedule(epochs: int, steps_per_epoch: int, *, min_steps: int = 0, warmup_epochs: float = 0.0) -> Schedule:
+    """The training schedule for a split that gives ``steps_per_epoch`` optimizer steps per epoch.
+
+    ``epochs`` as configured, unless they give fewer than ``min_steps`` steps: then just enough epochs to reach it, so
+    that one config trains a 3,000-image copy as long (in steps) as the 39,000-image original. The warm-up keeps its
+    share of the schedule (``warmup_epochs / epochs``), so a lengthened run warms up over as many more steps.
+    """
+    if steps_per_epoch < 1:
+        raise ValueError(f"a schedule needs at least one optimizer step per epoch, not {steps_per_epoch}")
+    raised = max(epochs, math.ceil(min_steps / steps_per_epoch))
+    warmup = round(warmup_epochs * steps_per_epoch * (raised / epochs))  # exactly as before when not raised
+    return Schedule(epochs=raised, steps_per_epoch=steps_per_epoch, warmup_steps=warmup, configured_epochs=epochs,
+                    min_steps=min_steps)
+
+
 def train(
     config: SignpostConfig,
     *,
@@ -228,8 +280,14 @@ class Recipe:
                 f"train.batch_size={cfg.batch_size} is larger than the training split "
                 f"({len(train_split)} images): lower it"
             )
-        self.steps_per_epoch = len(self.loader)
-        self.total_steps = cfg.epochs * self.steps_per_epoch
+        # The schedule is a pure function of the config and the split's size, so a resumed run plans the same one.
+        self.schedule = plan_schedule(cfg.epochs, len(self.loader), min_steps=cfg.min_steps,
+                                      warmup_epochs=cfg.warmup_epochs)
+        self.steps_per_epoch, self.total_steps = self.schedule.steps_per_epoch, self.schedule.total_steps
+        if self.schedule.raised and self.rank == 0:
+            who = f"{self.stage} {self.derived.name}" if self.derived else self.stage
+            log.warning("%s on %s (%d training images): %s", who, self.data_dir.name, len(train_split),
+                        self.schedule.note())
         self.epoch, self.batch, self.history = 0, 0, []
         # Loss sum, correct and seen images of the epoch so far; float64 except on MPS, which has none.
         self.sums = torch.zeros(3, dtype=torch.float32 if self.device.type == "mps" else torch.float64,
@@ -248,7 +306,7 @@ class Recipe:
     def run(self) -> None:
         """Train the remaining epochs, validating after each; a stop signal saves a checkpoint and raises."""
         with _stop_signals(self._on_signal):
-            while self.epoch < self.cfg.epochs:
+            while self.epoch < self.schedule.epochs:
                 self.train_epoch()
                 if self._should_stop():
                     self._save_checkpoint()
@@ -265,8 +323,9 @@ class Recipe:
         aug_state = self.aug_states[self.rank] if self.aug_states is not None else None
         self.aug_states = None
         batches = self.loader.iterate(start=self.batch, generator_state=aug_state)
-        bar = tqdm(total=self.steps_per_epoch, initial=self.batch, desc=f"epoch {self.epoch + 1}/{self.cfg.epochs}",
-                   unit="step", disable=not self.progress, file=sys.stderr, leave=False)
+        bar = tqdm(total=self.steps_per_epoch, initial=self.batch,
+                   desc=f"epoch {self.epoch + 1}/{self.schedule.epochs}", unit="step", disable=not self.progress,
+                   file=sys.stderr, leave=False)
         started, seen_before = time.perf_counter(), self.sums[2].item()
         with bar:
             for x, y in batches:
@@ -354,7 +413,7 @@ class Recipe:
         # cosine: from 0 up to the peak, then down to 0. one-cycle (as torch's OneCycleLR with its defaults): from
         # peak/25 up to the peak, then down to peak/250,000.
         start, end = (1 / 25, 1 / 250_000) if self.cfg.schedule == "onecycle" else (0.0, 0.0)
-        warmup = round(self.cfg.warmup_epochs * self.steps_per_epoch)
+        warmup = self.schedule.warmup_steps
         if step < warmup:
             factor = start + (1 - start) * (step + 1) / warmup
         else:
@@ -466,8 +525,10 @@ class Recipe:
             image_size=self.dataset["image_size"],
             mean=self.dataset["mean"],
             std=self.dataset["std"],
+            # epochs and optimizer_steps as trained: more than train.epochs when min_steps raised them.
             metrics={"val_acc": self.best["val_acc"], "best_epoch": self.best["epoch"],
-                     "final_val_acc": final["val_acc"], "final_train_acc": final["train_acc"]},
+                     "final_val_acc": final["val_acc"], "final_train_acc": final["train_acc"],
+                     "epochs": self.schedule.epochs, "optimizer_steps": self.schedule.total_steps},
             data_artifact=self.data_dir.name,
             data_key=self.data_manifest["key"],
             config=config_to_dict(self.config),
@@ -483,12 +544,13 @@ class Recipe:
                 tmp,
                 stage=self.stage,
                 key=self.key,
+                experiment=self.config.name,
                 inputs={"data": self.data_dir.name, "data_key": self.data_manifest["key"]},
                 config=config_to_dict(self.cfg) | {"seed": self.config.seed, "world_size": self.world_size},
                 code=code_version(*_CODE),
                 metrics=card.metrics,
-                extra={"history": self.history, "device": str(self.device), "bf16": self.bf16,
-                       "tracking_run": self.tracking_run}
+                extra={"history": self.history, "schedule": self.schedule.to_dict(), "device": str(self.device),
+                       "bf16": self.bf16, "tracking_run": self.tracking_run}
                 | ({"derived": self.derived.identity} if self.derived else {}),
             )
         shutil.rmtree(self.checkpoint_dir, ignore_errors=True)  # this run's folder, old-layout leftovers included
