@@ -163,12 +163,14 @@ def test_decoded_crops_show_the_class_colour(written: WrittenDataset, margin: fl
     samples = raw.train + raw.test
     decoded = decode_samples(samples, SIZE, margin, workers=1)
     assert decoded.failures == {}
-    assert decoded.images.shape == (len(samples), 3, SIZE, SIZE)
+    assert decoded.images.shape == decoded.crops.shape == (len(samples), 3, SIZE, SIZE)
     for i, sample in enumerate(samples):
         truth = written.truth(sample.path)
         assert tuple(decoded.sizes[i]) == truth.size, sample.path
         assert decoded.digests[i], sample.path
-        assert_crop(decoded.images[i].transpose(1, 2, 0), truth, margin, sample.path)
+        assert_crop(decoded.crops[i].transpose(1, 2, 0), truth, margin, sample.path)
+        # The frame is the whole image, as a client sends it: the outside colour in every corner.
+        assert_crop(decoded.images[i].transpose(1, 2, 0), truth, 1.0, sample.path)
 
 
 # --- where the reader is pointed, and layout details --------------------------------------------------------
@@ -416,7 +418,7 @@ def test_invalid_roi(tmp_path: Path) -> None:
 def decode_all(raw: RawDataset) -> tuple[list[Sample], dict[int, str], np.ndarray]:
     samples = raw.train + raw.test
     decoded = decode_samples(samples, SIZE, 0.0, workers=1)
-    return samples, decoded.failures, decoded.images.transpose(0, 2, 3, 1)  # as [N, H, W, 3], like the writers
+    return samples, decoded.failures, decoded.crops.transpose(0, 2, 3, 1)  # as [N, H, W, 3], like the writers
 
 
 def test_corrupt_gtsrb_files_are_reported_and_the_rest_decode(tmp_path: Path) -> None:
@@ -476,7 +478,7 @@ def test_roi_is_inclusive_and_margin_is_a_fraction_of_it(tmp_path: Path, margin:
     x1, y1, x2, y2 = box
     decoded = decode_samples([Sample(str(path), 0, "t", (5, 7, 20, 22))], x2 - x1, margin, workers=1)
     assert decoded.failures == {}
-    np.testing.assert_array_equal(decoded.images[0].transpose(1, 2, 0), noise[y1:y2, x1:x2])
+    np.testing.assert_array_equal(decoded.crops[0].transpose(1, 2, 0), noise[y1:y2, x1:x2])
 
 
 @pytest.mark.parametrize(("suffix", "mode"), lw.IMAGEFOLDER_FORMATS)

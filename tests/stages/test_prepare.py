@@ -26,9 +26,11 @@ def test_prepare_writes_a_complete_verified_cache(synthetic_root: Path, tmp_path
     splits = _splits(result.path)
 
     header, *rows = (result.path / "sources.tsv").read_text().splitlines()
-    assert header.split("\t") == ["path", "sha256", "label", "track", "roi", "origin"]
+    assert header.split("\t") == ["path", "sha256", "label", "track", "roi", "split", "origin"]
     sources = [dict(zip(header.split("\t"), row.split("\t"), strict=True)) for row in rows]
     assert len(sources) == sum(len(s) for s in splits.values())
+    for name, split in splits.items():  # each split's files, in the order of its images
+        assert [int(s["label"]) for s in sources if s["split"] == name] == split.labels.tolist()
     assert all(len(s["sha256"]) == 64 for s in sources)
     assert manifest["inputs"]["layout"] == "gtsrb"
     assert len(manifest["inputs"]["sources_sha256"]) == 64

@@ -1,10 +1,11 @@
 """Decode every image once into a compact uint8 tensor cache, and read that cache back.
 
 Decoding runs in worker processes (PIL holds the GIL, so threads do not help): each worker reads a file, hashes its
-bytes, decodes, turns the image upright by its EXIF orientation (as a viewer shows it, and as the server decodes
-uploads), crops the ROI with a margin, converts to RGB and resizes, writing straight into a uint8 array. The
-cache of a split is one safetensors file: images ``[N, 3, S, S]`` uint8, labels, track ids, original sizes and
-per-image statistics. Nothing is pickled on disk.
+bytes, decodes, turns the image upright by its EXIF orientation (as a viewer shows it), converts to RGB and resizes
+the whole frame exactly as the server does an upload (``frame_pixels``), writing straight into a uint8 array; when
+asked, it also crops the sign's region (ROI) with a margin, for training crops beside the frames. The cache of a
+split is one safetensors file: images ``[N, 3, S, S]`` uint8, labels, track ids, original sizes and per-image
+statistics. Nothing is pickled on disk.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ _PPM_HEADER = re.compile(rb"P6\s+(\d+)\s+(\d+)\s+255\s")
 # The EXIF Orientation tag: 1 is upright as stored; 2-8 mirror and/or rotate (3: 180°, 6: 90° clockwise, 8: 90°
 # anticlockwise; 5-8 swap width and height). Cameras and phones store pixels as the sensor read them and set this.
 EXIF_ORIENTATION = 0x0112
+FULL_SCALE_SIDE = 256  # pixels: full_scale_side's floor, so GTSRB-sized images (at most 250 x 250) are never reduced
 
 
 class CorruptImageError(ValueError):
@@ -62,15 +64,17 @@ class UnsupportedImageError(CorruptImageError):
 class DecodedImages:
     """Decoded samples, row for row; rows of failed images are left zero and listed in ``failures``."""
 
-    images: np.ndarray  # uint8 [N, 3, S, S]
+    images: np.ndarray  # uint8 [N, 3, S, S]: each whole frame, exactly as the server gives it to the model
     sizes: np.ndarray  # int32 [N, 2]: original width, height
     digests: list[str]  # sha256 of each file's bytes ("" when unreadable)
     file_stats: np.ndarray  # int64 [N, 2]: file size (bytes) and modification time (ns) when it was read
-    stats: np.ndarray  # float32 [N, K]: image statistics, columns as in signpost.data.stats.STAT_NAMES
+    stats: np.ndarray  # float32 [N, K]: statistics of ``images``, columns as in signpost.data.stats.STAT_NAMES
     failures: dict[int, str]  # row -> reason
+    # uint8 [N, 3, S, S]: each sample's ROI grown by the margin (the whole image when it has none), when asked
+    crops: np.ndarray | None = None
 
     @classmethod
-    def empty(cls, n: int, size: int) -> DecodedImages:
+    def empty(cls, n: int, size: int, crops: bool = False) -> DecodedImages:
         return cls(
             images=np.zeros((n, 3, size, size), dtype=np.uint8),
             sizes=np.zeros((n, 2), dtype=np.int32),
@@ -78,6 +82,7 @@ class DecodedImages:
             file_stats=np.zeros((n, 2), dtype=np.int64),
             stats=np.zeros((n, len(STAT_NAMES)), dtype=np.float32),
             failures={},
+            crops=np.zeros((n, 3, size, size), dtype=np.uint8) if crops else None,
         )
 
     def put(self, start: int, chunk: DecodedImages) -> None:
@@ -88,6 +93,8 @@ class DecodedImages:
         self.digests[start:end] = chunk.digests
         self.file_stats[start:end] = chunk.file_stats
         self.stats[start:end] = chunk.stats
+        if self.crops is not None and chunk.crops is not None:
+            self.crops[start:end] = chunk.crops
         self.failures.update({start + i: reason for i, reason in chunk.failures.items()})
 
 
@@ -240,19 +247,42 @@ def preprocess(image: Image.Image, size: int, roi: Roi | None = None, margin: fl
     return np.frombuffer(resized.tobytes(), dtype=np.uint8).reshape(size, size, 3)
 
 
+def full_scale_side(size: int) -> int:
+    """The side, in pixels, below which an image for a model of input side ``size`` is never reduced before it is
+    resized (``frame_pixels``), and to which ``open_header`` may draft-decode a large JPEG."""
+    return max(FULL_SCALE_SIDE, 2 * size)
+
+
+def frame_pixels(decoded: DecodedImage, size: int) -> np.ndarray:
+    """What a model of input side ``size`` is given for a whole image: uint8 ``[size, size, 3]``.
+
+    This is the server's decode of an upload (``signpost.serve.uploads``) and prepare's of every dataset image alike,
+    so the val and test splits hold the very pixels a client's file is classified from. An image whose shorter side
+    is at least twice ``full_scale_side`` is box-averaged by an integer factor first (an antialiased resize from
+    megapixels costs ~10x more); GTSRB-sized images are resized whole, as they are.
+    """
+    image = decoded.image
+    factor = min(image.size) // full_scale_side(size)
+    if factor >= 2:
+        image = image.reduce(factor)
+    return preprocess(image, size)
+
+
 def decode_samples(
     samples: Sequence[Sample],
     size: int,
-    margin: float = 0.0,
+    margin: float | None = None,
     *,
     workers: int = 0,
     progress: bool = False,
 ) -> DecodedImages:
-    """Read, hash, decode, crop, resize and measure every sample once, in ``workers`` processes (0: one per core).
+    """Read, hash, decode, resize and measure every sample once, in ``workers`` processes (0: one per core).
 
-    An image with an EXIF orientation is turned upright before its ROI is cropped: ROIs are read as coordinates in
-    the image as a viewer shows it (GTSRB's own images carry no EXIF)."""
-    decoded = DecodedImages.empty(len(samples), size)
+    ``images`` are the whole frames, decoded as the server decodes an upload (``frame_pixels``). With ``margin``
+    (a fraction of the ROI's size), ``crops`` holds each sample's ROI grown by it too (the whole image for a sample
+    without ROI). An image with an EXIF orientation is turned upright before its ROI is cropped: ROIs are read as
+    coordinates in the image as a viewer shows it (GTSRB's own images carry no EXIF)."""
+    decoded = DecodedImages.empty(len(samples), size, crops=margin is not None)
     tasks = [
         ([(s.file, s.roi) for s in samples[i : i + _CHUNK]], i, size, margin)
         for i in range(0, len(samples), _CHUNK)
@@ -276,9 +306,11 @@ def _mp_context() -> mp.context.BaseContext:
     return mp.get_context("fork" if sys.platform == "linux" else "spawn")
 
 
-def _decode_chunk(task: tuple[list[tuple[str, Roi | None]], int, int, float]) -> tuple[int, DecodedImages]:
+def _decode_chunk(
+    task: tuple[list[tuple[str, Roi | None]], int, int, float | None],
+) -> tuple[int, DecodedImages]:
     items, start, size, margin = task
-    chunk = DecodedImages.empty(len(items), size)
+    chunk = DecodedImages.empty(len(items), size, crops=margin is not None)
     for i, (path, roi) in enumerate(items):
         try:
             data, stat = _read(path)
@@ -288,12 +320,17 @@ def _decode_chunk(task: tuple[list[tuple[str, Roi | None]], int, int, float]) ->
         chunk.digests[i] = hashlib.sha256(data).hexdigest()
         chunk.file_stats[i] = (stat.st_size, stat.st_mtime_ns)
         try:
-            image = open_image(data)
-            chunk.images[i] = preprocess(image, size, roi, margin).transpose(2, 0, 1)
+            # The server's decode: a large JPEG draft-decoded at reduced scale, as open_request sets it.
+            decoded = decode_image(open_header(data, min_side=full_scale_side(size)))
+            chunk.images[i] = frame_pixels(decoded, size).transpose(2, 0, 1)
+            if chunk.crops is not None:
+                # The ROI is in full-resolution coordinates: decode again at full scale if the draft reduced it.
+                image = decoded.image if decoded.image.size == decoded.size else open_image(data)
+                chunk.crops[i] = preprocess(image, size, roi, margin).transpose(2, 0, 1)
         except CorruptImageError as exc:
             chunk.failures[i] = str(exc)
             continue
-        chunk.sizes[i] = image.size
+        chunk.sizes[i] = decoded.size
     chunk.stats[:] = image_stats(chunk.images)  # rows of failed images are dropped later with the images
     return start, chunk
 
@@ -346,11 +383,15 @@ def load_split(path: Path) -> CachedSplit:
 
 
 SOURCES = "sources.tsv"  # in a prepared data folder: one line per source file, tab-separated, with a header
-SOURCE_COLUMNS = ("path", "sha256", "label", "track", "roi", "origin")
+# split: the cached split the file's frame is in (train, val, test, feedback), "" for a file that was skipped; the
+# rows of one split are in the order of its images. Older caches lack the column.
+SOURCE_COLUMNS = ("path", "sha256", "label", "track", "roi", "split", "origin")
 
 
 def read_sources(data_dir: Path) -> list[dict[str, str]]:
-    """The rows of a prepared data folder's ``sources.tsv``, by column name (``SOURCE_COLUMNS``). ``path`` is
-    relative to the raw root (``inputs.root`` of the manifest), or to the workdir for origin ``feedback*``."""
-    lines = (Path(data_dir) / SOURCES).read_text(encoding="utf-8").splitlines()[1:]
-    return [dict(zip(SOURCE_COLUMNS, line.split("\t"), strict=True)) for line in lines]
+    """The rows of a prepared data folder's ``sources.tsv``, by the column names of its header (``SOURCE_COLUMNS``;
+    a cache made before ``split`` lacks that one). ``path`` is relative to the raw root (``inputs.root`` of the
+    manifest), or to the workdir for origin ``feedback*``."""
+    header, *lines = (Path(data_dir) / SOURCES).read_text(encoding="utf-8").splitlines()
+    columns = header.split("\t")
+    return [dict(zip(columns, line.split("\t"), strict=True)) for line in lines]

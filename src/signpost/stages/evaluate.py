@@ -7,15 +7,27 @@ the current champion when one is given) and write the report, tables and picture
 
 Evaluation runs on the CPU: it is a few seconds for GTSRB's 12,630 test images, and the numbers do not then depend
 on which accelerator a machine has.
+
+``served_parity`` (``signpost evaluate --served URL``) checks that a running server answers as this evaluation
+does: it sends the test split's source files, as a client would, to the server (which must serve this very model,
+its card says), and compares the answers with evaluate's own predictions on the cached test images, which prepare
+decoded exactly as the server decodes an upload. Served and evaluated top-1 may differ by at most
+``evaluate.max_served_gap`` percentage points.
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import logging
 import sys
+import threading
 import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,7 +48,7 @@ from signpost.artifacts import (
     write_manifest,
 )
 from signpost.config import EvaluateConfig, SignpostConfig, config_to_dict
-from signpost.data.cache import load_split
+from signpost.data.cache import SOURCES, load_split, read_sources
 from signpost.data.loader import normalize
 from signpost.models.artifact import ModelCard, load_model
 from signpost.report import plots
@@ -216,6 +228,238 @@ def _score_feedback(model: nn.Module, card: ModelCard, data_dir: Path) -> dict[s
         for c in sorted(set(held.labels.tolist()))
     }
     return {"images": len(held), "top1": _r(correct.double().mean()), "per_class": per_class}
+
+
+# --- served parity ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ParityResult:
+    """A running server's answers on the test files, against evaluate's own predictions on the same files."""
+
+    url: str
+    served_version: str  # the model version the server names (its GET /v1/model)
+    runtime: str  # the runtime the server runs it on
+    images: int
+    served_top1: float
+    evaluated_top1: float
+    gap_points: float  # |evaluated - served| top-1, in percentage points
+    agreement: float  # share of files on which the server and evaluate predict the same class
+    failed: int  # files the server did not classify: counted as wrong, and as disagreeing
+    max_gap: float  # evaluate.max_served_gap, percentage points
+    disagreements: list[dict[str, Any]]  # the first PARITY_EXAMPLES: file, label, served (or why not), evaluated
+
+    @property
+    def passed(self) -> bool:
+        return self.gap_points <= self.max_gap + _TOLERANCE
+
+
+PARITY_EXAMPLES = 10  # disagreeing files named in a ParityResult
+MAX_CONCURRENCY = 64  # requests in flight at once, at most: a check, not a load test
+
+
+def served_parity(
+    config: SignpostConfig,
+    *,
+    model_dir: Path,
+    data_dir: Path,
+    url: str,
+    concurrency: int = 8,
+    timeout_s: float = 30.0,
+    api_key: str | None = None,
+    progress: bool = False,
+) -> ParityResult:
+    """Send the test split's source files to the server at ``url`` (``POST /v1/predict``, one file a request, at
+    most ``concurrency`` at a time, each given up after ``timeout_s``) and compare its answers with evaluate's own
+    predictions on the prepared test images of the same files.
+
+    Raises ``ValueError`` for a bad URL or setting and for test files changed since prepare, ``FileNotFoundError``
+    when they are gone, ``ConnectionError`` when the server cannot be reached or stops answering, and
+    ``RuntimeError`` when it is not ready, serves another model (its card differs from ``model_dir``'s) or serves a
+    canary beside it.
+    """
+    url = _service_url(url)
+    if not 1 <= concurrency <= MAX_CONCURRENCY:
+        raise ValueError(f"--concurrency {concurrency}: give 1 to {MAX_CONCURRENCY} requests in flight at once")
+    if not timeout_s > 0:
+        raise ValueError(f"--timeout {timeout_s}: give the seconds a request may take, more than 0")
+    model_dir, data_dir = Path(model_dir), Path(data_dir)
+    model, card = load_model(model_dir)
+    data_manifest = verify_artifact(data_dir, [TEST_SPLIT, SOURCES])
+    _check_fit(card, data_manifest["dataset"], model_dir, data_dir)
+    test = load_split(data_dir / TEST_SPLIT)
+    if len(test) == 0:
+        raise ValueError(f"{data_dir / TEST_SPLIT} holds no images: there is nothing to compare on")
+    files = _test_files(data_dir, data_manifest, len(test))
+    served = _served_model(url, card, model_dir, timeout_s)
+
+    evaluated = predict_logits(model, test.images, card.mean, card.std).argmax(dim=1).numpy()
+    answers = _ask_server(url, files, concurrency=concurrency, timeout_s=timeout_s, api_key=api_key,
+                          progress=progress)
+    classified = [answer for answer in answers if isinstance(answer, tuple)]
+    if not classified:
+        raise RuntimeError(f"{url} classified none of the {len(files)} test files; it answered the first with "
+                           f"{answers[0]}")
+    others = {version for _, version in classified} - {served["version"]}
+    if others:
+        raise RuntimeError(f"{url} answered with {', '.join(sorted(others))} as well as {served['version']} while it "
+                           "was measured (was the model reloaded?): measure again")
+
+    labels = test.labels.numpy()
+    predicted = np.array([answer[0] if isinstance(answer, tuple) else -1 for answer in answers])
+    served_top1, evaluated_top1 = float((predicted == labels).mean()), float((evaluated == labels).mean())
+    differ = np.flatnonzero(predicted != evaluated)
+    result = ParityResult(
+        url=url,
+        served_version=served["version"],
+        runtime=str(served.get("runtime", "")),
+        images=len(files),
+        served_top1=_r(served_top1),
+        evaluated_top1=_r(evaluated_top1),
+        gap_points=_r(100 * abs(evaluated_top1 - served_top1)),
+        agreement=_r(1 - len(differ) / len(files)),
+        failed=len(answers) - len(classified),
+        max_gap=config.evaluate.max_served_gap,
+        disagreements=[
+            {"file": str(files[i][0]), "label": int(labels[i]), "evaluated": int(evaluated[i]),
+             "served": answers[i][0] if isinstance(answers[i], tuple) else answers[i]}
+            for i in differ[:PARITY_EXAMPLES].tolist()
+        ],
+    )
+    log.info("%s (%s) on %d test files: served top-1 %.4f, evaluated %.4f, %.2f points apart (limit %.2f), "
+             "agreement %.4f, %d not classified", result.served_version, result.runtime, result.images,
+             served_top1, evaluated_top1, result.gap_points, result.max_gap, result.agreement, result.failed)
+    return result
+
+
+def _service_url(url: str) -> str:
+    """``url`` without a trailing slash, once it is checked to be an http(s) address of a server."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment:
+        raise ValueError(f"--served {url!r}: give the server's address, e.g. http://127.0.0.1:8000")
+    return url.rstrip("/")
+
+
+def _test_files(data_dir: Path, manifest: dict[str, Any], count: int) -> list[tuple[Path, str]]:
+    """The test split's source files (path, sha256), in the order of its images (``sources.tsv``)."""
+    rows = read_sources(data_dir)
+    if rows and "split" not in rows[0]:
+        raise ValueError(f"{data_dir} was prepared by an older Signpost: its {SOURCES} does not say which files are "
+                         "the test split; run `signpost prepare` again")
+    root = Path(manifest.get("inputs", {}).get("root", ""))
+    files = [(root / row["path"], row["sha256"]) for row in rows if row["split"] == "test"]
+    if len(files) != count:
+        raise ValueError(f"{data_dir / SOURCES} lists {len(files)} test files but {TEST_SPLIT} holds {count} images: "
+                         "the folder is damaged; run `signpost prepare` again")
+    missing = next((path for path, _ in files if not path.is_file()), None)
+    if missing is not None:
+        raise FileNotFoundError(f"{missing}: a test file of {data_dir.name} is missing; --served sends the original "
+                                f"files, so it needs the raw dataset that prepare read under {root}")
+    return files
+
+
+def _served_model(url: str, card: ModelCard, model_dir: Path, timeout_s: float) -> dict[str, Any]:
+    """What the server says it serves (``GET /v1/model``), once checked to be the model in ``model_dir``."""
+    try:
+        with _OPENER.open(f"{url}/v1/model", timeout=timeout_s) as response:
+            info = json.loads(response.read())
+        served_card = info["card"]
+    except urllib.error.HTTPError as exc:
+        if exc.code == 503:
+            raise RuntimeError(f"{url} is not ready yet ({_error_message(exc)}): wait until {url}/readyz answers 200, "
+                               "then measure again") from None
+        raise RuntimeError(f"{url}/v1/model answered HTTP {exc.code} ({_error_message(exc)}): is it a Signpost "
+                           "server?") from None
+    except (urllib.error.URLError, OSError) as exc:
+        raise ConnectionError(f"cannot reach {url} ({_reason(exc)}): is `signpost serve --model {model_dir}` "
+                              "running there?") from None
+    except (ValueError, KeyError, TypeError):
+        raise RuntimeError(f"{url}/v1/model did not answer with a model card: is it a Signpost server?") from None
+    if info.get("canary"):
+        raise RuntimeError(f"{url} sends {info['canary'].get('share', 0):.0%} of its requests to a canary "
+                           f"({info['canary'].get('version')}) beside {info.get('version')}: the answers would come "
+                           "from two models; measure a server started without --canary")
+    ours = card.model_dump(mode="json", exclude={"config"})
+    differ = sorted(key for key in ours.keys() | served_card.keys() if ours.get(key) != served_card.get(key))
+    if differ:
+        raise RuntimeError(f"{url} serves {info.get('version')}, not the model in {model_dir}: their cards differ in "
+                           f"{', '.join(differ)}; pass the served model with --model, or serve this one")
+    return info
+
+
+def _ask_server(
+    url: str, files: list[tuple[Path, str]], *, concurrency: int, timeout_s: float, api_key: str | None,
+    progress: bool,
+) -> list[tuple[int, str] | str]:
+    """Each file's answer: (class id, model version), or why the server did not classify it (its HTTP error).
+
+    A file changed since prepare, or a server that stops answering (refused, reset, timed out), ends the whole
+    measurement at once: the requests not yet sent are dropped, so a hung server costs about one ``timeout_s``.
+    """
+    endpoint = f"{url}/v1/predict"
+    headers = {"Content-Type": "application/octet-stream"} | ({"X-API-Key": api_key} if api_key else {})
+    stop = threading.Event()
+
+    def ask(path: Path, digest: str) -> tuple[int, str] | str:
+        if stop.is_set():
+            return "not sent"
+        body = path.read_bytes()
+        if hashlib.sha256(body).hexdigest() != digest:
+            raise ValueError(f"{path} changed since the data was prepared (its sha256 differs from {SOURCES}'s): "
+                             "run `signpost prepare` again")
+        request = urllib.request.Request(endpoint, data=body, headers=headers, method="POST")
+        try:
+            with _OPENER.open(request, timeout=timeout_s) as response:
+                answer = json.loads(response.read())
+            return int(answer["class_id"]), str(answer["model_version"])
+        except urllib.error.HTTPError as exc:
+            return f"HTTP {exc.code}: {_error_message(exc)}"
+        except (urllib.error.URLError, OSError) as exc:
+            raise ConnectionError(f"{endpoint} stopped answering ({_reason(exc)}): is the server still "
+                                  "running?") from None
+        except (ValueError, KeyError, TypeError):
+            raise RuntimeError(f"{endpoint} did not answer with a prediction: is it a Signpost server?") from None
+
+    answers: list[tuple[int, str] | str] = []
+    with (
+        ThreadPoolExecutor(concurrency, thread_name_prefix="signpost-parity") as pool,
+        tqdm(total=len(files), desc="served", unit="img", disable=not progress, file=sys.stderr) as bar,
+    ):
+        futures = [pool.submit(ask, path, digest) for path, digest in files]
+        try:
+            for future in futures:
+                answers.append(future.result())
+                bar.update(1)
+        except BaseException:
+            stop.set()  # the threads drop what they have not sent yet
+            for future in futures:
+                future.cancel()
+            raise
+    return answers
+
+
+class _NoRedirects(urllib.request.HTTPRedirectHandler):
+    """Requests go to the URL the user named and nowhere else: a redirect is answered as the error it is."""
+
+    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+
+# No proxy from the environment either: the measurement is of the server named, on the path the user gave.
+_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}), _NoRedirects())
+
+
+def _error_message(exc: urllib.error.HTTPError) -> str:
+    """The message of a Signpost error answer (``{"error": {"message": ...}}``), else the HTTP reason."""
+    try:
+        return str(json.loads(exc.read())["error"]["message"])[:300]
+    except Exception:  # any body at all may come back from something that is not a Signpost server
+        return str(exc.reason)
+
+
+def _reason(exc: BaseException) -> str:
+    reason = getattr(exc, "reason", None) or exc
+    return str(reason) or type(reason).__name__
 
 
 # --- inference and metrics --------------------------------------------------------------------------------------

@@ -5,6 +5,13 @@ experiment's labelled feedback batches (``signpost feedback add``), look up cont
 key is unchanged, otherwise decode every image once, split train/val by track, compute the reference statistics
 later drift checks compare against, and write the artifact atomically.
 
+Every image is cached as the whole frame, decoded and resized exactly as the server decodes an upload
+(``signpost.data.cache.frame_pixels``): what a client sends is what the model is trained, validated and tested on,
+and ``signpost evaluate --served`` finds the server's answers on the test files equal to evaluate's. With
+``data.roi_crops`` the train split also holds each training image's sign region (ROI, from the dataset's CSV files)
+grown by ``data.roi_margin``: tighter views of the same signs, as augmentation. ``sources.tsv`` names the split each
+file's frame is in.
+
 Feedback makes a new data version: its manifest's ``lineage`` names the version the raw data alone makes and every
 feedback batch folded in. A share of the feedback images (``data.feedback.holdout``, chosen by content hash so an
 image once held out stays held out) is never trained on: it is the ``feedback`` split on which ``signpost run``
@@ -43,7 +50,7 @@ from signpost.data.cache import SOURCE_COLUMNS, SOURCES, CachedSplit, DecodedIma
 from signpost.data.download import download_gtsrb
 from signpost.data.layouts import RawDataset, Sample, read_dataset
 from signpost.data.split import split_by_track
-from signpost.data.stats import STAT_NAMES, reference_summary
+from signpost.data.stats import STAT_NAMES, image_stats, reference_summary
 from signpost.data.synthetic import generate_gtsrb
 from signpost.monitoring.feedback import LABELS, feedback_batches
 
@@ -96,7 +103,8 @@ def prepare(config: SignpostConfig, *, progress: bool = True) -> PrepareResult:
         if is_complete(path):
             return PrepareResult(path, True, read_manifest(path))
 
-    decoded = decode_samples(samples, data.image_size, data.roi_margin, workers=data.workers, progress=progress)
+    margin = data.roi_margin if data.roi_crops else None  # None: frames only, no ROI crops decoded
+    decoded = decode_samples(samples, data.image_size, margin, workers=data.workers, progress=progress)
     index.update(rels, decoded.digests, decoded.file_stats)
     sources = _sources_hash(samples, rels, origins, decoded.digests)
     key = _cache_key(config, sources, bool(feedback.samples))
@@ -105,7 +113,7 @@ def prepare(config: SignpostConfig, *, progress: bool = True) -> PrepareResult:
         return PrepareResult(path, True, read_manifest(path))
     _check_failures(rels, decoded, data.max_bad_fraction)
 
-    splits, track_names = _make_splits(config, raw, samples, decoded, origins)
+    splits, track_names, split_of, crops = _make_splits(config, raw, samples, decoded, origins)
     n_raw = len(samples) - len(feedback.samples)
     base = _sources_hash(samples[:n_raw], rels[:n_raw], origins[:n_raw], decoded.digests[:n_raw])
     lineage = {
@@ -118,7 +126,7 @@ def prepare(config: SignpostConfig, *, progress: bool = True) -> PrepareResult:
     with atomic_dir(path) as tmp:
         for name, split in splits.items():
             save_split(split, tmp / f"{name}.safetensors")
-        _write_sources(tmp / SOURCES, samples, rels, origins, decoded)
+        _write_sources(tmp / SOURCES, samples, rels, origins, split_of, decoded)
         (tmp / "tracks.json").write_text(json.dumps(track_names), encoding="utf-8")
         _preview(splits["train"], len(raw.class_names)).save(tmp / "preview.png")
         manifest = write_manifest(
@@ -132,7 +140,7 @@ def prepare(config: SignpostConfig, *, progress: bool = True) -> PrepareResult:
             config=data_settings(config),
             code=code_version(*_CODE),
             metrics=_counts(splits),
-            extra=_describe(raw, splits, rels, decoded)
+            extra=_describe(raw, splits, crops, rels, decoded)
             | {"lineage": lineage, "timing": _timing(len(samples), started)},
         )
     if feedback.batches:
@@ -323,9 +331,10 @@ def _check_failures(rels: list[str], decoded: DecodedImages, limit: float) -> No
 
 def _make_splits(
     config: SignpostConfig, raw: RawDataset, samples: list[Sample], decoded: DecodedImages, origins: list[str]
-) -> tuple[dict[str, CachedSplit], list[str]]:
+) -> tuple[dict[str, CachedSplit], list[str], list[str], int]:
     """train / val / test (and ``feedback``, the held-out feedback, when there is some) for the samples in order:
-    the raw dataset's training and test images, then the feedback images."""
+    the raw dataset's training and test images, then the feedback images. Also the track names, each sample's split
+    ("" when it was skipped) and how many ROI crops end the train split (``data.roi_crops``; after the frames)."""
     data = config.data
     n_train = len(raw.train)
     origin = np.array(origins)
@@ -353,6 +362,9 @@ def _make_splits(
     }
     if (held := np.flatnonzero((origin == HOLDOUT) & ok)).size:
         rows["feedback"] = held
+    split_of = np.full(len(samples), "", dtype=object)
+    for name, chosen in rows.items():
+        split_of[chosen] = name
     images = torch.from_numpy(decoded.images)
     stats = torch.from_numpy(decoded.stats)
     splits = {}
@@ -365,7 +377,23 @@ def _make_splits(
             sizes=torch.from_numpy(decoded.sizes)[idx],
             stats=stats[idx],
         )
-    return splits, track_names
+    crops = 0
+    if decoded.crops is not None:
+        # The raw training images that have a ROI, once more as their sign region: appended after the frames.
+        with_roi = np.array([s.roi is not None for s in samples], dtype=bool)
+        chosen = np.flatnonzero((origin == "train") & (split_of == "train") & with_roi)
+        crops = len(chosen)
+        extra = decoded.crops[chosen]
+        idx = torch.from_numpy(chosen)
+        train = splits["train"]
+        splits["train"] = CachedSplit(
+            images=torch.cat([train.images, torch.from_numpy(extra)]),
+            labels=torch.cat([train.labels, torch.from_numpy(labels)[idx]]),
+            tracks=torch.cat([train.tracks, torch.from_numpy(tracks.astype(np.int64))[idx]]),
+            sizes=torch.cat([train.sizes, torch.from_numpy(decoded.sizes)[idx]]),
+            stats=torch.cat([train.stats, torch.from_numpy(image_stats(extra))]),
+        )
+    return splits, track_names, split_of.tolist(), crops
 
 
 def _timing(images: int, started: float) -> dict[str, float]:
@@ -379,12 +407,14 @@ def _counts(splits: dict[str, CachedSplit]) -> dict[str, int]:
 
 
 def _describe(
-    raw: RawDataset, splits: dict[str, CachedSplit], rels: list[str], decoded: DecodedImages
+    raw: RawDataset, splits: dict[str, CachedSplit], crops: int, rels: list[str], decoded: DecodedImages
 ) -> dict[str, Any]:
-    """What later stages and people need to know about the data, recorded in the manifest."""
+    """What later stages and people need to know about the data, recorded in the manifest. The reference statistics
+    are the training frames', what the server will see; the ROI crops (``crops`` rows at the end) are left out."""
     train = splits["train"]
     mean, std = _channel_mean_std(train.images)
-    size_stats = np.concatenate([train.stats.numpy(), train.sizes.numpy()], axis=1)
+    frames = len(train) - crops
+    size_stats = np.concatenate([train.stats[:frames].numpy(), train.sizes[:frames].numpy()], axis=1)
     return {
         "dataset": {
             "layout": raw.layout,
@@ -398,6 +428,9 @@ def _describe(
                 for name, split in splits.items()
             },
             "tracks": {name: int(split.tracks.unique().numel()) for name, split in splits.items()},
+            # Every split holds whole frames decoded as the server decodes uploads; train also ROI crops, if any.
+            "input": "frame",
+            "train_roi_crops": crops,
         },
         "reference_stats": reference_summary(size_stats, (*STAT_NAMES, "width", "height")),
         "skipped": [
@@ -420,12 +453,14 @@ def _channel_mean_std(images: torch.Tensor) -> tuple[list[float], list[float]]:
 
 
 def _write_sources(
-    path: Path, samples: list[Sample], rels: list[str], origins: list[str], decoded: DecodedImages
+    path: Path, samples: list[Sample], rels: list[str], origins: list[str], split_of: list[str],
+    decoded: DecodedImages,
 ) -> None:
-    """One tab-separated line per source file: path, sha256, label, track, ROI (x1,y1,x2,y2) and split of origin."""
+    """One tab-separated line per source file: path, sha256, label, track, ROI (x1,y1,x2,y2), the cached split its
+    frame is in ("" when skipped) and the split of origin."""
     lines = (
-        f"{rel}\t{digest}\t{s.label}\t{s.track}\t{','.join(map(str, s.roi)) if s.roi else ''}\t{origin}\n"
-        for s, rel, origin, digest in zip(samples, rels, origins, decoded.digests, strict=True)
+        f"{rel}\t{digest}\t{s.label}\t{s.track}\t{','.join(map(str, s.roi)) if s.roi else ''}\t{split}\t{origin}\n"
+        for s, rel, origin, split, digest in zip(samples, rels, origins, split_of, decoded.digests, strict=True)
     )
     path.write_text("\t".join(SOURCE_COLUMNS) + "\n" + "".join(lines), encoding="utf-8")
 
