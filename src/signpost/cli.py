@@ -22,15 +22,16 @@ from signpost.artifacts import ArtifactError, find_artifact
 from signpost.config import ConfigError, SignpostConfig, load_config
 
 if TYPE_CHECKING:  # the stages import torch and MLflow: loaded only by the commands that need them
+    from signpost.registry import ModelVersion
     from signpost.stages.evaluate import EvaluateResult
     from signpost.stages.promote import Decision
-    from signpost.tracking import ModelVersion
 
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
 EXIT_GATE = 3  # the model was evaluated and failed the gate
 EXIT_REGRESSION = 4  # bench --compare found B slower than A beyond the threshold
 EXIT_DRIFT = 5  # monitor: the window drifted; retraining is needed
+EXIT_PARITY = 6  # evaluate --served: the server's top-1 differs from evaluate's by more than evaluate.max_served_gap
 EXIT_INTERRUPTED = 130
 
 
@@ -114,6 +115,12 @@ def _build_parser() -> argparse.ArgumentParser:
     evaluate = _stage_parser(sub, "evaluate", "score a model on the test split and apply the gate", _evaluate)
     evaluate.add_argument("--model", type=Path, help="model folder (default: the newest trained for this experiment)")
     evaluate.add_argument("--data", type=Path, help="prepared data folder (default: the model's own)")
+    evaluate.add_argument("--served", nargs="?", const="http://127.0.0.1:8000", metavar="URL",
+                          help="instead of scoring and gating, send the test files to the server at URL (default "
+                          "%(const)s; SIGNPOST_API_KEY if it needs one), which must serve this model, and compare its "
+                          "answers with evaluate's: exit 6 when top-1 differs by more than evaluate.max_served_gap")
+    evaluate.add_argument("--concurrency", type=int, help="with --served: requests in flight at once (default 8)")
+    evaluate.add_argument("--timeout", type=float, help="with --served: seconds a request may take (default 30)")
 
     optimize = _stage_parser(sub, "optimize", "make int8, pruned, distilled and exported variants of a model",
                              _optimize)
@@ -320,13 +327,39 @@ def _evaluate(args: argparse.Namespace) -> int:
     from signpost.stages.pipeline import evaluate_and_register
 
     config = _config(args)
+    if args.served is None and (args.concurrency is not None or args.timeout is not None):
+        raise ConfigError("--concurrency and --timeout set how `evaluate --served URL` sends the test files: add "
+                          "--served URL, or leave them out")
     model = _given("evaluate", "train", args.model, "--model") or _newest(config, "evaluate", "train",
                                                                           "signpost train", "--model")
     data = _given("evaluate", "data", args.data, "--data") or _model_data(config, model, "evaluate")
+    if args.served is not None:
+        return _served_parity(args, config, model, data)
     result, version, decision = evaluate_and_register(config, model_dir=model, data_dir=data,
                                                       progress=_progress(args))
     _print_evaluation(result, version, decision)
     return 0 if result.passed else EXIT_GATE
+
+
+def _served_parity(args: argparse.Namespace, config: SignpostConfig, model: Path, data: Path) -> int:
+    """``evaluate --served``: the running server's answers on the test files against evaluate's; nothing written."""
+    from signpost.stages.evaluate import served_parity
+
+    result = served_parity(config, model_dir=model, data_dir=data, url=args.served,
+                           concurrency=8 if args.concurrency is None else args.concurrency,
+                           timeout_s=30.0 if args.timeout is None else args.timeout,
+                           api_key=os.environ.get("SIGNPOST_API_KEY"), progress=_progress(args))
+    print(f"evaluate --served: {result.url} serves {result.served_version} ({result.runtime}), the model evaluated")
+    print(f"  {result.images} test files: served top-1 {result.served_top1:.4f}, evaluated top-1 "
+          f"{result.evaluated_top1:.4f}, {result.gap_points:.2f} points apart; agreement {result.agreement:.2%}"
+          + (f"; {result.failed} not classified" if result.failed else ""))
+    for row in result.disagreements:
+        print(f"    {row['file']}: label {row['label']}, served {row['served']}, evaluated {row['evaluated']}")
+    if result.passed:
+        print(f"  parity: passed (within evaluate.max_served_gap {result.max_gap:g} points)")
+        return 0
+    print(f"  parity: FAILED: {result.gap_points:.2f} points > evaluate.max_served_gap {result.max_gap:g}")
+    return EXIT_PARITY
 
 
 def _optimize(args: argparse.Namespace) -> int:
@@ -532,42 +565,37 @@ def _monitor(args: argparse.Namespace) -> int:
             config, "monitor", "evaluate", "--evaluation")[0],
         model_dir=model, alerts=not args.no_alerts,
     )
-    r = result.result
-    verdict = r["verdict"]
-    print(f"monitor: {r['window']['rows']:,} predictions -> {result.path / 'report.html'}")
-    if r["experiment"]["skipped_total"]:  # a log shared with other experiments, or made by an older Signpost
-        print(f"  {r['experiment']['note']}")
-    if not verdict.get("enough_data"):
-        print(f"  {verdict['note']}")
+    r = result.report
+    verdict, checks = r.verdict, r.checks
+    print(f"monitor: {r.rows:,} predictions -> {result.path / 'report.html'}")
+    if r.experiment and r.experiment.skipped_total:  # a log shared with other experiments, or an older Signpost's
+        print(f"  {r.experiment.note}")
+    if checks is None:  # too few predictions to judge
+        print(f"  {verdict.note}")
         return 0
-    p, i, h = r["prediction_drift"], r["input_drift"], r["health"]
-    print(f"  predictions: class PSI {p['class_psi']:.3f}, JS {p['class_js']:.3f}, mean confidence "
-          f"{p['mean_confidence']:.3f}{' — DRIFT' if p['drifted'] else ''}")
-    drifted = [name for name, f in i["features"].items() if f["drifted"]]
+    p, i, e, h = checks.prediction_drift, checks.input_drift, checks.embedding_drift, checks.health
+    print(f"  predictions: class PSI {p.class_psi:.3f}, JS {p.class_js:.3f}, mean confidence "
+          f"{p.mean_confidence:.3f}{' — DRIFT' if p.drifted else ''}")
+    drifted = [name for name, f in i.features.items() if f.drifted]
     listed = f": {', '.join(drifted)}" if drifted else ""
-    print(f"  inputs: {len(drifted)} of {len(i['features'])} statistics drifted{listed}"
-          f"{' — DRIFT' if i['drifted'] else ''}")
-    embedding = r["embedding_drift"]
-    print(f"  embeddings: {'DRIFT' if embedding['drifted'] else embedding.get('note', 'stable')}")
-    print(f"  latency p99 {h['latency_p99_ms']:.1f} ms (SLO {h['slo_ms']:.0f} ms)"
-          f"{' — BREACHED' if h['latency_breached'] else ''}; errors {h['error_rate']:.1%}"
-          f"{' — BREACHED' if h['errors_breached'] else ''}")
-    for version, m in ((r.get("models") or {}).get("versions") or {}).items():
-        print(f"  model {version} ({m['role']}): {m['records']} predictions ({m['share']:.0%}), mean confidence "
-              f"{m['mean_confidence']:.3f}, p99 {m['latency_p99_ms']:.1f} ms" + (f"; {m['verdict']}"
-                                                                                 if "verdict" in m else ""))
-    for alert in r.get("alerts", []):
-        outcome = "sent" if alert["ok"] else alert["error"]
-        print(f"  alert {alert['status']} {alert['incident']} -> {alert['sink']}: {outcome}")
-    reasons = ", ".join(verdict["reasons"])
-    quality = r.get("quality", {})
-    if "accuracy" in quality:
-        print(f"  feedback: accuracy {quality['accuracy']:.3f} on {quality['images']} labelled images it was not "
-              "trained on "
-              f"(evaluation {quality['baseline'] if quality['baseline'] is not None else '-'})"
-              f"{' — DROP' if quality['dropped'] else ''}")
-    print(f"  verdict: {f'retrain ({reasons})' if verdict['retrain'] else 'no retraining needed'}")
-    return EXIT_DRIFT if verdict["retrain"] else 0
+    print(f"  inputs: {len(drifted)} of {len(i.features)} statistics drifted{listed}{' — DRIFT' if i.drifted else ''}")
+    print(f"  embeddings: {'DRIFT' if e.drifted else e.note or 'stable'}")
+    print(f"  latency p99 {h.latency_p99_ms:.1f} ms (SLO {h.slo_ms:.0f} ms)"
+          f"{' — BREACHED' if h.latency_breached else ''}; errors {h.error_rate:.1%}"
+          f"{' — BREACHED' if h.errors_breached else ''}")
+    for version, m in (r.models.versions if r.models else {}).items():
+        canary = f"; {m.verdict}" if m.verdict is not None else ""  # the main model has no verdict
+        print(f"  model {version} ({m.role}): {m.records} predictions ({m.share:.0%}), mean confidence "
+              f"{m.mean_confidence:.3f}, p99 {m.latency_p99_ms:.1f} ms{canary}")
+    for alert in r.alerts or []:
+        print(f"  alert {alert.status} {alert.incident} -> {alert.sink}: {'sent' if alert.ok else alert.error}")
+    q = r.quality
+    if q.accuracy is not None:
+        print(f"  feedback: accuracy {q.accuracy:.3f} on {q.images} labelled images it was not trained on "
+              f"(evaluation {q.baseline if q.baseline is not None else '-'}){' — DROP' if q.dropped else ''}")
+    reasons = ", ".join(verdict.reasons)
+    print(f"  verdict: {f'retrain ({reasons})' if verdict.retrain else 'no retraining needed'}")
+    return EXIT_DRIFT if verdict.retrain else 0
 
 
 def _simulate(args: argparse.Namespace) -> int:
@@ -611,7 +639,7 @@ def _feedback(args: argparse.Namespace) -> int:
 
 
 def _promote(args: argparse.Namespace) -> int:
-    from signpost.tracking import Registry
+    from signpost.registry import Registry
 
     config = _config(args)
     version = Registry(config.tracking, config.workdir).promote()
@@ -620,7 +648,7 @@ def _promote(args: argparse.Namespace) -> int:
 
 
 def _rollback(args: argparse.Namespace) -> int:
-    from signpost.tracking import Registry
+    from signpost.registry import Registry
 
     config = _config(args)
     version = Registry(config.tracking, config.workdir).rollback()

@@ -17,6 +17,9 @@ LAYOUTS = ("auto", "gtsrb", "torchvision", "kaggle", "imagefolder")
 # An experiment's and a registered model's name: also a folder-name prefix, and inside a models:/<name>@<alias> URI
 # (MLflow refuses '/' and ':' in registered model names).
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
+# The largest batch the exported model forms accept (their dynamic batch dimension runs 1 to MAX_BATCH). It lives
+# here, where torch is not imported, so that serve.max_batch_size has the same bound as runtime.MAX_BATCH.
+MAX_BATCH = 1024
 
 
 class ConfigError(ValueError):
@@ -73,8 +76,14 @@ class DataConfig(StrictModel):
     root: Path = Field(Path("data/gtsrb"), description="folder holding the raw dataset")
     layout: Literal["auto", "gtsrb", "torchvision", "kaggle", "imagefolder"] = "auto"
     image_size: int = Field(32, ge=8, le=512, description="side of the square images in the cache, pixels")
+    roi_crops: bool = Field(
+        False, description="train on each training image's sign region (ROI, from the dataset's CSV files) grown by "
+        "roi_margin, beside the whole frame; the model is always validated, tested and served on whole frames, "
+        "decoded as the server decodes an upload"
+    )
     roi_margin: float = Field(
-        0.0, ge=0.0, le=1.0, description="context kept around the ROI, as a fraction of the ROI's size"
+        0.0, ge=0.0, le=1.0, description="context kept around the ROI in the roi_crops training images, as a "
+        "fraction of the ROI's size"
     )
     val_fraction: float = Field(0.15, gt=0.0, lt=1.0, description="share of training images held out, by track")
     test_fraction: float = Field(
@@ -151,6 +160,11 @@ class EvaluateConfig(StrictModel):
         "held-out feedback when the data has some, else on the test split (0: any lead; a tie keeps the champion)",
     )
     calibration_bins: int = Field(15, ge=2, le=100, description="bins of the reliability diagram and ECE")
+    max_served_gap: float = Field(
+        0.3, ge=0.0, le=100.0,
+        description="`signpost evaluate --served URL` fails when the running server's top-1 on the test files and "
+        "evaluate's own differ by more than this, in percentage points",
+    )
 
 
 class PruneConfig(StrictModel):
@@ -233,7 +247,7 @@ class ServeConfig(StrictModel):
     )
     threads: int | None = Field(None, ge=1, description="intra-op threads for inference; default: all cores")
     batching: bool = Field(True, description="gather concurrent requests into one forward pass")
-    max_batch_size: int = Field(64, ge=1, le=1024, description="images in one forward pass")
+    max_batch_size: int = Field(64, ge=1, le=MAX_BATCH, description="images in one forward pass")
     max_wait_ms: float = Field(1.0, ge=0.0, description="longest a request waits for others to join its batch")
     max_queue: int = Field(512, ge=1, description="images waiting for a forward pass; beyond it: 503 + Retry-After")
     request_timeout_s: float = Field(10.0, gt=0.0, description="a request still unanswered after this gets 504")

@@ -16,6 +16,9 @@ autocast) and an ONNX file. A runtime loads one form:
 Every file is checked against the artifact's manifest before it is read, and nothing is unpickled: weights come
 from safetensors, exported programs from ``torch.export.load`` (JSON graph and raw tensor data), ONNX from protobuf.
 The AOTInductor package holds native code: it is loaded only after its hash matches the manifest.
+
+Conversion happens here, at load time, as gpt-fast converts at load: ``optimize/quantize.py`` makes the int8 program
+offline, and ``register_lowering`` gives Inductor the int8 fusion passes it needs to compile that program.
 """
 
 from __future__ import annotations
@@ -23,7 +26,9 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import logging
 import os
+import platform
 import re
 import threading
 import zipfile
@@ -36,6 +41,7 @@ import torch
 from torch import nn
 
 from signpost.artifacts import ArtifactError, verify_artifact
+from signpost.config import MAX_BATCH as MAX_BATCH  # the largest batch the exported forms accept
 from signpost.models.artifact import CARD, WEIGHTS, ModelCard, load_model
 
 PROGRAM = "program.pt2"  # torch.export program (ExportedProgram), used by the int8 variant
@@ -47,7 +53,6 @@ RUNTIMES = ("eager", "compile", "aoti", "onnxruntime")
 # Which form each runtime reads, in order of preference.
 _RUNTIME_FORMS = {"eager": ("weights", "program"), "compile": ("weights", "program"), "aoti": ("aoti",),
                   "onnxruntime": ("onnx",)}
-MAX_BATCH = 1024  # the largest batch the exported forms accept
 WARMUP_BATCHES = (1, 2, 16)  # one batch of each shape regime torch.compile makes a graph for
 
 
@@ -130,8 +135,6 @@ def load_predictor(
     if runtime == "aoti":
         return Predictor(runtime, form, card, _aoti(folder / FORMS[form]))
     if form == "program":
-        from signpost.optimize.quantize import register_lowering
-
         register_lowering()  # the int8 fusion passes Inductor needs to compile a quantized program
     module = load_model(folder, verify=False)[0] if form == "weights" else load_program(folder / PROGRAM)
     if runtime == "eager":  # the module as a user would call it (NCHW, no compilation): the baseline
@@ -142,6 +145,40 @@ def load_predictor(
         predictor.images = _compiled(_FromImages(module, predictor._shift, predictor._scale), bf16=bf16,
                                      image_size=card.image_size, warmup=warmup, images=True)
     return predictor
+
+
+def quantizer_name() -> str:
+    """The PT2E quantizer for this machine's CPU architecture."""
+    return "arm_inductor" if platform.machine().lower() in ("aarch64", "arm64") else "x86_inductor"
+
+
+def register_lowering() -> str:
+    """Import the quantizer module for this CPU; importing it registers its Inductor int8 fusion passes.
+
+    A fresh process that compiles a saved int8 program calls this first, or Inductor runs the quantize/dequantize
+    pairs as separate ops. Returns the quantizer's name.
+    """
+    name = quantizer_name()
+    with _quiet_torchao():
+        if name == "arm_inductor":
+            import torchao.quantization.pt2e.quantizer.arm_inductor_quantizer
+        else:
+            import torchao.quantization.pt2e.quantizer.x86_inductor_quantizer  # noqa: F401
+    return name
+
+
+@contextlib.contextmanager
+def _quiet_torchao() -> Iterator[None]:
+    """torchao's import warns about GPU-only kernels a CPU build cannot load: its logger is at ERROR inside the block
+    (unless the root logger is at DEBUG)."""
+    logger = logging.getLogger("torchao")
+    previous = logger.level
+    if not logging.getLogger().isEnabledFor(logging.DEBUG):
+        logger.setLevel(max(logging.ERROR, previous))
+    try:
+        yield
+    finally:
+        logger.setLevel(previous)
 
 
 def _normalization(card: ModelCard) -> tuple[torch.Tensor, torch.Tensor]:

@@ -10,10 +10,10 @@ import pytest
 
 from signpost.cli import EXIT_DRIFT, main
 from signpost.config import load_config
+from signpost.registry import CHAMPION, Registry
 from signpost.serve import predlog
 from signpost.serve.app import create_app
 from signpost.stages.monitor import monitor, served_model_dir
-from signpost.tracking import CHAMPION, Registry
 from tests.serve.conftest import LoopbackServer
 
 TRAIN = ["train.epochs=10", "train.batch_size=16", "train.threads=1", "optimize.enabled=false"]

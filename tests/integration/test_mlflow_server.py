@@ -26,7 +26,8 @@ from mlflow import MlflowClient
 
 from signpost.artifacts import write_manifest
 from signpost.config import TrackingConfig
-from signpost.tracking import Registry, start_run
+from signpost.registry import Registry
+from signpost.tracking import start_run
 
 # Starting the server (imports, schema migrations) takes 10-25 s on a loaded machine.
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::sqlalchemy.exc.SADeprecationWarning")]

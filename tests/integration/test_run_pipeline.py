@@ -12,7 +12,7 @@ from PIL import Image
 
 from signpost.cli import EXIT_GATE, main
 from signpost.config import load_config
-from signpost.tracking import Registry
+from signpost.registry import Registry
 
 FAST = ["train.epochs=2", "train.batch_size=16", "train.threads=1", "evaluate.max_drop=1.0", "optimize.enabled=false"]
 # optimize and bench in a run, kept small: no AOTInductor packages or students, a two-variant, two-runtime matrix.

@@ -15,7 +15,8 @@ from fastapi.testclient import TestClient
 from signpost.cli import main
 from signpost.config import ConfigError
 from signpost.models.artifact import WEIGHTS
-from signpost.serve.app import API_KEY_ENV, create_app
+from signpost.serve.app import create_app
+from signpost.serve.routes import API_KEY_ENV
 from tests.security.served import make_config, small_model
 from tests.serve.conftest import image_bytes
 

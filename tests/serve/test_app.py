@@ -166,7 +166,8 @@ def test_model_uris_and_folders_are_checked_up_front(optimized: dict, tmp_path: 
 
 
 def test_serving_and_reloading_by_registry_alias(make_client, optimized: dict, tmp_path: Path) -> None:
-    from signpost.tracking import CHAMPION, Registry, start_run
+    from signpost.registry import CHAMPION, Registry
+    from signpost.tracking import start_run
 
     work = tmp_path / "work0"  # make_client's first workdir: the registry lives there
     config = optimized["config"].model_copy(deep=True)

@@ -41,7 +41,7 @@ def test_the_context_holds_a_lint_clean_dockerfile_a_pinned_lock_the_app_and_the
     result = package(config, model=str(variant))
     context = result.context
     assert {p.name for p in context.iterdir()} == {"Dockerfile", ".dockerignore", "requirements.lock", "app", "model",
-                                                    "signpost.yaml"}
+                                                    "signpost.yaml", "keys"}
     lint = subprocess.run([_hadolint(), str(context / "Dockerfile")], capture_output=True, text=True)
     assert lint.returncode == 0, lint.stdout + lint.stderr
 
@@ -54,6 +54,7 @@ def test_the_context_holds_a_lint_clean_dockerfile_a_pinned_lock_the_app_and_the
     pins = dict(line.split("==") for line in lock if line and not line.startswith("#"))
     assert pins["torch"] == "2.13.0" and "onnxruntime" in pins and "fastapi" in pins and "uvicorn" in pins
     assert "mlflow" not in pins and "matplotlib" not in pins  # the server does not need them
+    assert "cryptography" in pins  # it checks its model's signature when the image carries a public key
 
     verify_artifact(context / "model")  # the model arrives whole, with its manifest
     assert (context / "app" / "src" / "signpost" / "serve" / "app.py").is_file()

@@ -15,12 +15,13 @@ from signpost.artifacts import atomic_dir, read_manifest, write_manifest
 from signpost.config import ConfigError, SignpostConfig, load_config, save_config
 from signpost.models import build_model
 from signpost.models.artifact import ModelCard, save_model
+from signpost.registry import CHALLENGER, CHAMPION, Registry
 from signpost.serve.model import resolve
 from signpost.stages import evaluate as evaluate_module
 from signpost.stages.pipeline import evaluate_and_register
 from signpost.stages.prepare import prepare
 from signpost.stages.promote import not_comparable
-from signpost.tracking import CHALLENGER, CHAMPION, Registry, start_run, tracking_uri
+from signpost.tracking import start_run, tracking_uri
 from tests.conftest import local_config
 
 # MLflow's SQLAlchemy store uses a loader option that SQLAlchemy 2 deprecates; not ours to fix.

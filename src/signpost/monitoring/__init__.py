@@ -1,1 +1,2 @@
-"""Monitoring pieces shared by the monitor stage: drift statistics and alert sinks."""
+"""Monitoring pieces shared by the monitor stage: drift statistics, the verdict and its typed result, alert sinks,
+feedback batches."""

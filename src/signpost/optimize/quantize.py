@@ -5,11 +5,11 @@ x86-64, Arm Inductor on arm64) annotates it; ``prepare_pt2e`` inserts observers;
 activation ranges; ``convert_pt2e`` writes int8 weights and quantize/dequantize pairs. The result is exported again
 and saved as a ``torch.export`` program: int8 weights on disk, and a graph Inductor fuses into int8 kernels when it
 is compiled (``torch.compile`` with freezing, or AOTInductor). ``torch.ao.quantization`` is deprecated and not used.
+Registering those fusion passes is the load-time half, and lives in ``runtime.py`` beside the loader.
 """
 
 from __future__ import annotations
 
-import platform
 import zipfile
 from collections.abc import Iterable
 from pathlib import Path
@@ -18,28 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from signpost.optimize import quiet_libraries
-from signpost.runtime import MAX_BATCH
-
-
-def quantizer_name() -> str:
-    """The PT2E quantizer for this machine's CPU architecture."""
-    return "arm_inductor" if platform.machine().lower() in ("aarch64", "arm64") else "x86_inductor"
-
-
-def register_lowering() -> str:
-    """Import the quantizer module for this CPU; importing it registers its Inductor int8 fusion passes.
-
-    A fresh process that compiles a saved int8 program calls this first, or Inductor runs the quantize/dequantize
-    pairs as separate ops. Returns the quantizer's name.
-    """
-    name = quantizer_name()
-    with quiet_libraries():  # torchao's import warns about GPU-only kernels it cannot load on a CPU build
-        if name == "arm_inductor":
-            import torchao.quantization.pt2e.quantizer.arm_inductor_quantizer
-        else:
-            import torchao.quantization.pt2e.quantizer.x86_inductor_quantizer  # noqa: F401
-    return name
+from signpost.runtime import MAX_BATCH, quantizer_name, register_lowering
 
 
 def _quantizer(dynamic: bool) -> Any:

@@ -1,1 +1,1 @@
-"""Plots and the HTML run report."""
+"""Plots, the HTML run report and the monitor's report."""

@@ -163,7 +163,7 @@ def load(source: ModelSource, *, threads: int | None, max_batch: int) -> ServedM
 
 
 def _from_registry(uri: str, config: SignpostConfig, runtime: str) -> ModelSource:
-    from signpost.tracking import Registry
+    from signpost.registry import Registry
 
     name, sep, alias = uri[len(REGISTRY_SCHEME):].partition("@")
     if not sep or not name or not alias:

@@ -12,7 +12,7 @@ httptools a request head has no size limit. ``DeadlineProtocol`` adds these to u
   client gets 408 / 431 and the connection is closed (a connection that sent nothing is just closed; under h11, whose
   own limit is set to the same size, an oversized head gets h11's 400 first);
 - a request body must be complete within ``serve.body_timeout_s`` of its head, plus a grace second: the upload reader
-  (``app._read_body``) answers 408 at ``serve.body_timeout_s`` itself, so this only cuts off a body that a route
+  (``uploads.read_body``) answers 408 at ``serve.body_timeout_s`` itself, so this only cuts off a body that a route
   reads without a deadline, or that nobody reads.
 
 Each cut is one log line and counts in ``signpost_slow_clients{reason}``.

@@ -1,7 +1,15 @@
-"""Decoding uploads within a budget, apart from inference.
+"""Uploads, from the request to the pixels: the body read within its size limit and deadline, multipart forms
+parsed, images decoded within a budget, apart from inference. Nothing here knows the app: every limit is an argument,
+and every refusal is a ``Refused`` naming the HTTP status, an error code and the setting to change.
 
-A 73 KB PNG can declare 25 megapixels: decoding it holds a core for a quarter of a second to two seconds, and done in
-the batcher's worker it held up every request queued behind it. So the server decodes in two steps:
+Reading (``read_images``): the Content-Type must be an image, ``application/octet-stream`` or a multipart form (else
+415); a body declared or streamed past ``serve.max_upload_bytes`` is refused with 413 as soon as that is known; the
+whole body must arrive within ``serve.body_timeout_s`` (else 408, and the connection is closed); a client that leaves
+before the end is ``ClientAborted``, not an error to answer. A form's files are its images, at most
+``serve.max_batch_images`` of them.
+
+Decoding: a 73 KB PNG can declare 25 megapixels: decoding it holds a core for a quarter of a second to two seconds,
+and done in the batcher's worker it held up every request queued behind it. So the server decodes in two steps:
 
 1. ``open_request`` reads each image's header and decodes nothing (microseconds): the format must be one a client
    sends, a JPEG larger than the model needs is set to decode at 1/2, 1/4 or 1/8 scale (Pillow's draft mode), and
@@ -14,21 +22,27 @@ the batcher's worker it held up every request queued behind it. So the server de
    Retry-After). A flood of large images thus takes at most ``decode_workers`` cores and queues behind itself, never
    in front of a small request.
 
-An image whose shorter side is under twice ``min_side`` (512 pixels for a 32-pixel model) is decoded and resized
-exactly as ``prepare`` does, so the model sees the pixels it was trained on; a larger one is reduced first (draft,
-then ``Image.reduce``, both averaging), which changes what an antialiased resize alone would give by a level or so.
-Every image is turned upright by its EXIF orientation (``signpost.data.cache.decode_image``), as at prepare time,
-and the orientation is logged with the prediction.
+Decoding and resizing are ``signpost.data.cache``'s own (``decode_image`` then ``frame_pixels``), which ``prepare``
+uses for every dataset image too: the val and test splits hold exactly the pixels an upload of the same file is
+classified from, so ``signpost evaluate --served`` finds served and evaluated answers equal. An image whose shorter
+side is at least twice ``full_scale_side`` (512 pixels for a 32-pixel model) is reduced first (draft, then
+``Image.reduce``, both averaging). Every image is turned upright by its EXIF orientation, as at prepare time, and
+the orientation is logged with the prediction.
 """
 
 from __future__ import annotations
 
 import asyncio
 import threading
+from collections.abc import Callable, MutableMapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
+from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect, Request
 
 from signpost.data.cache import (
     CorruptImageError,
@@ -37,24 +51,33 @@ from signpost.data.cache import (
     PendingImage,
     UnsupportedImageError,
     decode_image,
+    frame_pixels,
+    full_scale_side,
     open_header,
-    preprocess,
 )
 
+RAW_TYPES = ("image/", "application/octet-stream")  # a raw body of these media types is one image
 # Formats a camera or a client library sends; others (PSD, ICO, EPS, ...) are refused by name.
 IMAGE_FORMATS = frozenset({"JPEG", "PNG", "PPM", "BMP", "WEBP", "GIF", "TIFF"})
 # A request with more pixels to decode than this (512 x 512: ~3 ms on a 2-core EPYC, ~25 ms for 1024 x 1024 there)
 # goes to the DecodePool; 64 GTSRB-sized images (~50 x 50 on average) stay beside the forward pass.
 INLINE_PIXELS = 512 * 512
-FULL_SCALE_SIDE = 256  # pixels: min_side's floor, so GTSRB-sized images (at most 250 x 250) are never reduced
 
 
 class Refused(Exception):
-    """An upload the server will not classify: the HTTP status, error code and message to answer with."""
+    """An upload the server will not classify: the HTTP status, error code, message and headers to answer with."""
 
-    def __init__(self, status: int, code: str, message: str) -> None:
+    def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
-        self.status, self.code, self.message = status, code, message
+        self.status, self.code, self.message, self.headers = status, code, message, headers
+
+
+class ClientAborted(Exception):
+    """The client closed its connection before its request was read whole: nothing to answer, not a server error."""
+
+    def __init__(self, received: int) -> None:
+        super().__init__(f"closed the connection after {received:,} bytes of the body")
+        self.received = received  # bytes of the body that had arrived
 
 
 class DecoderBusy(RuntimeError):
@@ -78,9 +101,91 @@ class Large:
     size: int  # the model's input side when the headers were read
 
 
-def min_side(size: int) -> int:
-    """The side, in pixels, below which an image for a model of input side ``size`` is never reduced."""
-    return max(FULL_SCALE_SIDE, 2 * size)
+def content_type(request: Request) -> str:
+    """The request's media type, lower case, without parameters (``multipart/form-data``, ``image/png``, ...)."""
+    return request.headers.get("content-type", "").split(";")[0].strip().lower()
+
+
+async def read_images(
+    request: Request, *, limit: int, max_images: int, timeout_s: float,
+    on_timeout: Callable[[int], None] = lambda received: None,
+) -> list[bytes]:
+    """The uploaded image bytes: the raw body, or the files of a multipart form (at most ``max_images``). The body
+    is read by ``read_body`` (``limit`` bytes, ``timeout_s`` seconds); ``Refused`` says what was wrong."""
+    kind = content_type(request)
+    if not kind.startswith("multipart/form-data") and not kind.startswith(RAW_TYPES):
+        raise Refused(415, "unsupported_media_type", f"Content-Type {kind or '(none)'!r} is not accepted: send an "
+                      "image (image/jpeg, image/png, ... or application/octet-stream) or multipart/form-data")
+    body = await read_body(request, limit, timeout_s=timeout_s, on_timeout=on_timeout)
+    if not body:
+        raise Refused(400, "empty_body", "the request has no body: send the image bytes")
+    if not kind.startswith("multipart/form-data"):
+        return [body]
+    form = await _parse_form(request, body, limit, max_images)
+    files = [value for _, value in form.multi_items() if isinstance(value, UploadFile)]
+    if not files:
+        raise Refused(400, "no_files", "the multipart form holds no files: attach the image(s) as file fields")
+    if len(files) > max_images:
+        raise Refused(413, "too_many_images", f"{len(files)} images in one request; the limit is {max_images} "
+                      "(serve.max_batch_images)")
+    return [await f.read() for f in files]
+
+
+async def read_body(
+    request: Request, limit: int, *, timeout_s: float, on_timeout: Callable[[int], None] = lambda received: None
+) -> bytes:
+    """The body, refused with 413 as soon as it is known to be over ``limit`` bytes (declared or streamed), and
+    with 408 when it has not arrived whole within ``timeout_s`` seconds (``serve.body_timeout_s``; ``on_timeout`` is
+    told how many bytes had arrived). A client that leaves before the end is ``ClientAborted``."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        if not declared.isdigit():
+            raise Refused(400, "bad_content_length", f"Content-Length {declared[:40]!r} is not a number")
+        if int(declared) > limit:
+            raise Refused(413, "payload_too_large", f"the body is {int(declared):,} bytes; the limit is {limit:,} "
+                          "(serve.max_upload_bytes)")
+    chunks: list[bytes] = []
+    total = 0
+
+    async def read() -> None:
+        nonlocal total
+        async for chunk in request.stream():
+            total += len(chunk)
+            if total > limit:
+                raise Refused(413, "payload_too_large", f"the body is over the limit of {limit:,} bytes "
+                              "(serve.max_upload_bytes)")
+            chunks.append(chunk)
+
+    try:
+        # One deadline for the whole body: a client sending a byte now and then never trips a per-read timeout.
+        await asyncio.wait_for(read(), timeout_s)
+    except asyncio.TimeoutError:
+        on_timeout(total)
+        raise Refused(408, "body_timeout", f"the body did not arrive within {timeout_s:g} s "
+                      "(serve.body_timeout_s): send it in one go, or a smaller image", {"Connection": "close"}) \
+            from None
+    except ClientDisconnect:
+        raise ClientAborted(total) from None
+    return b"".join(chunks)
+
+
+async def _parse_form(request: Request, body: bytes, limit: int, max_images: int) -> Any:
+    sent = False
+
+    async def replay() -> MutableMapping[str, Any]:  # the body was already read (and capped): hand it over again
+        nonlocal sent
+        if sent:
+            return {"type": "http.disconnect"}
+        sent = True
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    try:
+        return await Request(request.scope, replay).form(max_files=max_images + 1, max_fields=max_images + 16,
+                                                          max_part_size=limit)
+    except StarletteHTTPException as exc:  # the parser's own 400s (too many files, a malformed form)
+        raise Refused(400, "bad_multipart", f"malformed multipart form: {exc.detail}") from None
+    except Exception as exc:
+        raise Refused(400, "bad_multipart", f"malformed multipart form: {exc}") from None
 
 
 def open_request(blobs: list[bytes], *, size: int, max_pixels: int) -> list[PendingImage]:
@@ -89,7 +194,8 @@ def open_request(blobs: list[bytes], *, size: int, max_pixels: int) -> list[Pend
     pending: list[PendingImage] = []
     try:
         for data in blobs:
-            pending.append(open_header(data, max_pixels=max_pixels, formats=IMAGE_FORMATS, min_side=min_side(size)))
+            pending.append(open_header(data, max_pixels=max_pixels, formats=IMAGE_FORMATS,
+                                       min_side=full_scale_side(size)))
     except Exception as exc:
         raise _refusal(exc, len(pending), len(blobs)) from None
     return pending
@@ -106,16 +212,11 @@ def decode(pending: list[PendingImage], size: int) -> Decoded:
     images = np.empty((len(pending), size, size, 3), dtype=np.uint8)
     sizes = np.empty((len(pending), 2), dtype=np.int64)
     orientations = np.empty(len(pending), dtype=np.int64)
-    smallest = min_side(size)
     i = 0
     try:
         for i, item in enumerate(pending):
             decoded = decode_image(item)
-            image = decoded.image
-            factor = min(image.size) // smallest
-            if factor >= 2:  # a box average first: an antialiased resize from megapixels costs ~10x more
-                image = image.reduce(factor)
-            images[i] = preprocess(image, size)
+            images[i] = frame_pixels(decoded, size)
             sizes[i] = decoded.size
             orientations[i] = decoded.orientation
     except Exception as exc:

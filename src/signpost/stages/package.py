@@ -64,7 +64,8 @@ ENGINES = ("docker", "buildah", "podman")
 PORTABLE_RUNTIMES = ("eager", "onnxruntime")  # run on every platform, need no compiler in the image
 # What the server imports; the lock is these and everything they depend on.
 SERVE_REQUIREMENTS = ("torch", "numpy", "pillow", "pydantic", "pyyaml", "safetensors", "tqdm", "fastapi", "uvicorn",
-                      "uvloop", "httptools", "prometheus-client", "python-multipart", "sqlalchemy")
+                      "uvloop", "httptools", "prometheus-client", "python-multipart", "sqlalchemy",
+                      "cryptography")  # the server checks its model's signature (signpost.signing)
 _CODE = ("signpost",)  # the whole package is copied into the image
 
 DOCKERFILE = """\

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from signpost.config import SignpostConfig, config_to_dict, save_config
+from signpost.registry import CHALLENGER, CHAMPION, ModelVersion, Registry
 from signpost.report.html import write_run_report
 from signpost.stages.bench import bench
 from signpost.stages.bench import tracking_summary as bench_summary
@@ -27,7 +28,7 @@ from signpost.stages.package import build_image, package
 from signpost.stages.prepare import prepare
 from signpost.stages.promote import Decision, champion_not_comparable, promote_if_better, undecided_challenger
 from signpost.stages.train import train
-from signpost.tracking import CHALLENGER, CHAMPION, ModelVersion, Registry, log_stage, run_factory
+from signpost.tracking import log_stage, run_factory
 
 log = logging.getLogger(__name__)
 

@@ -23,8 +23,8 @@ from typing import Any
 from signpost.artifacts import ArtifactError
 from signpost.config import EvaluateConfig, SignpostConfig
 from signpost.models.artifact import ModelCard, read_card
+from signpost.registry import CHALLENGER, CHAMPION, ModelVersion, Registry, RegistryError
 from signpost.stages.evaluate import EvaluateResult, evaluate
-from signpost.tracking import CHALLENGER, CHAMPION, ModelVersion, Registry, RegistryError
 
 log = logging.getLogger(__name__)
 

@@ -96,12 +96,11 @@ def simulate(
             model_dir = served_model_dir(config, log_url, last=sent - failed)
         checked = monitor(config, data_dir=data_dir, log_url=log_url, last=sent - failed,
                           evaluation_dir=evaluation_dir, model_dir=model_dir)
-        verdict = checked.result["verdict"]
-        alerts = [f"{a['incident']} {a['status']} -> {a['sink']}" for a in checked.result.get("alerts", [])]
-        windows.append(Window(kind, sent, failed, verdict["retrain"], verdict.get("reasons", []), alerts,
-                              checked.path))
+        verdict = checked.report.verdict
+        alerts = [f"{a.incident} {a.status} -> {a.sink}" for a in checked.report.alerts or []]
+        windows.append(Window(kind, sent, failed, verdict.retrain, verdict.reasons, alerts, checked.path))
         log.info("window %d (%s): %d sent, %d failed; %s", len(windows), kind, sent, failed,
-                 f"drift: {', '.join(verdict['reasons'])}" if verdict["retrain"] else "no drift")
+                 f"drift: {', '.join(verdict.reasons)}" if verdict.retrain else "no drift")
     if reviewed:
         from signpost.stages.feedback import store_feedback
 
