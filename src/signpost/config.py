@@ -202,7 +202,7 @@ class OptimizeConfig(StrictModel):
     )
     export_onnx: bool = Field(True, description="an ONNX file of each float variant, dynamic batch")
     accuracy_budget: float = Field(
-        0.005, ge=0.0, le=1.0, description="largest top-1 drop (val and test) a variant may have against its parent"
+        0.005, ge=0.0, le=1.0, description="largest test top-1 drop a variant may have against its parent"
     )
 
 
