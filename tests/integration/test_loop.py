@@ -16,7 +16,7 @@ from signpost.serve.app import create_app
 from signpost.stages.monitor import monitor, served_model_dir
 from tests.serve.conftest import LoopbackServer
 
-TRAIN = ["train.epochs=10", "train.batch_size=16", "train.threads=1", "optimize.enabled=false"]
+TRAIN = ["train.epochs=10", "train.batch_size=16", "train.threads=1", "optimize.enabled=false", "data.roi_crops=true"]
 LAX = ["evaluate.min_accuracy=0", "evaluate.min_class_accuracy=0", "evaluate.max_drop=1.0"]
 
 
