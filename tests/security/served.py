@@ -19,6 +19,7 @@ from signpost.config import SignpostConfig, load_config
 from signpost.models import build_model
 from signpost.models.artifact import ModelCard, save_model
 from signpost.serve.server import uvicorn_config
+from tests.serve.conftest import LoopbackServer
 
 CLASSES = ["stop", "yield", "priority road"]
 
@@ -48,29 +49,15 @@ def make_config(workdir: Path, *overrides: str) -> SignpostConfig:
                               f"serve.port={free_port()}", *overrides])
 
 
-class Served:
-    """``app`` on a real uvicorn in a thread, configured as ``signpost serve`` configures it (``options``: more for
-    ``uvicorn_config``, e.g. ``base=`` uvicorn's h11 protocol). Logging is left to the test: ``caplog`` sees
-    uvicorn's records too."""
+class Served(LoopbackServer):
+    """A real uvicorn server on 127.0.0.1 in a thread, started the way ``signpost serve`` starts it (with
+    ``serve.*``'s client limits): ``LoopbackServer``'s start and stop, on ``uvicorn_config``."""
 
     def __init__(self, app: FastAPI, config: SignpostConfig, **options: Any) -> None:
         self.port = config.serve.port
         self.url = f"http://127.0.0.1:{self.port}"
         self.server = uvicorn.Server(uvicorn_config(app, config, log_config=None, **options))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    def __enter__(self) -> Served:
-        self.thread.start()
-        deadline = time.monotonic() + 60
-        while not self.server.started:
-            if time.monotonic() > deadline or not self.thread.is_alive():
-                raise AssertionError("uvicorn did not start")
-            time.sleep(0.02)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.server.should_exit = True
-        self.thread.join(30)
 
     def connect(self, timeout: float = 10.0) -> socket.socket:
         """A raw TCP connection to the server; reads give up after ``timeout`` s."""
