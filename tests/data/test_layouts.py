@@ -8,7 +8,6 @@ is), and that the prepare stage never puts a validation track into training.
 
 from __future__ import annotations
 
-import io
 import random
 from collections import Counter
 from collections.abc import Callable
@@ -21,7 +20,7 @@ import pytest
 from layout_writers import Truth, WrittenDataset
 from PIL import Image
 
-from signpost.data.cache import CachedSplit, decode_samples, load_split, open_image
+from signpost.data.cache import CachedSplit, decode_samples, load_split
 from signpost.data.classes import GTSRB_CLASS_NAMES
 from signpost.data.layouts import LayoutError, RawDataset, Sample, read_dataset
 
@@ -412,7 +411,7 @@ def test_invalid_roi(tmp_path: Path) -> None:
         read_dataset(written.root)
 
 
-# --- decoding: corrupt files and colour modes ---------------------------------------------------------------
+# --- decoding: corrupt files --------------------------------------------------------------------------------
 
 
 def decode_all(raw: RawDataset) -> tuple[list[Sample], dict[int, str], np.ndarray]:
@@ -481,30 +480,6 @@ def test_roi_is_inclusive_and_margin_is_a_fraction_of_it(tmp_path: Path, margin:
     np.testing.assert_array_equal(decoded.crops[0].transpose(1, 2, 0), noise[y1:y2, x1:x2])
 
 
-@pytest.mark.parametrize(("suffix", "mode"), lw.IMAGEFOLDER_FORMATS)
-def test_every_mode_decodes_to_rgb(suffix: str, mode: str) -> None:
-    inside, outside = (220, 40, 90), (10, 20, 5)
-    data = lw.encode(lw.draw((64, 48), (10, 8, 53, 39), inside, outside), suffix, mode)
-    with Image.open(io.BytesIO(data)) as stored:
-        assert stored.mode == mode or suffix.lower() in (".gif", ".jpg", ".jpeg", ".webp")
-    image = open_image(data)
-    assert image.mode == "RGB"
-    pixels = np.asarray(image)
-    assert pixels.shape == (48, 64, 3)
-    tol = 16 if suffix.lower() in lw.LOSSY_SUFFIXES else 0
-    assert_close(pixels[24, 32], lw.through_mode(inside, mode), tol, f"{suffix} {mode} inside")
-    assert_close(pixels[2, 2], lw.through_mode(outside, mode), tol, f"{suffix} {mode} outside")
-
-
-def test_16_bit_grayscale_png_keeps_its_brightness() -> None:
-    pixels = np.full((24, 30), 30000, dtype=np.uint16)  # 30000 / 65535 ≈ 117 / 255
-    out = io.BytesIO()
-    Image.fromarray(pixels).save(out, format="PNG")
-    image = open_image(out.getvalue())
-    assert image.mode == "RGB"
-    assert_close(np.asarray(image)[5, 5], (117, 117, 117), 2, "16-bit grey")
-
-
 # --- the prepare stage: no validation track in training -----------------------------------------------------
 
 
@@ -571,17 +546,6 @@ def test_prepare_reuses_the_cache(tmp_path: Path) -> None:
     again, splits = run_prepare(written.root, tmp_path / "w")
     assert not first.reused and again.reused and again.path == first.path
     assert not track_set(splits["train"]) & track_set(splits["val"])
-
-
-def test_transparent_pixels_are_composited_on_black() -> None:
-    pixels = np.zeros((8, 8, 4), dtype=np.uint8)
-    pixels[..., :3] = (200, 100, 50)
-    pixels[:4, ..., 3] = 255  # top half opaque, bottom half fully transparent
-    out = io.BytesIO()
-    Image.fromarray(pixels, "RGBA").save(out, format="PNG")
-    decoded = np.asarray(open_image(out.getvalue()))
-    assert_close(decoded[1, 1], (200, 100, 50), 0, "opaque")
-    assert_close(decoded[6, 6], (0, 0, 0), 0, "transparent")
 
 
 def test_imagefolder_test_folder_beside_class_folders_is_the_test_split(tmp_path: Path) -> None:

@@ -24,7 +24,8 @@ import torch
 from signpost.artifacts import atomic_dir, write_manifest
 from signpost.cli import EXIT_PARITY, main
 from signpost.config import SignpostConfig, SyntheticConfig
-from signpost.data.cache import load_split, open_image, preprocess, read_sources
+from signpost.data.cache import load_split, read_sources
+from signpost.data.images import open_image, preprocess
 from signpost.data.synthetic import generate_gtsrb
 from signpost.models import build_model
 from signpost.models.artifact import ModelCard, load_model, read_card, save_model

@@ -24,7 +24,7 @@ from signpost.config import SignpostConfig
 from signpost.data.stats import STAT_NAMES
 from signpost.models import build_model
 from signpost.models.artifact import ModelCard, save_model
-from signpost.serve import predlog
+from signpost.serve import predlog, predlog_writer
 from signpost.serve.app import create_app
 from signpost.stages.monitor import monitor, served_model_dir, skipped_records
 from signpost.stages.simulate import _wait_for_log
@@ -169,7 +169,7 @@ def test_an_old_log_without_the_columns_still_works(shared: dict, tmp_path: Path
         assert conn.execute("SELECT experiment FROM request_errors").fetchall() == [(predlog.UNKNOWN_EXPERIMENT,)]
 
     # A new server writes to the old log; the monitor reads its records, still saying what it passed over.
-    log = predlog.PredictionLog(url, interval_s=0.05, experiment="t")
+    log = predlog_writer.PredictionLog(url, interval_s=0.05, experiment="t")
     for i in range(12):
         log.add({"ts": 2000.0 + i, "request_id": f"new{i}", "model_version": "t-0123456789ab", "class_id": 0,
                  "class_name": "a", "confidence": 0.8, "entropy": 0.3, "top_k": [[0, 0.8]], "latency_ms": 2.0,

@@ -22,9 +22,10 @@ import pytest
 import torch
 from PIL import ExifTags, Image, ImageFile, ImageOps
 
-from signpost.data.cache import decode_samples, load_split, open_image
+from signpost.data.cache import decode_samples, load_split
+from signpost.data.images import open_image
 from signpost.data.layouts import Sample
-from signpost.serve import predlog
+from signpost.serve import predlog, predlog_writer
 from signpost.serve.app import create_app
 from signpost.stages.feedback import store_feedback
 from signpost.stages.prepare import prepare
@@ -258,7 +259,7 @@ def test_a_prediction_log_made_before_orientation_gains_the_column(tmp_path: Pat
     predlog.make_engine(url).dispose()
     with sqlite3.connect(tmp_path / "predictions.db") as conn:  # as an older Signpost made it
         conn.execute("ALTER TABLE predictions DROP COLUMN orientation")
-    log = predlog.PredictionLog(url, interval_s=0.05)
+    log = predlog_writer.PredictionLog(url, interval_s=0.05)
     log.add({"ts": 1.0, "request_id": "r", "model_version": "m", "class_id": 0, "class_name": "c", "confidence": 0.9,
              "entropy": 0.1, "top_k": [[0, 0.9]], "latency_ms": 1.0, "width": 8, "height": 8, "orientation": 6,
              "embedding": np.zeros(predlog.EMBEDDING_DIMS), "image": np.zeros((8, 8, 3), np.uint8)})

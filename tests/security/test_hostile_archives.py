@@ -12,9 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from signpost.data import download
-from signpost.data.download import DownloadError, safe_extract
-from tests.data.test_download import FAKE_GTSRB, make_tar, make_zip, tar_entry, tree
+from signpost.data import extract
+from signpost.data.extract import ExtractError, safe_extract
+from tests.data.test_download import FAKE_GTSRB
+from tests.data.test_extract import make_tar, make_zip, tar_entry, tree
 
 
 def test_safe_extract_does_not_follow_a_symlink_in_dest(tmp_path: Path) -> None:
@@ -26,7 +27,7 @@ def test_safe_extract_does_not_follow_a_symlink_in_dest(tmp_path: Path) -> None:
     archive = tmp_path / "a.zip"
     archive.write_bytes(make_zip({"top/f.txt": b"f"}))
 
-    with pytest.raises(DownloadError, match="symbolic link"):
+    with pytest.raises(ExtractError, match="symbolic link"):
         safe_extract(archive, dest)
 
     assert list(outside.iterdir()) == []
@@ -85,7 +86,7 @@ def test_malicious_archive_is_refused_and_leaves_nothing(
         (dest / "keep.txt").write_bytes(b"keep")
     before = tree(tmp_path)
 
-    with pytest.raises(DownloadError, match="refusing entry") as info:
+    with pytest.raises(ExtractError, match="refusing entry") as info:
         safe_extract(archive, dest)
 
     assert reason in str(info.value)
@@ -99,12 +100,12 @@ def test_zip_bomb_guard(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None
     archive.write_bytes(make_zip({"a.bin": bytes(2 << 20)}))  # 2 MiB of zeros: ratio ~1000:1
     dest = tmp_path / "dest"
 
-    with pytest.raises(DownloadError, match="compression ratio"):
-        monkeypatch.setattr(download, "_MAX_RATIO", 100)
+    with pytest.raises(ExtractError, match="compression ratio"):
+        monkeypatch.setattr(extract, "_MAX_RATIO", 100)
         safe_extract(archive, dest)
-    monkeypatch.setattr(download, "_MAX_TOTAL_BYTES", 1 << 20)
-    monkeypatch.setattr(download, "_MAX_RATIO", 10_000)
-    with pytest.raises(DownloadError, match="GiB"):
+    monkeypatch.setattr(extract, "_MAX_TOTAL_BYTES", 1 << 20)
+    monkeypatch.setattr(extract, "_MAX_RATIO", 10_000)
+    with pytest.raises(ExtractError, match="GiB"):
         safe_extract(archive, dest)
     assert not dest.exists()
 
@@ -114,7 +115,7 @@ def test_truncated_zip_is_refused(tmp_path: Path) -> None:
     archive = tmp_path / "cut.zip"
     archive.write_bytes(data[: len(data) // 2])
 
-    with pytest.raises(DownloadError, match="corrupt"):
+    with pytest.raises(ExtractError, match="corrupt"):
         safe_extract(archive, tmp_path / "dest")
 
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cut.zip"]
@@ -131,7 +132,7 @@ def test_zip_with_a_bad_crc_is_refused_and_leaves_nothing(tmp_path: Path) -> Non
     archive = tmp_path / "bad.zip"
     archive.write_bytes(bytes(data))
 
-    with pytest.raises(DownloadError, match="corrupt"):
+    with pytest.raises(ExtractError, match="corrupt"):
         safe_extract(archive, tmp_path / "new" / "dest")
 
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.zip"]  # not even the parent folder is left
@@ -142,7 +143,7 @@ def test_truncated_tar_gz_is_refused(tmp_path: Path) -> None:
     archive = tmp_path / "cut.tar.gz"
     archive.write_bytes(data[: len(data) // 2])
 
-    with pytest.raises(DownloadError, match="corrupt"):
+    with pytest.raises(ExtractError, match="corrupt"):
         safe_extract(archive, tmp_path / "dest")
 
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cut.tar.gz"]
@@ -152,7 +153,7 @@ def test_plain_file_is_not_an_archive(tmp_path: Path) -> None:
     archive = tmp_path / "notes.zip"
     archive.write_text("this is not an archive\n" * 100)
 
-    with pytest.raises(DownloadError, match="not a zip or tar archive"):
+    with pytest.raises(ExtractError, match="not a zip or tar archive"):
         safe_extract(archive, tmp_path / "dest")
 
     assert not (tmp_path / "dest").exists()

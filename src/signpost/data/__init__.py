@@ -1,1 +1,2 @@
-"""The data layer: GTSRB layouts, download, the synthetic generator, the tensor cache and the batch loader."""
+"""The data layer: GTSRB layouts, download and extraction, the synthetic generator and its sign art, image
+decoding, the tensor cache and its hash index, and the batch loader."""

@@ -10,6 +10,7 @@
 - ``server``: uvicorn, with deadlines and limits for slow, idle and crowding clients;
 - ``model``: which model to serve (path, bench candidate or registry alias), loading and the forward pass;
 - ``batching``: concurrent requests gathered into one forward pass;
-- ``predlog``: every prediction written off the request path to SQLite (WAL) or any SQLAlchemy URL;
+- ``predlog``: the prediction log's tables in SQLite (WAL) or any SQLAlchemy URL, and the monitor's queries;
+- ``predlog_writer``: every prediction written to the log off the request path;
 - ``schemas``: the request and response models.
 """

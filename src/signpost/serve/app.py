@@ -25,7 +25,7 @@ from fastapi import FastAPI
 
 from signpost import __version__
 from signpost.config import ConfigError, SignpostConfig
-from signpost.serve import predlog, routes, uploads
+from signpost.serve import predlog, predlog_writer, routes, uploads
 from signpost.serve.batching import Batcher
 from signpost.serve.errors import add_error_handlers
 from signpost.serve.metrics import MetricsMiddleware
@@ -67,9 +67,9 @@ def create_app(
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         cfg = config.serve
         # Every record names this config as its experiment: servers of other experiments may share the log.
-        state.log = predlog.PredictionLog(cfg.prediction_log or predlog.default_url(config.workdir),
-                                          batch_size=cfg.log_batch_size, interval_s=cfg.log_interval_s,
-                                          experiment=config.name)
+        state.log = predlog_writer.PredictionLog(cfg.prediction_log or predlog.default_url(config.workdir),
+                                                 batch_size=cfg.log_batch_size, interval_s=cfg.log_interval_s,
+                                                 experiment=config.name)
         if cfg.batching:
             lanes = [("batcher", lambda: state.model)] + ([("canary_batcher", lambda: state.canary)]
                                                            if state.canary_source else [])

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from signpost.serve import predlog, uploads
+from signpost.serve import predlog_writer, uploads
 from signpost.serve.batching import QueueFull
 from signpost.serve.errors import ApiError, public_error
 from signpost.serve.model import Outputs, ServedModel
@@ -160,7 +160,7 @@ def _answers(result: Classified, latency_ms: float, request_id: str) -> list[dic
     return answers
 
 
-def _log_records(log_: predlog.PredictionLog, answers: list[dict[str, Any]], result: Classified) -> None:
+def _log_records(log_: predlog_writer.PredictionLog, answers: list[dict[str, Any]], result: Classified) -> None:
     """Hand one record per image to the log; the image statistics are computed by its writer, in batches."""
     now = time.time()
     entropy = result.outputs.entropy.tolist()

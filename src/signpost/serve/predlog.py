@@ -1,11 +1,5 @@
-"""The prediction log: every prediction the server makes, written off the request path, for monitoring.
-
-Requests hand their records to ``PredictionLog.add``, which only appends to an in-memory queue. A writer thread
-takes up to ``batch_size`` records at a time (or whatever has arrived after ``interval_s``) and inserts them in one
-transaction. The store is any SQLAlchemy URL; the default is a SQLite file in WAL mode (readers, such as the
-monitor, never block the writer, and a crash loses at most the transaction in flight). ``close`` writes everything
-still queued before it returns: the server calls it on shutdown (SIGTERM, SIGINT), so a stopped server has logged
-every prediction it answered.
+"""The prediction log's store: its tables, opening it (URL checks, SQLite in WAL mode, the columns an older log
+lacks), and the queries the monitor reads it by. The server writes to it through ``signpost.serve.predlog_writer``.
 
 One row per image; the image statistics and the embedding summary are plain float columns, so a monitor can read
 a million rows into numpy arrays without parsing anything.
@@ -19,14 +13,9 @@ their experiment read as ``UNKNOWN_EXPERIMENT``, which is no experiment's name.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
-import math
-import queue
 import sqlite3
-import threading
-import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +31,6 @@ from sqlalchemy import (
     create_engine,
     event,
     func,
-    insert,
     inspect,
     select,
     text,
@@ -51,7 +39,7 @@ from sqlalchemy.engine import URL, Engine, make_url
 from sqlalchemy.exc import ArgumentError, DatabaseError
 from sqlalchemy.schema import CreateColumn
 
-from signpost.data.stats import EMBEDDING_DIMS, STAT_NAMES, image_stats
+from signpost.data.stats import EMBEDDING_DIMS, STAT_NAMES
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +94,6 @@ request_errors = Table(
     Column("experiment", String(200), nullable=False, default=UNKNOWN_EXPERIMENT, server_default=UNKNOWN_EXPERIMENT,
            doc="the config name of the server that answered"),
 )
-_ERROR = "__error__"  # marks a queued request_errors row among prediction records
 
 
 def error_count(url: str, since: float, until: float, *, experiment: str | None = None) -> int:
@@ -350,150 +337,3 @@ def _quoted(value: str) -> str:
     """``value`` as an SQL string literal. Experiment names follow config.NAME_PATTERN, so they hold no ':' that
     text() would take for a parameter."""
     return "'{}'".format(value.replace("'", "''"))
-
-
-class PredictionLog:
-    """Batched, off-request-path writes of prediction records (see the module doc).
-
-    ``experiment``: the config name of the server writing, stamped on every record and error row that does not
-    name one (without it, they read as UNKNOWN_EXPERIMENT).
-    """
-
-    def __init__(self, url: str, *, batch_size: int = 256, interval_s: float = 0.5, max_pending: int = 1_000_000,
-                 experiment: str | None = None):
-        self.url = url
-        self.experiment = experiment
-        self.batch_size = batch_size
-        self.interval_s = interval_s
-        self.max_pending = max_pending
-        self.written = 0
-        self.dropped = 0  # records refused because the writer fell max_pending behind (counted, never silent)
-        self.failed_writes = 0
-        self._engine = make_engine(url)
-        self._queue: queue.SimpleQueue[dict[str, Any] | None] = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._write_loop, name="signpost-prediction-log", daemon=True)
-        self._closed = False
-        self._thread.start()
-
-    def add(self, record: Mapping[str, Any]) -> None:
-        """Queue one record; never blocks, never raises.
-
-        A record holds the table's columns, except that ``top_k`` may be a list, and the image statistics and
-        embedding columns come as ``image`` (uint8 [H, W, 3], the preprocessed pixels) and ``embedding`` (float
-        [EMBEDDING_DIMS]): the writer computes the statistics a batch at a time, off the request path.
-        """
-        if self._closed or self._queue.qsize() >= self.max_pending:
-            self.dropped += 1
-            return
-        self._queue.put(dict(record))
-
-    def add_error(self, route: str, status: int, code: str) -> None:
-        """Queue one answered-with-an-error prediction request (for the monitor's error rate); never blocks."""
-        if self._closed or self._queue.qsize() >= self.max_pending:
-            self.dropped += 1
-            return
-        self._queue.put({_ERROR: True, "ts": time.time(), "route": route, "status": status, "code": code})
-
-    def pending(self) -> int:
-        return self._queue.qsize()
-
-    def close(self, timeout_s: float = 30.0) -> None:
-        """Write every queued record, then stop the writer. Safe to call twice."""
-        if self._closed:
-            return
-        self._closed = True
-        self._queue.put(None)
-        self._thread.join(timeout_s)
-        if self._thread.is_alive():
-            log.error("the prediction log writer did not finish in %.0f s; %d records unwritten",
-                      timeout_s, self._queue.qsize())
-        self._engine.dispose()
-        log.info("prediction log closed: %d written, %d dropped, %d failed writes", self.written, self.dropped,
-                 self.failed_writes)
-
-    def _write_loop(self) -> None:
-        stop = False
-        while not stop:
-            rows: list[dict[str, Any]] = []
-            first = self._queue.get()
-            if first is None:
-                stop = True
-            else:
-                rows.append(first)
-            deadline = time.monotonic() + self.interval_s
-            while not stop and len(rows) < self.batch_size:
-                try:
-                    item = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
-                except queue.Empty:
-                    break
-                if item is None:
-                    stop = True
-                else:
-                    rows.append(item)
-            if stop:  # drain whatever arrived before close()
-                while True:
-                    try:
-                        item = self._queue.get_nowait()
-                    except queue.Empty:
-                        break
-                    if item is not None:
-                        rows.append(item)
-            for start in range(0, len(rows), self.batch_size):
-                self._write(rows[start : start + self.batch_size])
-
-    def _write(self, rows: list[dict[str, Any]]) -> None:
-        if self.experiment is not None:
-            for row in rows:
-                row.setdefault("experiment", self.experiment)
-        errors = [{k: v for k, v in row.items() if k != _ERROR} for row in rows if _ERROR in row]
-        if errors:
-            try:
-                with self._engine.begin() as conn:
-                    conn.execute(insert(request_errors), errors)
-            except Exception as exc:  # error counts are a health signal, not the record of an answer
-                log.warning("writing %d request-error records failed: %s", len(errors), exc)
-            rows = [row for row in rows if _ERROR not in row]
-        if not rows:
-            return
-        try:
-            rows = _columns(rows)
-        except Exception:  # a malformed record must not stop the writer: count the batch as lost, loudly
-            log.exception("%d prediction records could not be prepared for writing", len(rows))
-            self.failed_writes += len(rows)
-            return
-        for attempt in range(3):
-            try:
-                with self._engine.begin() as conn:
-                    conn.execute(insert(predictions), rows)
-                self.written += len(rows)
-                return
-            except Exception as exc:  # a locked or unreachable store: retry, then count the loss loudly
-                log.warning("writing %d prediction records failed (attempt %d): %s", len(rows), attempt + 1, exc)
-                time.sleep(0.2 * (attempt + 1))
-        self.failed_writes += len(rows)
-        log.error("dropped %d prediction records after 3 failed writes to %s", len(rows), self.url)
-
-
-def _columns(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Records as table rows: ``top_k`` as JSON, ``image`` -> the statistics columns (one vectorized call for the
-    whole batch), ``embedding`` -> emb0.., non-finite floats -> 0 (SQL has no NaN everywhere)."""
-    with_images = [i for i, row in enumerate(rows) if "image" in row]
-    if with_images:
-        stats = image_stats(np.stack([rows[i]["image"] for i in with_images]).transpose(0, 3, 1, 2))
-        stats = np.nan_to_num(stats, nan=0.0, posinf=0.0, neginf=0.0)
-        for i, values in zip(with_images, stats.tolist(), strict=True):
-            rows[i].update(zip(STAT_NAMES, values, strict=True))
-    out = []
-    for row in rows:
-        row.pop("image", None)
-        embedding = row.pop("embedding", None)
-        if embedding is not None:
-            values = np.nan_to_num(np.asarray(embedding, dtype=np.float64), nan=0.0, posinf=0.0, neginf=0.0)
-            row.update(zip(EMBEDDING_COLUMNS, values.tolist(), strict=True))
-        if not isinstance(row.get("top_k"), str):
-            row["top_k"] = json.dumps(row.get("top_k", []))
-        for key in ("confidence", "entropy", "latency_ms"):
-            if not math.isfinite(row[key]):
-                row[key] = 0.0
-        out.append(row)
-    return out

@@ -16,7 +16,7 @@ from typing import Annotated
 from fastapi import Depends, Request
 
 from signpost.config import SignpostConfig
-from signpost.serve import predlog, uploads
+from signpost.serve import predlog_writer, uploads
 from signpost.serve.batching import Batcher
 from signpost.serve.metrics import Metrics
 from signpost.serve.model import ModelSource, ServedModel
@@ -32,7 +32,7 @@ class ServerState:
     model: ServedModel | None = None
     load_error: str | None = None
     batcher: Batcher | None = None
-    log: predlog.PredictionLog | None = None
+    log: predlog_writer.PredictionLog | None = None
     reload_lock: threading.Lock = field(default_factory=threading.Lock)
     canary_source: ModelSource | None = None  # canary mode: a second model taking canary_share of the requests
     canary: ServedModel | None = None

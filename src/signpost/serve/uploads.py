@@ -22,7 +22,7 @@ and done in the batcher's worker it held up every request queued behind it. So t
    Retry-After). A flood of large images thus takes at most ``decode_workers`` cores and queues behind itself, never
    in front of a small request.
 
-Decoding and resizing are ``signpost.data.cache``'s own (``decode_image`` then ``frame_pixels``), which ``prepare``
+Decoding and resizing are ``signpost.data.images``' own (``decode_image`` then ``frame_pixels``), which ``prepare``
 uses for every dataset image too: the val and test splits hold exactly the pixels an upload of the same file is
 classified from, so ``signpost evaluate --served`` finds served and evaluated answers equal. An image whose shorter
 side is at least twice ``full_scale_side`` (512 pixels for a 32-pixel model) is reduced first (draft, then
@@ -44,7 +44,7 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect, Request
 
-from signpost.data.cache import (
+from signpost.data.images import (
     CorruptImageError,
     ImageTooLargeError,
     NotAnImageError,

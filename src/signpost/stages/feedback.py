@@ -26,7 +26,7 @@ from signpost.artifacts import (
     write_manifest,
 )
 from signpost.config import SignpostConfig
-from signpost.data.cache import CorruptImageError, open_image
+from signpost.data.images import CorruptImageError, open_image
 from signpost.monitoring.feedback import LABELS, STAGE
 
 log = logging.getLogger(__name__)

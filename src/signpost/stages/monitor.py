@@ -185,7 +185,7 @@ def load_reference(data_dir: Path, evaluation_dir: Path | None, model: ServedMod
 def _served_view(data_dir: Path, manifest: dict[str, Any], cache_dir: Path | None, max_files: int = REFERENCE_FILES
                  ) -> tuple[dict[str, np.ndarray] | None, np.ndarray | None, str]:
     """Statistics and pixels of up to ``max_files`` training source files decoded whole, as the server decodes."""
-    from signpost.data.cache import open_image, preprocess
+    from signpost.data.images import decode_image, frame_pixels, full_scale_side, open_header
     from signpost.data.stats import image_stats
 
     name = f"{data_dir.name} (training images, whole, as served)"
@@ -204,11 +204,13 @@ def _served_view(data_dir: Path, manifest: dict[str, Any], cache_dir: Path | Non
     decoded, sizes = [], []
     for rel in picked:
         try:
-            image = open_image((root / rel).read_bytes())
+            # The server's decode of an upload (serve/uploads.py): the header checked and a large JPEG set to decode
+            # at reduced scale, then decoded upright and resized whole; sizes are the image's as sent, upright.
+            frame = decode_image(open_header((root / rel).read_bytes(), min_side=full_scale_side(size)))
         except (OSError, ValueError):
             continue
-        decoded.append(preprocess(image, size))
-        sizes.append(image.size)
+        decoded.append(frame_pixels(frame, size))
+        sizes.append(frame.size)
     if len(decoded) < 50:
         return None, None, ""
     images = np.stack(decoded)
@@ -307,7 +309,7 @@ def quality(batches: list[Path], model: ServedModel | None, reference: Reference
         return Quality(note="no labelled feedback (signpost feedback add)")
     if model is None:
         return Quality(note="no model given to score the feedback with")
-    from signpost.data.cache import open_image, preprocess
+    from signpost.data.images import open_image, preprocess
 
     size = model.card.image_size
     every = [item for batch in batches for item in load_batch(batch)]

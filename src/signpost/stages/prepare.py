@@ -6,7 +6,7 @@ key is unchanged, otherwise decode every image once, split train/val by track, c
 later drift checks compare against, and write the artifact atomically.
 
 Every image is cached as the whole frame, decoded and resized exactly as the server decodes an upload
-(``signpost.data.cache.frame_pixels``): what a client sends is what the model is trained, validated and tested on,
+(``signpost.data.images.frame_pixels``): what a client sends is what the model is trained, validated and tested on,
 and ``signpost evaluate --served`` finds the server's answers on the test files equal to evaluate's. With
 ``data.roi_crops`` the train split also holds each training image's sign region (ROI, from the dataset's CSV files)
 grown by ``data.roi_margin``: tighter views of the same signs, as augmentation. ``sources.tsv`` names the split each
@@ -32,7 +32,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 
 from signpost.artifacts import (
     ArtifactError,
@@ -48,16 +47,21 @@ from signpost.artifacts import (
 from signpost.config import SignpostConfig, config_to_dict
 from signpost.data.cache import SOURCE_COLUMNS, SOURCES, CachedSplit, DecodedImages, decode_samples, save_split
 from signpost.data.download import download_gtsrb
+from signpost.data.hash_index import HashIndex
 from signpost.data.layouts import RawDataset, Sample, read_dataset
 from signpost.data.split import split_by_track
 from signpost.data.stats import STAT_NAMES, image_stats, reference_summary
 from signpost.data.synthetic import generate_gtsrb
 from signpost.monitoring.feedback import LABELS, feedback_batches
+from signpost.report.preview import preview_sheet
 
 log = logging.getLogger(__name__)
 
 STAGE = "data"
-_CODE = ("signpost.data.cache", "signpost.data.layouts", "signpost.data.split", "signpost.data.stats", __name__)
+# The code whose hash keys the cache: what hashes, decodes, splits and measures the files, and draws preview.png.
+_CODE = ("signpost.data.cache", "signpost.data.hash_index", "signpost.data.images", "signpost.data.layouts",
+         "signpost.data.split", "signpost.data.stats", "signpost.report.preview", __name__)
+_SYNTHETIC_CODE = ("signpost.data.synthetic", "signpost.data.sign_art")  # what draws and writes synthetic raw data
 FEEDBACK = "feedback"  # the origin of a feedback image that joins the train split
 HOLDOUT = "feedback-holdout"  # the origin of one kept out of training: the `feedback` split
 # Where the raw files come from and how fast they are decoded: the files' content hashes stand for them.
@@ -95,7 +99,7 @@ def prepare(config: SignpostConfig, *, progress: bool = True) -> PrepareResult:
     rels = [f[cut:].replace(os.sep, "/") for f in files[: len(files) - len(feedback.samples)]] + feedback.rels
     origins = ["train"] * len(raw.train) + ["test"] * len(raw.test) + feedback.origins
 
-    index = _HashIndex(config.workdir / STAGE / ".index", raw.root)
+    index = HashIndex(config.workdir / STAGE / ".index", raw.root)
     digests = index.lookup(files, rels)
     if digests is not None:
         key = _cache_key(config, _sources_hash(samples, rels, origins, digests), bool(feedback.samples))
@@ -128,7 +132,7 @@ def prepare(config: SignpostConfig, *, progress: bool = True) -> PrepareResult:
             save_split(split, tmp / f"{name}.safetensors")
         _write_sources(tmp / SOURCES, samples, rels, origins, split_of, decoded)
         (tmp / "tracks.json").write_text(json.dumps(track_names), encoding="utf-8")
-        _preview(splits["train"], len(raw.class_names)).save(tmp / "preview.png")
+        preview_sheet(splits["train"].images, splits["train"].labels, len(raw.class_names)).save(tmp / "preview.png")
         manifest = write_manifest(
             tmp,
             stage=STAGE,
@@ -199,7 +203,7 @@ def _raw_root(config: SignpostConfig, progress: bool) -> Path:
     if data.source == "download":
         return download_gtsrb(data.root, data.base_url, progress=progress)
     if data.source == "synthetic":
-        key = hash_json({"synthetic": config_to_dict(data.synthetic), "code": code_version("signpost.data.synthetic")})
+        key = hash_json({"synthetic": config_to_dict(data.synthetic), "code": code_version(*_SYNTHETIC_CODE)})
         folder = artifact_path(config.workdir, "raw", "synthetic", key)
         if not is_complete(folder):
             log.info("generating synthetic GTSRB-layout data in %s", folder)
@@ -212,7 +216,7 @@ def _raw_root(config: SignpostConfig, progress: bool) -> Path:
                     experiment="synthetic",  # shared by every experiment that generates these settings
                     inputs={},
                     config=config_to_dict(data.synthetic),
-                    code=code_version("signpost.data.synthetic"),
+                    code=code_version(*_SYNTHETIC_CODE),
                     metrics={"train_images": summary.train_images, "test_images": summary.test_images},
                 )
         return folder
@@ -225,54 +229,6 @@ def _raw_root(config: SignpostConfig, progress: bool) -> Path:
 
 
 # --- content hashes and the cache key ---------------------------------------------------------------------------
-
-
-class _HashIndex:
-    """Remembers each file's (size, mtime) → sha256, so an unchanged dataset is not read again to find its key.
-
-    The same idea as DVC's state database: a file whose size and modification time are unchanged keeps its hash.
-    Stored as tab-separated lines (path, size, mtime in ns, sha256): a cache, safe to delete.
-    """
-
-    def __init__(self, folder: Path, root: Path) -> None:
-        self.path = folder / (hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:16] + ".tsv")
-        self.entries: dict[str, list] = {}
-        try:
-            lines = self.path.read_text(encoding="utf-8").splitlines()
-        except OSError:
-            return
-        for line in lines:
-            rel, size, mtime, digest = line.rsplit("\t", 3)
-            self.entries[rel] = [int(size), int(mtime), digest]
-
-    def lookup(self, files: list[str], rels: list[str]) -> list[str] | None:
-        """Every file's hash when all are known and unchanged, else None."""
-        digests = []
-        for file, rel in zip(files, rels, strict=True):
-            entry = self.entries.get(rel)
-            if entry is None or entry[:2] != _stat(file):
-                return None
-            digests.append(entry[2])
-        return digests
-
-    def update(self, rels: list[str], digests: list[str], file_stats: np.ndarray) -> None:
-        """Record the hashes of the files just read, with the size and mtime they had when read."""
-        for rel, digest, (size, mtime) in zip(rels, digests, file_stats.tolist(), strict=True):
-            if digest:
-                self.entries[rel] = [size, mtime, digest]
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(f".{os.getpid()}.tmp")
-        text = "".join(f"{rel}\t{size}\t{mtime}\t{digest}\n" for rel, (size, mtime, digest) in self.entries.items())
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, self.path)
-
-
-def _stat(file: str) -> list[int] | None:
-    try:
-        st = os.stat(file)
-    except OSError:
-        return None
-    return [st.st_size, st.st_mtime_ns]
 
 
 def _sources_hash(samples: list[Sample], rels: list[str], origins: list[str], digests: list[str]) -> str:
@@ -463,15 +419,3 @@ def _write_sources(
         for s, rel, origin, split, digest in zip(samples, rels, origins, split_of, decoded.digests, strict=True)
     )
     path.write_text("\t".join(SOURCE_COLUMNS) + "\n" + "".join(lines), encoding="utf-8")
-
-
-def _preview(split: CachedSplit, num_classes: int, tile: int = 48, columns: int = 11) -> Image.Image:
-    """One training image per class, enlarged: a look at what the model will see."""
-    rows = -(-num_classes // columns)
-    sheet = Image.new("RGB", (columns * tile, rows * tile), (40, 40, 40))
-    labels, first = np.unique(split.labels.numpy(), return_index=True)
-    for label, index in zip(labels.tolist(), first.tolist(), strict=True):
-        array = split.images[index].permute(1, 2, 0).numpy()
-        image = Image.fromarray(array).resize((tile - 2, tile - 2), Image.Resampling.NEAREST)
-        sheet.paste(image, ((label % columns) * tile + 1, (label // columns) * tile + 1))
-    return sheet

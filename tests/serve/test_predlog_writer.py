@@ -1,4 +1,4 @@
-"""The prediction log: batched writes off the request path, WAL mode, nothing lost on close."""
+"""The prediction log's writer: batched writes off the request path, WAL mode, nothing lost on close."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ from pathlib import Path
 import numpy as np
 
 from signpost.data.stats import STAT_NAMES, image_stats
-from signpost.serve.predlog import EMBEDDING_COLUMNS, PredictionLog, count, default_url
+from signpost.serve.predlog import EMBEDDING_COLUMNS, count, default_url
+from signpost.serve.predlog_writer import PredictionLog
 
 
 def _record(i: int, image: np.ndarray) -> dict:
