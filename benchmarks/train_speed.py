@@ -34,7 +34,7 @@ from signpost.data.layouts import read_dataset
 from signpost.data.loader import BatchLoader
 from signpost.models import build_model
 from signpost.stages.prepare import prepare
-from signpost.stages.train import Recipe
+from signpost.training import Recipe
 
 from reference import ReferenceDataset
 

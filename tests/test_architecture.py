@@ -11,6 +11,35 @@ from pathlib import Path
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 PACKAGE = "signpost"
+STAGES, CLI = f"{PACKAGE}.stages", f"{PACKAGE}.cli"
+ANY_STAGE = "*"
+
+# Stages meet at artifacts: the only stage -> stage imports are from drivers that run another stage as a whole.
+ALLOWED_STAGE_IMPORTS: dict[str, set[str]] = {
+    # The chain (`signpost run`): prepare -> train -> evaluate/promote -> optimize -> bench -> package, each called.
+    f"{STAGES}.pipeline": {ANY_STAGE},
+    # The traffic simulator runs the monitor stage on the traffic it made, and the feedback stage on its labels.
+    f"{STAGES}.simulate": {f"{STAGES}.monitor", f"{STAGES}.feedback"},
+    # Promotion scores the champion with the evaluate stage as a whole before the gate compares the two.
+    f"{STAGES}.promote": {f"{STAGES}.evaluate"},
+}
+
+# The floors (ARCHITECTURE.md), lowest first: a module imports from its own floor and the floors below, never above.
+# Every module stands on one; a module named more precisely than its package (``serve.predlog``: the prediction log's
+# store, read by monitoring) stands where that longer name puts it.
+FLOORS: list[tuple[str, ...]] = [
+    # Foundations: the package's own constants, the config, signatures, artifact folders, the typed files, the machine.
+    (PACKAGE, f"{PACKAGE}.config", f"{PACKAGE}.signing", f"{PACKAGE}.artifacts", f"{PACKAGE}.contracts",
+     f"{PACKAGE}.machine"),
+    # Libraries the stages share: data, models, tracking and the registry, metrics, the client, reports, monitoring.
+    (f"{PACKAGE}.data", f"{PACKAGE}.models", f"{PACKAGE}.tracking", f"{PACKAGE}.registry", f"{PACKAGE}.metrics",
+     f"{PACKAGE}.client", f"{PACKAGE}.report", f"{PACKAGE}.monitoring", f"{PACKAGE}.serve.predlog"),
+    # Engines: training, loading and running any model form, making variants, one bench cell, the HTTP service.
+    (f"{PACKAGE}.training", f"{PACKAGE}.runtime", f"{PACKAGE}.optimize", f"{PACKAGE}.bench_worker",
+     f"{PACKAGE}.serve"),
+    (STAGES,),
+    (CLI,),
+]
 
 
 def module_name(path: Path, src: Path = SRC) -> str:
@@ -121,6 +150,101 @@ def test_no_import_cycles_in_src() -> None:
     assert not found, "import circles in src/signpost (move the shared piece below both modules):\n" + "\n".join(
         " -> ".join(circle) for circle in found
     )
+
+
+def _within(module: str, prefix: str) -> bool:
+    """Whether ``module`` is ``prefix`` or inside it (``signpost.data.cache`` is within ``signpost.data``)."""
+    return module == prefix or module.startswith(f"{prefix}.")
+
+
+def forbidden_stage_imports(graph: dict[str, set[str]]) -> list[tuple[str, str]]:
+    """Every (stage, stage it imports) that ``ALLOWED_STAGE_IMPORTS`` does not allow."""
+    found = []
+    for source in sorted(graph):
+        allowed = ALLOWED_STAGE_IMPORTS.get(source, set())
+        if not source.startswith(f"{STAGES}.") or ANY_STAGE in allowed:
+            continue
+        found += [(source, target) for target in sorted(graph[source])
+                  if target.startswith(f"{STAGES}.") and target not in allowed]
+    return found
+
+
+def upward_imports(graph: dict[str, set[str]]) -> list[tuple[str, str]]:
+    """Every (module, module it imports) where the first is below the stages and the second a stage or the CLI."""
+    def top(module: str) -> bool:
+        return _within(module, STAGES) or _within(module, CLI)
+
+    return [(source, target) for source in sorted(graph) if not top(source) for target in sorted(graph[source])
+            if top(target)]
+
+
+def floor(module: str) -> int | None:
+    """The floor of ``module``: that of the longest name in ``FLOORS`` it is or is inside (the package root only by
+    its own name); None when no floor names it."""
+    named = [(len(name), i) for i, names in enumerate(FLOORS) for name in names
+             if module == name or (name != PACKAGE and _within(module, name))]
+    return max(named)[1] if named else None
+
+
+def floor_violations(graph: dict[str, set[str]]) -> list[tuple[str, str]]:
+    """Every (module, module it imports) where the second stands on a higher floor of ``FLOORS`` than the first."""
+    found = []
+    for source in sorted(graph):
+        own = floor(source)
+        if own is not None:
+            found += [(source, target) for target in sorted(graph[source]) if (floor(target) or 0) > own]
+    return found
+
+
+def _edges(found: list[tuple[str, str]]) -> str:
+    return "\n".join(f"  {source} -> {target}" for source, target in found)
+
+
+def test_the_stage_check_allows_the_drivers_only() -> None:
+    """The checker itself, on a made-up graph: a driver's allowed edge passes, a stage using another's parts not."""
+    graph = {
+        f"{STAGES}.pipeline": {f"{STAGES}.train", f"{STAGES}.bench"},
+        f"{STAGES}.promote": {f"{STAGES}.evaluate", f"{STAGES}.train"},
+        f"{STAGES}.optimize": {f"{STAGES}.train", f"{PACKAGE}.training"},
+        f"{PACKAGE}.training": {f"{PACKAGE}.config"},
+        f"{PACKAGE}.serve.app": {f"{STAGES}.evaluate"},
+        f"{PACKAGE}.config": {f"{PACKAGE}.training"},
+    }
+    assert forbidden_stage_imports(graph) == [(f"{STAGES}.optimize", f"{STAGES}.train"),
+                                              (f"{STAGES}.promote", f"{STAGES}.train")]
+    assert upward_imports(graph) == [(f"{PACKAGE}.serve.app", f"{STAGES}.evaluate")]
+    assert floor_violations(graph) == [(f"{PACKAGE}.config", f"{PACKAGE}.training"),
+                                       (f"{PACKAGE}.serve.app", f"{STAGES}.evaluate")]
+    assert floor(PACKAGE) == 0 and floor(f"{PACKAGE}.serve.predlog") == 1 and floor(f"{PACKAGE}.serve.app") == 2
+    assert floor(f"{PACKAGE}.serve.predlog_writer") == 2 and floor("elsewhere") is None
+
+
+def test_no_stage_imports_another_stage_except_the_drivers() -> None:
+    graph = import_graph()
+    stages = {name for name in graph if name.startswith(f"{STAGES}.")}
+    assert len(stages) >= 10, f"found only {sorted(stages)} under {SRC}"
+    named = (set(ALLOWED_STAGE_IMPORTS) | set().union(*ALLOWED_STAGE_IMPORTS.values())) - {ANY_STAGE}
+    assert named <= stages, f"ALLOWED_STAGE_IMPORTS names modules that are gone: {sorted(named - stages)}"
+    found = forbidden_stage_imports(graph)
+    assert not found, ("a stage imports another stage's internals (stages meet at artifacts: move the shared piece "
+                       "below the stages, as signpost.training, or allow a driver in ALLOWED_STAGE_IMPORTS):\n"
+                       + _edges(found))
+
+
+def test_every_module_stands_on_a_floor() -> None:
+    unplaced = sorted(name for name in import_graph() if floor(name) is None)
+    assert not unplaced, f"modules on no floor (add them to FLOORS and ARCHITECTURE.md): {unplaced}"
+
+
+def test_nothing_below_the_stages_imports_a_stage_or_the_cli() -> None:
+    graph = import_graph()
+    assert f"{PACKAGE}.training" in graph and CLI in graph
+    found = upward_imports(graph)
+    assert not found, "modules below the stages import a stage or the CLI (move the piece they need down):\n" + _edges(
+        found)
+    found = floor_violations(graph)
+    assert not found, "modules import from a higher floor (see FLOORS; move the piece they need down):\n" + _edges(
+        found)
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ from signpost.artifacts import ArtifactError, find_artifact
 from signpost.config import ConfigError, SignpostConfig, load_config
 
 if TYPE_CHECKING:  # the stages import torch and MLflow: loaded only by the commands that need them
+    from signpost.contracts import BenchResults, VariantRow
     from signpost.registry import ModelVersion
     from signpost.stages.evaluate import EvaluateResult
     from signpost.stages.promote import Decision
@@ -303,14 +304,15 @@ def _print_prepared(path: Path, reused: bool, manifest: dict) -> None:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from signpost.stages.train import TrainingInterrupted, train
+    from signpost.stages.train import train
     from signpost.tracking import run_factory
+    from signpost.training import TrainingInterrupted
 
     config = _config(args)
     data = _given("train", "data", args.data, "--data") or _newest_data(config, "train")
     try:
-        tracking = run_factory(config)
-        result = train(config, data_dir=data, resume=args.resume, progress=_progress(args), tracking=tracking)
+        result = train(config, data_dir=data, resume=args.resume, progress=_progress(args),
+                       tracking=run_factory(config))
     except TrainingInterrupted as exc:
         print(f"train: {exc}", file=sys.stderr)
         return EXIT_INTERRUPTED
@@ -324,7 +326,7 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from signpost.stages.pipeline import evaluate_and_register
+    from signpost.stages.promote import evaluate_and_register
 
     config = _config(args)
     if args.served is None and (args.concurrency is not None or args.timeout is not None):
@@ -363,24 +365,22 @@ def _served_parity(args: argparse.Namespace, config: SignpostConfig, model: Path
 
 
 def _optimize(args: argparse.Namespace) -> int:
-    from signpost.stages.optimize import optimize, tracking_summary
-    from signpost.tracking import log_stage, run_factory
+    from signpost.stages.optimize import optimize
+    from signpost.tracking import run_factory
 
     config = _config(args)
     model = _given("optimize", "train", args.model, "--model") or _newest(config, "optimize", "train",
                                                                           "signpost train", "--model")
     data = _given("optimize", "data", args.data, "--data") or _model_data(config, model, "optimize")
-    result = optimize(config, model_dir=model, data_dir=data, progress=_progress(args))
-    if not result.reused:
-        log_stage(run_factory(config), "optimize", **tracking_summary(config, result))
+    result = optimize(config, model_dir=model, data_dir=data, progress=_progress(args), tracking=run_factory(config))
     _print_variants(result.path, result.reused, result.variants)
     return 0
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from signpost.stages.bench import bench, compare
-    from signpost.stages.bench import tracking_summary as bench_summary
-    from signpost.tracking import log_stage, run_factory
+    from signpost.report.bench_table import compare
+    from signpost.stages.bench import bench
+    from signpost.tracking import run_factory
 
     if args.compare:
         report, regressed = compare(*args.compare, threshold=args.threshold)
@@ -390,15 +390,14 @@ def _bench(args: argparse.Namespace) -> int:
     optimized = _given("bench", "optimize", args.optimized, "--optimized") or _newest(
         config, "bench", "optimize", "signpost optimize", "--optimized")
     data = _given("bench", "data", args.data, "--data") or _optimized_data(config, optimized)
-    result = bench(config, optimize_dir=optimized, data_dir=data, profile=args.profile, progress=_progress(args))
-    if not result.reused:
-        log_stage(run_factory(config), "bench", **bench_summary(config, result))
+    result = bench(config, optimize_dir=optimized, data_dir=data, profile=args.profile, progress=_progress(args),
+                   tracking=run_factory(config))
     _print_bench(result.path, result.reused, result.results)
     return 0
 
 
-def _print_bench(path: Path, reused: bool, results: dict) -> None:
-    rows = results["rows"]
+def _print_bench(path: Path, reused: bool, results: BenchResults) -> None:
+    rows = results.rows
     failed = [r for r in rows if r["status"] == "failed"]
     print(f"bench: {'reused' if reused else 'wrote'} {path} ({len(rows)} rows, {len(failed)} failed cells)")
     print(f"  table: {path / 'results.md'}; chart: {path / 'chart.png'}")
@@ -406,31 +405,29 @@ def _print_bench(path: Path, reused: bool, results: dict) -> None:
         print(f"  failed: {r['variant']}/{r['runtime']}/{r['math']}: {r['reason']}")
     timed = [r for r in rows if r["status"] != "failed"]
     unstable = sum(not r.get("stable", True) for r in timed)
-    if stability := results.get("stability"):
-        print(f"  stability: {unstable} of {len(timed)} timed rows unstable ({stability['unstable_first_pass']} "
-              f"before {stability['repeat_passes']} repeat passes of {stability['repeat_measurements']} cell "
-              "measurements; "
-              f"{stability['stopped']})")
+    stability = results.stability
+    print(f"  stability: {unstable} of {len(timed)} timed rows unstable ({stability.unstable_first_pass} "
+          f"before {stability.repeat_passes} repeat passes of {stability.repeat_measurements} cell measurements; "
+          f"{stability.stopped})")
     if unstable:
         print(f"warning: {unstable} of {len(timed)} timed rows are unstable: their figures and ratios swing from run "
               "to run (the stable column of results.md)", file=sys.stderr)
-    candidate = results.get("candidate")
+    candidate = results.candidate
     if candidate:
-        print(f"  deployable: {candidate['variant']} on {candidate['runtime']} ({candidate['math']}) — "
-              f"{candidate['reason']}")
-        if candidate.get("stable") is False:
+        print(f"  deployable: {candidate.variant} on {candidate.runtime} ({candidate.math}) — {candidate.reason}")
+        if candidate.stable is False:
             print(f"warning: the deployable was chosen from an unstable timing ({unstable} of {len(timed)} rows "
                   "unstable, none stable at its batch size)", file=sys.stderr)
     else:
         print("  deployable: none (no variant within the accuracy budget was measured at the deploy batch size)")
     keys = ("variant", "runtime", "math", "threads", "batch")
-    for batch, best in (results.get("candidates_by_batch") or {}).items():
+    for batch, best in results.candidates_by_batch.items():
         if best:
-            row = next(r for r in timed if all(r[k] == best[k] for k in keys))
+            row = next(r for r in timed if all(r[k] == getattr(best, k) for k in keys))
             ratio = f", {row['speedup']:.1f}x eager fp32 ±{100 * row['speedup_spread']:.1f}%" if row["speedup"] else ""
-            print(f"  fastest at batch {batch}: {best['variant']} on {best['runtime']} ({best['math']}), "
-                  f"{best['images_per_s']:,.0f} images/s ±{100 * row['spread']:.1f}%{ratio}"
-                  f"{'' if best.get('stable', True) else ' (UNSTABLE)'}")
+            print(f"  fastest at batch {batch}: {best.variant} on {best.runtime} ({best.math}), "
+                  f"{best.images_per_s:,.0f} images/s ±{100 * row['spread']:.1f}%{ratio}"
+                  f"{'' if best.stable is not False else ' (UNSTABLE)'}")
 
 
 def _optimized_data(config: SignpostConfig, optimized: Path) -> Path:
@@ -442,15 +439,15 @@ def _optimized_data(config: SignpostConfig, optimized: Path) -> Path:
     return data
 
 
-def _print_variants(path: Path, reused: bool, variants: list[dict]) -> None:
+def _print_variants(path: Path, reused: bool, variants: list[VariantRow]) -> None:
     print(f"optimize: {'reused' if reused else 'wrote'} {path}")
     print(f"  {'variant':14} {'status':9} {'val':>7} {'test':>7} {'size':>9} {'MFLOP':>6}  forms / reason")
     for v in variants:
-        size = "-" if v["size_bytes"] is None else f"{v['size_bytes'] / 1024:.0f} KiB"
-        mflops = "-" if v["mflops"] is None else f"{v['mflops']:.1f}"
-        status = v["status"] if v["role"] != "control" else "control"
-        detail = v["reason"] or ", ".join(v["forms"])
-        print(f"  {v['name']:14} {status:9} {_pct(v['val_acc']):>7} {_pct(v['test_acc']):>7} {size:>9} {mflops:>6}  "
+        size = "-" if v.size_bytes is None else f"{v.size_bytes / 1024:.0f} KiB"
+        mflops = "-" if v.mflops is None else f"{v.mflops:.1f}"
+        status = v.status if v.role != "control" else "control"
+        detail = v.reason or ", ".join(v.forms)
+        print(f"  {v.name:14} {status:9} {_pct(v.val_acc):>7} {_pct(v.test_acc):>7} {size:>9} {mflops:>6}  "
               f"{detail}")
 
 
@@ -473,13 +470,13 @@ def _model_data(config: SignpostConfig, model: Path, who: str) -> Path:
 def _print_evaluation(
     result: EvaluateResult, version: ModelVersion | None, decision: Decision | None = None
 ) -> None:
-    metrics = result.report["metrics"]
+    metrics = result.report.metrics
     verb = "reused" if result.reused else "wrote"
     print(f"evaluate: {verb} {result.path}")
     print(f"  top-1 {metrics['top1']:.4f}, top-5 {metrics['top5']:.4f}, macro-F1 {metrics['macro_f1']:.4f}, "
           f"ECE {metrics['ece']:.4f}")
-    if feedback := result.report.get("feedback"):
-        print(f"  held-out feedback: top-1 {feedback['top1']:.4f} on {feedback['images']} images")
+    if feedback := result.report.feedback:
+        print(f"  held-out feedback: top-1 {feedback.top1:.4f} on {feedback.images} images")
     if result.passed:
         print("  gate: passed" + (f"; registered {version.name} v{version.version} as challenger" if version else ""))
     else:
@@ -746,7 +743,7 @@ def _run(args: argparse.Namespace) -> int:
         print(f"  registry: {result.registry}")
     if result.candidate:
         c = result.candidate
-        print(f"deployable: {c['variant']} on {c['runtime']} ({c['math']}) — {c['reason']}")
+        print(f"deployable: {c.variant} on {c.runtime} ({c.math}) — {c.reason}")
     print(f"report: {result.report}")
     return 0 if result.evaluation.passed else EXIT_GATE
 

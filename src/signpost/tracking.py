@@ -27,7 +27,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Protocol, TypeVar, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, TypeAlias, TypeVar, runtime_checkable
 from urllib.parse import urlsplit, urlunsplit
 
 from signpost.config import SignpostConfig, TrackingConfig
@@ -91,6 +91,11 @@ class Tracker(Protocol):
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None: ...
+
+
+# What every tracked stage takes as ``tracking``: a function that opens the tracking run of one stage (``"train"``,
+# ``"evaluate"``, ...). ``run_factory`` makes it from a config; a stage calls it only when it makes an artifact.
+RunFactory: TypeAlias = Callable[[str], Tracker]
 
 
 def _exit_status(exc_type: type[BaseException] | None) -> str:
@@ -390,7 +395,7 @@ def redact_uri(uri: str) -> str:
 
 
 def log_stage(
-    make: Callable[[str], Tracker],
+    make: RunFactory,
     stage: str,
     *,
     params: Mapping[str, Any],
@@ -411,8 +416,9 @@ def log_stage(
         return tracker.run_id
 
 
-def run_factory(config: SignpostConfig) -> Callable[[str], Tracker]:
-    """A function making the tracking run of one stage (``"train"``, ...) for ``config``: what stages take."""
+def run_factory(config: SignpostConfig) -> RunFactory:
+    """A function making the tracking run of one stage (``"train"``, ...) for ``config``: what stages take as
+    ``tracking``."""
 
     def make(stage: str) -> Tracker:
         return start_run(

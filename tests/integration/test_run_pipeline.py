@@ -137,21 +137,21 @@ def test_the_report_renders_in_headless_chromium(
 def test_a_run_stopped_before_the_promotion_decision_decides_next_time(
     synthetic_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from signpost.stages import pipeline
+    from signpost.stages import promote
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    decide = pipeline.promote_if_better
+    decide = promote.promote_if_better
 
     def killed(*args: object, **kwargs: object) -> None:
         raise RuntimeError("the runner was stopped")
 
-    monkeypatch.setattr(pipeline, "promote_if_better", killed)
+    monkeypatch.setattr(promote, "promote_if_better", killed)
     assert main(["run", *_args(synthetic_root, tmp_path, *LAX)]) == 1  # registered v1, then stopped
     registry = Registry(load_config(None, [f"workdir={tmp_path}", "name=e2e"]).tracking, tmp_path)
     assert registry.get("challenger").version == "1" and registry.get("champion") is None
     capsys.readouterr()
 
-    monkeypatch.setattr(pipeline, "promote_if_better", decide)
+    monkeypatch.setattr(promote, "promote_if_better", decide)
     assert main(["run", *_args(synthetic_root, tmp_path, *LAX)]) == 0  # nothing retrained; the decision is made
     out = capsys.readouterr().out
     assert "evaluate: skipped" in out and "promoted signpost-e2e v1 to champion" in out

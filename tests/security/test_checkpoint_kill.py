@@ -29,7 +29,8 @@ from signpost.cli import main
 from signpost.config import SignpostConfig, load_config
 from signpost.models.artifact import unwrap
 from signpost.stages.prepare import prepare
-from signpost.stages.train import CHECKPOINT, Recipe, train
+from signpost.stages.train import train
+from signpost.training import CHECKPOINT, Recipe
 
 # As tests/stages/test_train.py: one thread, so that a resumed run can match an uninterrupted one bit for bit.
 TRAIN = ["train.batch_size=16", "train.epochs=3", "train.threads=1", "train.warmup_epochs=0.5"]

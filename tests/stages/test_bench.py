@@ -1,4 +1,6 @@
-"""bench: a real matrix measured in subprocesses, one table with a baseline from the same run, compare, profile."""
+"""bench: a real matrix measured in subprocesses, one table with a baseline from the same run, repeats of the cells
+that did not settle, profile. The choice off the rows, the table's text and compare are in
+tests/report/test_bench_table.py."""
 
 from __future__ import annotations
 
@@ -8,22 +10,18 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from signpost import cli
-from signpost.cli import EXIT_REGRESSION, main
+from signpost.cli import main
 from signpost.config import SignpostConfig, load_config
-from signpost.contracts import Candidate
+from signpost.contracts import VariantRow
+from signpost.report.bench_table import markdown_table
 from signpost.stages import bench as bench_module
 from signpost.stages.bench import (
     BASELINE,
     bench,
-    choose,
-    compare,
-    markdown_table,
     merge_runs,
     plan,
     repeat_order,
     repeat_unstable,
-    small_batch_runtime,
     tracking_summary,
 )
 
@@ -47,9 +45,9 @@ def measured(optimized: dict) -> dict:
 
 def test_the_matrix_is_measured_with_the_baseline_in_the_same_run(measured: dict) -> None:
     results = measured["result"].results
-    for threads, (before, after) in results["peak_measurements"].items():  # the peak: the larger of two readings
-        assert results["peaks_gflops"][threads]["bf16"] == max(before["bf16"], after["bf16"]) > 0
-    rows = results["rows"]
+    for threads, (before, after) in results.peak_measurements.items():  # the peak: the larger of two readings
+        assert results.peaks_gflops[threads]["bf16"] == max(before["bf16"], after["bf16"]) > 0
+    rows = results.rows
     cells = {(r["variant"], r["runtime"], r["math"]) for r in rows}
     # int8 has no ONNX form; ONNX Runtime takes no oneDNN math setting: those cells are not planned.
     assert cells == {
@@ -68,8 +66,8 @@ def test_the_matrix_is_measured_with_the_baseline_in_the_same_run(measured: dict
         assert 0.0 <= r["top1"] <= 1.0 and r["gflops"] > 0 and r["bf16_peak_fraction"] > 0
     baseline = [r for r in rows if (r["variant"], r["runtime"], r["math"]) == BASELINE]
     assert [r["speedup"] for r in baseline] == [1.0, 1.0]
-    assert results["peaks_gflops"]["1"]["fp32"] > 0 and results["peaks_gflops"]["1"]["bf16"] > 0
-    machine = results["machine"]
+    assert results.peaks_gflops["1"]["fp32"] > 0 and results.peaks_gflops["1"]["bf16"] > 0
+    machine = results.machine
     assert machine["logical_cores"] >= 1 and machine["cpu"] and "torch" in machine["libraries"]
 
 
@@ -77,35 +75,35 @@ def test_the_table_chart_and_deployable_choice_are_written(measured: dict) -> No
     path, results = measured["result"].path, measured["result"].results
     table = (path / "results.md").read_text(encoding="utf-8")
     assert "Baseline: fp32/eager/default" in table and "| variant | runtime | math |" in table
-    assert table.count("\n| ") == len(results["rows"]) + 1
+    assert table.count("\n| ") == len(results.rows) + 1
     with Image.open(path / "chart.png") as chart:
         assert chart.width > 600 and chart.height > 300
     candidate = json.loads((path / "candidate.json").read_text(encoding="utf-8"))
-    at_batch = [r for r in results["rows"] if r["batch"] == 8 and r["status"] == "ok"]
+    at_batch = [r for r in results.rows if r["batch"] == 8 and r["status"] == "ok"]
     settled = [r for r in at_batch if r["stable"]]
     assert candidate["images_per_s"] == max(r["images_per_s"] for r in settled or at_batch)
     assert candidate["stable"] is bool(settled)
     assert candidate["reason"].startswith("fastest within the accuracy budget at batch 8")
-    stability = results["stability"]  # counted before and after the repeat pass, and shown above the table
-    assert stability["rows"] == len(results["rows"]) and stability["repeat_passes"] <= 1
-    assert stability["unstable"] == sum(not r["stable"] for r in results["rows"]) <= stability["unstable_first_pass"]
-    assert f"Stability: {stability['unstable']} of {stability['rows']} timed rows unstable" in table
-    assert all(len(r["runs"]) >= 1 for r in results["rows"])
+    stability = results.stability  # counted before and after the repeat pass, and shown above the table
+    assert stability.rows == len(results.rows) and stability.repeat_passes <= 1
+    assert stability.unstable == sum(not r["stable"] for r in results.rows) <= stability.unstable_first_pass
+    assert f"Stability: {stability.unstable} of {stability.rows} timed rows unstable" in table
+    assert all(len(r["runs"]) >= 1 for r in results.rows)
     assert Path(candidate["folder"]).name == candidate["variant"]
-    by_batch = results["candidates_by_batch"]
-    assert set(by_batch) == {"1", "8"} and by_batch["8"] | {"small_batch": None} == results["candidate"] | {
-        "small_batch": None}
-    small = results["candidate"]["small_batch"]  # what serves single images, when not the candidate's runtime
+    by_batch = results.candidates_by_batch
+    assert set(by_batch) == {"1", "8"} and by_batch["8"].model_dump() | {"small_batch": None} == (
+        results.candidate.model_dump() | {"small_batch": None})
+    small = results.candidate.small_batch  # what serves single images, when not the candidate's runtime
     if small is not None:
-        assert small["below"] > 1 and (small["runtime"], small["math"]) != (candidate["runtime"], candidate["math"])
-    at_one = [r for r in results["rows"] if r["batch"] == 1 and r["status"] == "ok"]
-    assert by_batch["1"]["images_per_s"] == max(r["images_per_s"] for r in at_one)
+        assert small.below > 1 and (small.runtime, small.math) != (candidate["runtime"], candidate["math"])
+    at_one = [r for r in results.rows if r["batch"] == 1 and r["status"] == "ok"]
+    assert by_batch["1"].images_per_s == max(r["images_per_s"] for r in at_one)
     assert "Fastest within the budget at each batch size: 1: " in table
 
 
 def test_profile_writes_the_op_table_and_a_chrome_trace(measured: dict) -> None:
     path = measured["result"].path
-    profiled = [r for r in measured["result"].results["rows"] if r.get("profile")]
+    profiled = [r for r in measured["result"].results.rows if r.get("profile")]
     assert {(r["variant"], r["runtime"], r["math"]) for r in profiled} == {BASELINE}
     names = profiled[0]["profile"]
     table = (path / "cells" / names["table"]).read_text(encoding="utf-8")
@@ -124,108 +122,32 @@ def test_a_cell_that_times_out_is_failed_with_the_reason(optimized: dict) -> Non
     config = _config(optimized, "bench.variants=[fp32]", "bench.runtimes=[eager]", "bench.math=[default]",
                      "bench.threads=[1]", "bench.batch_sizes=[1]", "bench.timeout=0.01")
     result = bench(config, optimize_dir=optimized["result"].path, data_dir=optimized["data_dir"], progress=False)
-    [row] = result.results["rows"]
+    [row] = result.results.rows
     assert row["status"] == "failed" and "timed out after" in row["reason"] and "bench.timeout" in row["reason"]
     assert result.candidate is None
     assert "failed: timed out" in markdown_table(result.results)
-    assert result.results["stability"]["repeat_measurements"] == 0  # a failed cell is not timed again
+    assert result.results.stability.repeat_measurements == 0  # a failed cell is not timed again
 
 
 # --- stability: synthetic rows -------------------------------------------------------------------------------
 
 
-def _row(variant: str, runtime: str, rate: float, *, stable: bool = True, spread: float = 0.02,
-         batch: int = 64) -> dict:
-    """One ok table row at ``batch`` as ``_table_rows`` makes it, eager fp32 at 1,000 images/s ±1% its baseline."""
-    return {"variant": variant, "runtime": runtime, "math": "default", "threads": 2, "batch": batch, "status": "ok",
-            "reason": "", "top1": 0.95, "images_per_s": rate, "spread": spread, "stable": stable, "runs": [rate],
-            "speedup": rate / 1000, "speedup_spread": spread + 0.01, "size_bytes": 4096, "mflops": 1.0,
-            "ms_per_image": 1e3 / rate, "ms_median": 1e3 * batch / rate, "ms_p95": 1e3 * batch / rate,
-            "ms_p99": 1e3 * batch / rate, "gflops": rate / 1e3, "bf16_peak_fraction": 0.1, "cpu_cores_mean": 2.0,
-            "rss_mib_peak": 300.0, "variant_status": "ok", "variant_test_acc": 0.95}
-
-
-def test_a_stable_cell_is_chosen_over_a_faster_unstable_one(tmp_path: Path) -> None:
-    rows = [_row("fp32", "eager", 1000), _row("int8", "compile", 9000, stable=False, spread=0.6),
-            _row("pruned", "compile", 4000), _row("fp32", "onnxruntime", 2000, spread=0.03)]
-    chosen = choose(rows, 64, tmp_path)
-    assert (chosen["variant"], chosen["runtime"], chosen["stable"]) == ("pruned", "compile", True)
-    assert "passed over 1 faster cell whose timing never settled" in chosen["reason"]
-    # the spread beside every figure and ratio: images/s, against eager fp32 (±(2+1)%), against ONNX (±(2+3)%)
-    assert "4,000 images/s ±2.0%" in chosen["reason"]
-    assert "4.0x eager fp32 ±3.0%" in chosen["reason"] and "2.00x the best ONNX Runtime cell ±5.0%" in chosen["reason"]
-
-
-def test_a_candidate_from_unstable_rows_is_marked(tmp_path: Path) -> None:
-    rows = [_row("fp32", "eager", 1000, stable=False), _row("int8", "compile", 9000, stable=False, spread=0.6),
-            _row("pruned", "compile", 20000, batch=1)]  # stable, but at another batch size
-    chosen = choose(rows, 64, tmp_path)
-    assert (chosen["variant"], chosen["stable"]) == ("int8", False)  # the fastest, since nothing at 64 settled
-    assert "UNSTABLE: none of the 2 cells at this batch size gave a settled timing" in chosen["reason"]
-    assert "±60.0%" in chosen["reason"]
-    written = Candidate.model_validate(chosen).model_dump_json()  # the contract carries the mark
-    assert json.loads(written)["stable"] is False
-    old = {k: v for k, v in chosen.items() if k != "stable"}  # a candidate.json from before the mark still reads
-    assert Candidate.model_validate(old).stable is None
-
-
-def test_the_small_batch_runtime_is_also_chosen_from_stable_cells(tmp_path: Path) -> None:
-    rows = [_row("pruned", "compile", 9000), _row("pruned", "onnxruntime", 5000, batch=1, stable=False),
-            _row("pruned", "eager", 3000, batch=1), _row("pruned", "compile", 1000, batch=1)]
-    small = small_batch_runtime(rows, choose(rows, 64, tmp_path))
-    assert small is not None and small["runtime"] == "eager" and "UNSTABLE" not in small["reason"]
-    nothing_settled = [r | {"stable": r["batch"] != 1} for r in rows]
-    small = small_batch_runtime(nothing_settled, choose(nothing_settled, 64, tmp_path))
-    assert small["runtime"] == "onnxruntime" and "UNSTABLE: no cell at batch 1 settled" in small["reason"]
-
-
-def test_the_spread_appears_beside_every_ratio_in_the_table_and_the_cli(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    rows = [_row("fp32", "eager", 1000), _row("int8", "compile", 9000, stable=False, spread=0.6),
-            _row("pruned", "compile", 4000, spread=0.07)]
-    candidate = choose(rows, 64, tmp_path)
-    machine = {"cpu": "test cpu", "arch": "x86_64", "physical_cores": 2, "logical_cores": 2, "isa": ["avx2"],
-               "libraries": {"torch": "x"}}
-    stability = {"rows": 3, "unstable_first_pass": 2, "unstable": 1, "repeat_passes": 2, "repeat_measurements": 3,
-                 "repeat_seconds": 12.0, "stopped": "bench.repeats=2 passes done"}
-    results = {"machine": machine, "peaks_gflops": {"2": {"fp32": 100.0, "bf16": 200.0}}, "baseline": "fp32/eager",
-               "settings": {"max_cv": 0.05}, "rows": rows, "stability": stability, "candidate": candidate,
-               "candidates_by_batch": {"64": candidate}}
-    table = markdown_table(results)
-    assert "| 4.00x ±8.0% |" in table and "| 9.00x ±61.0% |" in table and "| 1.00x ±3.0% |" in table
-    assert "| 60.0% | **no** |" in table  # the unstable row says so
-    assert "Stability: 1 of 3 timed rows unstable" in table
-    assert "2 before 2 repeat passes (3 cell measurements in 12 s" in table
-    cli._print_bench(tmp_path, False, results)
-    out, err = capsys.readouterr()
-    assert "warning: 1 of 3 timed rows are unstable" in err
-    assert "stability: 1 of 3 timed rows unstable (2 before 2 repeat passes" in out
-    assert "fastest at batch 64: pruned on compile (default), 4,000 images/s ±7.0%, 4.0x eager fp32 ±8.0%" in out
-    assert "4.0x eager fp32 ±8.0%" in out.split("deployable:")[1].splitlines()[0]
-
-
-def test_the_cli_warns_when_the_deployable_comes_from_an_unstable_cell(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    rows = [_row("fp32", "eager", 1000, stable=False), _row("int8", "compile", 9000, stable=False)]
-    results = {"rows": rows, "candidate": choose(rows, 64, tmp_path)}
-    cli._print_bench(tmp_path, False, results)
-    out, err = capsys.readouterr()
-    assert "warning: 2 of 2 timed rows are unstable" in err
-    assert "warning: the deployable was chosen from an unstable timing" in err
-    assert "UNSTABLE" in out
-
-
 def test_rejected_variants_are_not_planned_unless_asked(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(bench_module, "available_runtimes", lambda folder: {"eager"})
-    variants = [({"name": name, "role": "candidate", "status": status}, tmp_path / name)
+    variants = [(_variant(name, status), tmp_path / name)
                 for name, status in (("fp32", "ok"), ("int8", "rejected"), ("pruned", "ok"), ("broken", "failed"))]
     matrix = ["bench.runtimes=[eager]", "bench.math=[default]", "bench.threads=[1]"]
     planned = plan(variants, load_config(None, matrix).bench)
     assert [c["variant"] for c in planned] == ["fp32", "pruned"]
     asked = plan(variants, load_config(None, [*matrix, "bench.include_rejected=true"]).bench)
     assert [c["variant"] for c in asked] == ["fp32", "int8", "pruned"]
+
+
+def _variant(name: str, status: str) -> VariantRow:
+    """A row of optimize's variants table with ``name`` and ``status``; the rest is what plan does not read."""
+    return VariantRow(name=name, method="m", settings={}, status=status, reason="", path=name, forms=[],
+                      val_acc=None, test_acc=None, size_bytes=None, parameters=None, mflops=None, seconds=0.0,
+                      role="candidate")
 
 
 def _batch(batch: int, rate: float, stable: bool, spread: float = 0.02) -> dict:
@@ -312,34 +234,6 @@ def test_repeats_stop_at_the_time_budget(tmp_path: Path, monkeypatch: pytest.Mon
     assert stability["stopped"] == "bench.repeat_seconds=150 spent" and stability["unstable"] == 3
 
 
-def _results(rate: float, *, failed: bool = False) -> dict:
-    row = {"variant": "int8", "runtime": "compile", "math": "default", "threads": 2, "batch": 64,
-           "status": "failed" if failed else "ok", "images_per_s": rate}
-    machine = {"cpu": "test cpu", "arch": "x86_64", "physical_cores": 2, "isa": ["avx2"], "libraries": {"torch": "x"}}
-    return {"machine": machine, "rows": [row]}
-
-
-@pytest.mark.parametrize(("a", "b", "regressed"), [(1000, 950, False), (1000, 850, True), (1000, 1300, False)])
-def test_compare_gives_a_regression_verdict(tmp_path: Path, a: float, b: float, regressed: bool) -> None:
-    (tmp_path / "a.json").write_text(json.dumps(_results(a)))
-    (tmp_path / "b.json").write_text(json.dumps(_results(b)))
-    report, verdict = compare(tmp_path / "a.json", tmp_path / "b.json", threshold=0.10)
-    assert verdict is regressed
-    assert ("Verdict: REGRESSION" in report) is regressed
-    assert "test cpu" in report and f"{b / a:.2f}" in report
-
-
-def test_cli_compare_exit_codes_and_bad_files(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    (tmp_path / "a.json").write_text(json.dumps(_results(1000)))
-    (tmp_path / "b.json").write_text(json.dumps(_results(1000, failed=True)))
-    assert main(["bench", "--compare", str(tmp_path / "a.json"), str(tmp_path / "b.json")]) == EXIT_REGRESSION
-    assert "REGRESSION" in capsys.readouterr().out
-    assert main(["bench", "--compare", str(tmp_path / "a.json"), str(tmp_path / "a.json")]) == 0
-    (tmp_path / "other.json").write_text(json.dumps({"hello": 1}))
-    assert main(["bench", "--compare", str(tmp_path / "a.json"), str(tmp_path / "other.json")]) == 1
-    assert "not a signpost bench results file" in capsys.readouterr().err
-
-
 def test_cli_bench_rejects_a_bad_profile_spec(optimized: dict, capsys: pytest.CaptureFixture[str]) -> None:
     config = optimized["config"]
     code = main(["bench", "--optimized", str(optimized["result"].path), "--profile", "int8-compile",
@@ -374,13 +268,13 @@ def test_optimize_and_bench_results_become_mlflow_runs(optimized: dict, measured
     bench_run = log_stage(make, "bench", **tracking_summary(config, measured["result"]))
     client = MlflowClient(tracking_uri(config.tracking, config.workdir))
     run = client.get_run(optimize_run)
-    fp32 = next(v for v in optimized["result"].variants if v["name"] == "fp32")
-    assert run.data.metrics["fp32/test_acc"] == pytest.approx(fp32["test_acc"])
-    assert run.data.tags["signpost.variant.int8"] == next(v["status"] for v in optimized["result"].variants
-                                                          if v["name"] == "int8")
+    fp32 = next(v for v in optimized["result"].variants if v.name == "fp32")
+    assert run.data.metrics["fp32/test_acc"] == pytest.approx(fp32.test_acc)
+    assert run.data.tags["signpost.variant.int8"] == next(v.status for v in optimized["result"].variants
+                                                          if v.name == "int8")
     assert {a.path for a in client.list_artifacts(optimize_run, "optimize")} >= {"optimize/variants.json"}
     run = client.get_run(bench_run)
-    ok = [r for r in measured["result"].results["rows"] if r["status"] == "ok"]
+    ok = [r for r in measured["result"].results.rows if r["status"] == "ok"]
     cell = ok[0]
     key = f"{cell['variant']}/{cell['runtime']}/{cell['math']}/{cell['threads']}t/b{cell['batch']}/images_per_s"
     assert run.data.metrics[key] == pytest.approx(cell["images_per_s"])

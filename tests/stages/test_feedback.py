@@ -10,6 +10,14 @@ import pytest
 from PIL import Image
 
 from signpost.cli import main
+from signpost.contracts import (
+    EVALUATION_REPORT,
+    Calibration,
+    EvaluatedData,
+    EvaluatedModel,
+    EvaluationReport,
+    Gate,
+)
 from signpost.data.cache import load_split
 from signpost.stages.feedback import FeedbackError, add_feedback
 from signpost.stages.monitor import monitor
@@ -61,9 +69,17 @@ def test_the_cli_takes_a_csv_with_class_names(config, optimized: dict, tmp_path:
 
 
 def _evaluation(folder: Path, top1: float) -> Path:
+    """An evaluation folder whose report gives test top-1 ``top1`` and every confidence in the top bin; the rest of
+    the report is what the monitor does not read."""
     folder.mkdir(parents=True)
     bins = [{"count": 10 if i == 9 else 0} for i in range(10)]
-    (folder / "report.json").write_text(json.dumps({"metrics": {"top1": top1}, "calibration": {"bins": bins}}))
+    report = EvaluationReport(
+        model=EvaluatedModel(path="m", key="m", architecture="signnet", data_key="d"),
+        data=EvaluatedData(path="d", key="d", split="test", images=10), image_size=32, class_names=[], warnings=[],
+        champion=None, champion_skipped=None, metrics={"top1": top1}, per_class=[], worst_classes=[],
+        confused_pairs=[], confusion_matrix=[], calibration=Calibration(num_bins=10, ece=0.0, bins=bins),
+        feedback=None, gate=Gate(passed=True, failures=[], rules=[]))
+    (folder / EVALUATION_REPORT).write_text(report.model_dump_json())
     return folder
 
 

@@ -20,14 +20,14 @@ from signpost.stages.optimize import Variant, _apply_budget, optimize
 
 
 def _rows(optimized: dict) -> dict[str, dict]:
-    return {row["name"]: row for row in optimized["result"].variants}
+    return {row.name: row.model_dump() for row in optimized["result"].variants}
 
 
 def test_every_variant_is_made_and_recorded(optimized: dict) -> None:
     rows = _rows(optimized)
     assert list(rows) == ["fp32", "int8", "dynamic-int8", "pruned", "pruned-int8", "student", "student-alone"]
     assert rows["dynamic-int8"]["status"] == "skipped" and "Linear" in rows["dynamic-int8"]["reason"]
-    made = dict((row["name"], folder) for row, folder in variant_folders(optimized["result"].path))
+    made = dict((row.name, folder) for row, folder in variant_folders(optimized["result"].path))
     assert set(made) == {"fp32", "int8", "pruned", "pruned-int8", "student", "student-alone"}
     for name, folder in made.items():
         manifest = verify_artifact(folder)  # every file matches its hash
@@ -41,7 +41,7 @@ def test_every_variant_is_made_and_recorded(optimized: dict) -> None:
     assert rows["pruned"]["settings"]["ratio"] == 0.5 and rows["pruned"]["settings"]["widths"] == [16, 24, 48, 64]
     assert rows["student"]["settings"]["temperature"] == 4.0 and rows["student-alone"]["role"] == "control"
     # The stage's own manifest lists the same table.
-    assert read_manifest(optimized["result"].path)["variants"] == optimized["result"].variants
+    assert read_manifest(optimized["result"].path)["variants"] == [v.model_dump() for v in optimized["result"].variants]
 
 
 def test_int8_file_is_at_most_30_percent_of_fp32(optimized: dict) -> None:

@@ -5,14 +5,23 @@ from __future__ import annotations
 import pytest
 
 from signpost.config import EvaluateConfig
+from signpost.contracts import EvaluationReport
 from signpost.stages.promote import decide
 
 
-def _report(test: float, feedback: float | None = None, data: str = "d1") -> dict:
-    report = {"data": {"key": data}, "metrics": {"top1": test}, "feedback": None}
+def _report(test: float, feedback: float | None = None, data: str = "d1") -> EvaluationReport:
+    """An evaluation report with test top-1 ``test`` (and feedback top-1 ``feedback``) on data ``data``; the rest
+    is what the decision does not read."""
+    report = {"data": {"path": data, "key": data, "split": "test", "images": 100}, "metrics": {"top1": test},
+              "feedback": None}
     if feedback is not None:
-        report["feedback"] = {"top1": feedback, "images": 50}
-    return report
+        report["feedback"] = {"top1": feedback, "images": 50, "per_class": {}}
+    unread = {"model": {"path": "m", "key": "m", "architecture": "signnet", "data_key": data}, "image_size": 32,
+              "class_names": [], "warnings": [], "champion": None, "champion_skipped": None, "per_class": [],
+              "worst_classes": [], "confused_pairs": [], "confusion_matrix": [],
+              "calibration": {"num_bins": 10, "ece": 0.0, "bins": []},
+              "gate": {"passed": True, "failures": [], "rules": []}}
+    return EvaluationReport.model_validate(unread | report)
 
 
 def test_feedback_decides_when_the_data_has_it() -> None:

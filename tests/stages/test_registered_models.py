@@ -13,14 +13,14 @@ from mlflow import MlflowClient
 
 from signpost.artifacts import atomic_dir, read_manifest, write_manifest
 from signpost.config import ConfigError, SignpostConfig, load_config, save_config
+from signpost.contracts import EvaluationReport
 from signpost.models import build_model
 from signpost.models.artifact import ModelCard, save_model
 from signpost.registry import CHALLENGER, CHAMPION, Registry
 from signpost.serve.model import resolve
 from signpost.stages import evaluate as evaluate_module
-from signpost.stages.pipeline import evaluate_and_register
 from signpost.stages.prepare import prepare
-from signpost.stages.promote import not_comparable
+from signpost.stages.promote import evaluate_and_register, not_comparable
 from signpost.tracking import start_run, tracking_uri
 from tests.conftest import local_config
 
@@ -108,8 +108,8 @@ def _registered_models(config: SignpostConfig) -> set[str]:
     return {m.name for m in MlflowClient(tracking_uri(config.tracking, config.workdir)).search_registered_models()}
 
 
-def _max_drop_rule(report: dict[str, Any]) -> dict[str, Any]:
-    (rule,) = (r for r in report["gate"]["rules"] if r["rule"] == "max_drop")
+def _max_drop_rule(report: EvaluationReport) -> dict[str, Any]:
+    (rule,) = (r for r in report.gate.rules if r["rule"] == "max_drop")
     return rule
 
 
@@ -175,7 +175,7 @@ def test_a_champion_for_other_classes_or_input_is_not_compared(
     assert result.passed, result.failures
     rule = _max_drop_rule(result.report)
     assert rule["verdict"] == "skipped" and rule["detail"] == expected
-    assert result.report["champion"] is None and result.report["champion_skipped"] == expected
+    assert result.report.champion is None and result.report.champion_skipped == expected
     # The model is registered, but not promoted over a champion it was never compared with.
     assert version is not None and (version.name, version.version) == (shared, "2")
     assert decision is not None and not decision.promoted
@@ -199,6 +199,38 @@ def test_a_champion_of_the_same_classes_and_input_is_still_compared(
     assert "champion top1 0.99" in result.failures[0]
     champion = Registry(config.tracking, work).get(CHAMPION)
     assert champion is not None and (champion.name, champion.version) == ("team-signs", "1")
+
+
+def test_the_evaluation_is_logged_in_the_run_its_challenger_version_links_to(
+    synthetic_root: Path, work: Path, data: Path, tmp_path: Path
+) -> None:
+    config = _config(synthetic_root, work, "lineage", "evaluate.promote=false")
+    model = _model(tmp_path / "lineage-model", data, "lineage")
+    result, version, decision = evaluate_and_register(config, model_dir=model, data_dir=data, progress=False)
+    assert result.passed and version is not None and decision is None
+
+    client = MlflowClient(tracking_uri(config.tracking, config.workdir))
+    run = client.get_run(version.run_id)
+    assert version.source == f"runs:/{run.info.run_id}/model" and run.info.status == "FINISHED"
+    assert run.data.tags["signpost.stage"] == "evaluate" and run.data.tags["signpost.gate"] == "passed"
+    assert (run.data.params["model"], run.data.params["data"]) == (model.name, data.name)
+    assert run.data.params["evaluate.min_accuracy"] == str(config.evaluate.min_accuracy)
+    metrics = result.report.metrics
+    assert {name: run.data.metrics[name] for name in metrics} == pytest.approx(metrics)
+    assert {"evaluate/report.json", "evaluate/manifest.json"} <= {
+        a.path for a in client.list_artifacts(run.info.run_id, "evaluate")}
+    assert "model/model_card.json" in {a.path for a in client.list_artifacts(run.info.run_id, "model")}
+
+    # The same evaluation again is reused: no new run. A failing one is logged, tagged so, and registers nothing.
+    runs = len(client.search_runs([run.info.experiment_id]))
+    assert evaluate_and_register(config, model_dir=model, data_dir=data, progress=False)[0].reused
+    assert len(client.search_runs([run.info.experiment_id])) == runs
+    strict = _config(synthetic_root, work, "lineage", "evaluate.promote=false", "evaluate.min_accuracy=1")
+    failed, again, _ = evaluate_and_register(strict, model_dir=model, data_dir=data, progress=False)
+    assert not failed.passed and again is None
+    (newest,) = client.search_runs([run.info.experiment_id], order_by=["attributes.start_time DESC"], max_results=1)
+    assert newest.data.tags["signpost.gate"] == "failed" and newest.info.run_id != run.info.run_id
+    assert not client.list_artifacts(newest.info.run_id, "model")
 
 
 def test_not_comparable_names_what_differs(data: Path, tmp_path: Path) -> None:

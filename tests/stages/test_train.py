@@ -17,7 +17,9 @@ import torch
 from signpost.artifacts import verify_artifact
 from signpost.models.artifact import load_model
 from signpost.stages.prepare import prepare
-from signpost.stages.train import CHECKPOINT, _read_checkpoint, train
+from signpost.stages.train import train
+from signpost.training import CHECKPOINT
+from signpost.training.checkpoint import read_checkpoint
 from tests.conftest import local_config
 
 # Small and deterministic: one thread, so a resumed run can match an uninterrupted one bit for bit.
@@ -58,7 +60,7 @@ def _wait_for_checkpoint(workdir: Path, proc: subprocess.Popen, epochs: int = 1,
     while time.monotonic() < deadline:
         for checkpoint in (workdir / "train" / ".checkpoints").glob(f"*/{CHECKPOINT}"):
             try:
-                if _read_checkpoint(checkpoint)[1]["epoch"] >= epochs:
+                if read_checkpoint(checkpoint)[1]["epoch"] >= epochs:
                     return
             except (OSError, ValueError):
                 pass  # written atomically, but the glob may race a rename

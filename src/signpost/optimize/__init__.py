@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 from signpost.artifacts import is_complete
-
-VARIANTS_FILE = "variants.json"  # the optimize artifact's table of variants, one row each
+from signpost.contracts import VariantRow, read_variants
 
 # Libraries used here that log their internals (every ONNX optimizer pass) or warn about things that do not apply
 # (torchvision ops the ONNX exporter would register, torchao's GPU-only kernels). torch resets its own loggers'
@@ -37,9 +34,12 @@ def quiet_libraries() -> Iterator[None]:
             logger.setLevel(previous[name])
 
 
-def variant_folders(optimize_dir: Path) -> Iterator[tuple[dict[str, Any], Path]]:
-    """(variant row, folder) for every variant of an optimize artifact that was made (ok or rejected)."""
-    table = json.loads((Path(optimize_dir) / VARIANTS_FILE).read_text(encoding="utf-8"))
-    for row in table:
-        if row["path"] and is_complete(Path(optimize_dir) / row["path"]):
-            yield row, Path(optimize_dir) / row["path"]
+def variant_folders(optimize_dir: Path, table: list[VariantRow] | None = None) -> Iterator[tuple[VariantRow, Path]]:
+    """(variant row, folder) for every variant of an optimize artifact that was made (ok or rejected).
+
+    ``table``: the artifact's variants table when the caller has read (and checked) it already; else it is read
+    here, validated but not checked against the manifest.
+    """
+    for row in read_variants(optimize_dir, verify=False) if table is None else table:
+        if row.path and is_complete(Path(optimize_dir) / row.path):
+            yield row, Path(optimize_dir) / row.path

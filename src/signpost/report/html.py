@@ -1,6 +1,8 @@
 """The HTML report of one `signpost run`: one self-contained file (pictures embedded) that a person reads first.
 
-It is built only from artifacts on disk (manifests, report.json, PNGs), so it says exactly what the stages wrote.
+It is built only from artifacts on disk (manifests, the typed files stages hand each other, PNGs), so it says exactly
+what the stages wrote. It reads them as they are, without checking them against their manifests again: the stages
+that made or reused them in this run have just done so.
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+from signpost.contracts import EvaluationReport, Gate, read_evaluation, read_results, read_variants
 
 _STYLE = """
 body { font: 14px/1.45 system-ui, sans-serif; margin: 2rem auto; max-width: 1100px; color: #222; padding: 0 1rem; }
@@ -44,14 +48,14 @@ def write_run_report(
     """
     data = _json(data_dir / "manifest.json")
     model = _json(model_dir / "manifest.json")
-    report = _json(evaluation_dir / "report.json")
-    gate = report["gate"]
-    verdict = "pass" if gate["passed"] else "fail"
+    report = read_evaluation(evaluation_dir, verify=False)
+    gate = report.gate
+    verdict = "pass" if gate.passed else "fail"
     sections = [
         f"<h1>Signpost run: {_e(config_name)}</h1>",
         f'<p class="muted">{dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M UTC} · code '
         f'{_e(str(model.get("code", {}).get("git") or "uncommitted"))[:12]} · '
-        f'<span class="badge {verdict}">gate {"passed" if gate["passed"] else "FAILED"}</span></p>',
+        f'<span class="badge {verdict}">gate {"passed" if gate.passed else "FAILED"}</span></p>',
         _stages(outcomes),
         _lineage(data, model, report, registered),
         _gate(gate),
@@ -84,7 +88,7 @@ def _stages(outcomes: Sequence[Any]) -> str:
     return f"<h2>Stages</h2><table><tr><th>stage</th><th></th><th>why</th><th>artifact</th></tr>{rows}</table>"
 
 
-def _lineage(data: dict, model: dict, report: dict, registered: str | None) -> str:
+def _lineage(data: dict, model: dict, report: EvaluationReport, registered: str | None) -> str:
     sources = data["inputs"]
     steps = [
         ("prepared data", f"{_code(data['key'])} from {sources['files']} files ({_code(sources['sources_sha256'])})"),
@@ -92,7 +96,7 @@ def _lineage(data: dict, model: dict, report: dict, registered: str | None) -> s
         ("trained model", f"{_code(model['key'])} from data {_code(model['inputs']['data_key'])}"),
         ("training run", _code(model["tracking_run"]) if model.get("tracking_run") else "<span class=\"muted\">"
                          "not tracked</span>"),
-        ("evaluation", f"test top-1 {report['metrics']['top1']:.4f} on data {_code(report['data']['key'])}"),
+        ("evaluation", f"test top-1 {report.metrics['top1']:.4f} on data {_code(report.data.key)}"),
         ("registry", _e(registered) if registered else '<span class="muted">not registered</span>'),
     ]
     items = "".join(f"<tr><th>{name}</th><td>{value}</td></tr>" for name, value in steps)
@@ -111,12 +115,12 @@ def _feedback_lineage(data: dict) -> list[tuple[str, str]]:
                          f"from {names}, on top of <code>{_e(lineage['base'])}</code>")]
 
 
-def _gate(gate: dict) -> str:
+def _gate(gate: Gate) -> str:
     rows = "".join(
         f"<tr><td>{_e(r['rule'])}</td><td>{_e(r['metric'])}</td><td class=\"num\">{_num(r.get('threshold'))}</td>"
         f"<td class=\"num\">{_num(r.get('value'))}</td><td class=\"{_verdict_class(r['verdict'])}\">{_e(r['verdict'])}"
         f"</td><td>{_e(r.get('detail') or '')}</td></tr>"
-        for r in gate["rules"]
+        for r in gate.rules
     )
     return (
         "<h2>Gate</h2><table><tr><th>rule</th><th>metric</th><th>threshold</th><th>value</th><th>verdict</th>"
@@ -124,8 +128,8 @@ def _gate(gate: dict) -> str:
     )
 
 
-def _metrics(report: dict) -> str:
-    cells = "".join(f"<tr><th>{_e(k)}</th><td class=\"num\">{_num(v)}</td></tr>" for k, v in report["metrics"].items())
+def _metrics(report: EvaluationReport) -> str:
+    cells = "".join(f"<tr><th>{_e(k)}</th><td class=\"num\">{_num(v)}</td></tr>" for k, v in report.metrics.items())
     return f"<h2>Test metrics</h2><table>{cells}</table>"
 
 
@@ -149,10 +153,10 @@ def _history(model: dict) -> str:
     return f"<details><summary>per-epoch numbers</summary><table><tr>{head}</tr>{rows}</table></details>"
 
 
-def _per_class(report: dict) -> str:
-    threshold = next((r.get("threshold") for r in report["gate"]["rules"] if r["rule"] == "min_class_accuracy"), None)
+def _per_class(report: EvaluationReport) -> str:
+    threshold = next((r.get("threshold") for r in report.gate.rules if r["rule"] == "min_class_accuracy"), None)
     rows = []
-    for c in sorted(report["per_class"], key=lambda c: (c["recall"] is None, c["recall"] or 0.0)):
+    for c in sorted(report.per_class, key=lambda c: (c["recall"] is None, c["recall"] or 0.0)):
         low = threshold is not None and c["recall"] is not None and c["recall"] < threshold
         row_class = ' class="low"' if low else ""
         rows.append(
@@ -169,16 +173,16 @@ def _per_class(report: dict) -> str:
 
 def _variants(optimize_dir: Path) -> str:
     rows = []
-    for v in _json(optimize_dir / "variants.json"):
-        status = "control" if v["role"] == "control" else v["status"]
+    for v in read_variants(optimize_dir, verify=False):
+        status = "control" if v.role == "control" else v.status
         css = {"ok": "pass", "rejected": "fail", "failed": "fail"}.get(status, "skip")
-        size = f"{v['size_bytes'] / 1024:.0f} KiB" if v["size_bytes"] else "–"
-        mflops = f"{v['mflops']:.1f}" if v["mflops"] else "–"
+        size = f"{v.size_bytes / 1024:.0f} KiB" if v.size_bytes else "–"
+        mflops = f"{v.mflops:.1f}" if v.mflops else "–"
         rows.append(
-            f"<tr><td>{_e(v['name'])}</td><td>{_e(v['method'])}</td><td class=\"{css}\">{_e(status)}</td>"
-            f'<td class="num">{_num(v["val_acc"])}</td><td class="num">{_num(v["test_acc"])}</td>'
-            f'<td class="num">{size}</td><td class="num">{mflops}</td><td>{_e(", ".join(v["forms"]))}</td>'
-            f"<td>{_e(v['reason'])}</td></tr>"
+            f"<tr><td>{_e(v.name)}</td><td>{_e(v.method)}</td><td class=\"{css}\">{_e(status)}</td>"
+            f'<td class="num">{_num(v.val_acc)}</td><td class="num">{_num(v.test_acc)}</td>'
+            f'<td class="num">{size}</td><td class="num">{mflops}</td><td>{_e(", ".join(v.forms))}</td>'
+            f"<td>{_e(v.reason)}</td></tr>"
         )
     return (
         "<h2>Optimized variants</h2><p class=\"muted\">Each held to the accuracy budget against fp32 on test top-1; "
@@ -189,12 +193,12 @@ def _variants(optimize_dir: Path) -> str:
 
 
 def _bench(bench_dir: Path) -> str:
-    results = _json(bench_dir / "results.json")
-    m = results["machine"]
+    results = read_results(bench_dir, verify=False)
+    m = results.machine
     head = ("variant", "runtime", "math", "threads", "batch", "status", "top-1", "images/s", "p50 ms", "p99 ms",
             "speedup", "GFLOP/s", "% bf16 peak")
     rows = []
-    for r in results["rows"]:
+    for r in results.rows:
         if r["status"] == "failed":
             cells = [r["variant"], r["runtime"], r["math"], r["threads"], "–", f"failed: {r['reason']}"]
             rows.append("<tr>" + "".join(f"<td>{_e(str(c))}</td>" for c in cells) + "<td></td>" * 7 + "</tr>")
@@ -204,13 +208,13 @@ def _bench(bench_dir: Path) -> str:
                  f"{r['speedup']:.2f}x" if r["speedup"] else "–", f"{r['gflops']:.0f}",
                  f"{100 * r['bf16_peak_fraction']:.0f}%" if r["bf16_peak_fraction"] is not None else "–"]
         rows.append("<tr>" + "".join(f"<td>{_e(str(c))}</td>" for c in cells) + "</tr>")
-    candidate = results.get("candidate")
-    choice = (f"<p><b>Deployable choice:</b> {_e(candidate['variant'])} on {_e(candidate['runtime'])} "
-              f"({_e(candidate['math'])}) — {_e(candidate['reason'])}.</p>" if candidate else
+    candidate = results.candidate
+    choice = (f"<p><b>Deployable choice:</b> {_e(candidate.variant)} on {_e(candidate.runtime)} "
+              f"({_e(candidate.math)}) — {_e(candidate.reason)}.</p>" if candidate else
               '<p class="muted">No variant within the accuracy budget was measured at the deploy batch size.</p>')
     return (
         f"<h2>Benchmark</h2><p class=\"muted\">{_e(m['cpu'])} ({_e(m['arch'])}, {m['physical_cores']} cores); "
-        f"{_e(results['baseline'])}. Each setting ran in a fresh process; warm-up and compilation excluded.</p>"
+        f"{_e(results.baseline)}. Each setting ran in a fresh process; warm-up and compilation excluded.</p>"
         + choice + _img(bench_dir / "chart.png", "benchmark chart")
         + "<details><summary>all cells</summary><table><tr>" + "".join(f"<th>{h}</th>" for h in head) + "</tr>"
         + "".join(rows) + "</table></details>"

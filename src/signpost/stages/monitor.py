@@ -38,6 +38,7 @@ import numpy as np
 
 from signpost.artifacts import ArtifactError, is_complete, verify_artifact
 from signpost.config import MonitorConfig, SignpostConfig
+from signpost.contracts import read_evaluation
 from signpost.data.cache import SOURCES, load_split, read_sources
 from signpost.data.stats import STAT_NAMES
 from signpost.monitoring.alerts import AlertManager
@@ -169,9 +170,9 @@ def load_reference(data_dir: Path, evaluation_dir: Path | None, model: ServedMod
             class_counts = np.bincount(val.labels.numpy(), minlength=int(dataset["num_classes"])).astype(float)
     confidence = top1 = None
     if evaluation_dir is not None:
-        report = json.loads((Path(evaluation_dir) / "report.json").read_text(encoding="utf-8"))
-        confidence = np.array([b["count"] for b in report["calibration"]["bins"]], dtype=np.float64)
-        top1 = float(report["metrics"]["top1"])
+        report = read_evaluation(evaluation_dir, verify=False)  # validated; not hash-checked, as before
+        confidence = np.array([b["count"] for b in report.calibration.bins], dtype=np.float64)
+        top1 = float(report.metrics["top1"])
     if model is not None:
         outputs = _model_outputs(model, images)
         values.update({n: outputs.embeddings[:, j].astype(np.float64) for j, n in enumerate(EMBEDDINGS)})

@@ -16,14 +16,13 @@ accuracy budget against its parent, and write everything atomically:
         student-alone/          the same student trained on labels only: the distillation's control
 
 Each variant folder is an artifact of its own (manifest with file hashes, model card): the runtime module loads it in
-a fresh process without the training code. Fine-tuning and student training are ordinary training runs (the train
-stage's recipe, checkpoints and resume) whose own artifacts live in ``optimize/training/``, so a re-run reuses them.
+a fresh process without the training code. Fine-tuning and student training are ordinary training runs (the training
+engine's recipe, checkpoints and resume) whose own artifacts live in ``optimize/training/``, so a re-run reuses them.
 """
 
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import time
 from collections.abc import Callable
@@ -45,21 +44,22 @@ from signpost.artifacts import (
     write_manifest,
 )
 from signpost.config import SignpostConfig, config_to_dict
+from signpost.contracts import VARIANTS_FILE, VariantRow, read_variants, variants_json
 from signpost.data.cache import CachedSplit, load_split
 from signpost.data.loader import BatchLoader
 from signpost.models.artifact import CARD, WEIGHTS, ModelCard, load_model, save_model
-from signpost.optimize import VARIANTS_FILE
 from signpost.optimize.export import write_aoti, write_onnx
 from signpost.optimize.prune import count_parameters, prune_model
 from signpost.optimize.quantize import quantize_int8, save_program
 from signpost.runtime import AOTI, AOTI_BF16, ONNX, PROGRAM
-from signpost.stages.train import CHECKPOINT, Derived, Recipe
+from signpost.tracking import RunFactory, log_stage
+from signpost.training import Derived, train_derived
 
 log = logging.getLogger(__name__)
 
 STAGE = "optimize"
-_CODE = (__name__, "signpost.optimize", "signpost.runtime", "signpost.stages.train", "signpost.models",
-         "signpost.data.loader")
+_CODE = (__name__, "signpost.optimize", "signpost.runtime", "signpost.training", "signpost.models",
+         "signpost.data.loader", "signpost.contracts")
 TRAINING = f"{STAGE}/training"  # where fine-tuning and student runs keep their own artifacts and checkpoints
 _TOLERANCE = 1e-9
 _EVAL_BATCH = 256
@@ -91,7 +91,7 @@ class OptimizeResult:
 
     path: Path
     reused: bool
-    variants: list[dict[str, Any]]
+    variants: list[VariantRow]
     manifest: dict[str, Any]
 
 
@@ -101,16 +101,26 @@ def tracking_summary(config: SignpostConfig, result: OptimizeResult) -> dict[str
     metrics = {}
     for v in result.variants:
         for key in ("val_acc", "test_acc", "size_bytes", "mflops"):
-            if isinstance(v.get(key), int | float):
-                metrics[f"{v['name']}/{key}"] = float(v[key])
-    statuses = {v["name"]: v["status"] for v in result.variants}
+            if isinstance(value := getattr(v, key), int | float):
+                metrics[f"{v.name}/{key}"] = float(value)
+    statuses = {v.name: v.status for v in result.variants}
     return {"params": {"optimize": config_to_dict(config.optimize), "artifact": result.path.name},
             "metrics": metrics, "files": [result.path / VARIANTS_FILE, result.path / "manifest.json"],
             "tags": {f"signpost.variant.{name}": status for name, status in statuses.items()}}
 
 
-def optimize(config: SignpostConfig, *, model_dir: Path, data_dir: Path, progress: bool = True) -> OptimizeResult:
+def optimize(
+    config: SignpostConfig,
+    *,
+    model_dir: Path,
+    data_dir: Path,
+    progress: bool = True,
+    tracking: RunFactory | None = None,
+) -> OptimizeResult:
     """Make the variants ``config.optimize`` asks for from the model in ``model_dir``; reuse them when inputs match.
+
+    ``tracking`` makes the stage's tracking run (``signpost.tracking.run_factory``), opened only when the variants
+    are made, not reused: it gets ``tracking_summary``.
 
     Raises ``ArtifactError`` for a model or data folder that does not match its manifest.
     """
@@ -130,8 +140,8 @@ def optimize(config: SignpostConfig, *, model_dir: Path, data_dir: Path, progres
     path = artifact_path(config.workdir, STAGE, config.name, key)
     if is_complete(path):
         log.info("%s was optimized with these settings already: reusing %s", model_dir, path)
-        manifest = verify_artifact(path, [VARIANTS_FILE])
-        return OptimizeResult(path, True, json.loads((path / VARIANTS_FILE).read_text(encoding="utf-8")), manifest)
+        table = read_variants(path)  # checked against the manifest, as written
+        return OptimizeResult(path, True, table, read_manifest(path))
 
     val, test = load_split(data_dir / "val.safetensors"), load_split(data_dir / "test.safetensors")
     maker = _VariantMaker(config, card, parent_key, model_dir, data_dir, val, test, progress=progress)
@@ -151,8 +161,8 @@ def optimize(config: SignpostConfig, *, model_dir: Path, data_dir: Path, progres
         if opt.distill.enabled:
             variants += maker.student_variants(tmp, parent)
         _apply_budget(variants, variants[0], opt.accuracy_budget)
-        table = [asdict(v) for v in variants]
-        (tmp / VARIANTS_FILE).write_text(json.dumps(table, indent=1) + "\n", encoding="utf-8")
+        table = [VariantRow.model_validate(asdict(v)) for v in variants]
+        (tmp / VARIANTS_FILE).write_text(variants_json(table), encoding="utf-8")
         manifest = write_manifest(
             tmp,
             stage=STAGE,
@@ -163,12 +173,16 @@ def optimize(config: SignpostConfig, *, model_dir: Path, data_dir: Path, progres
             config=config_to_dict(opt),
             code=code_version(*_CODE),
             metrics={f"{v.name}.test_acc": v.test_acc for v in variants if v.test_acc is not None},
-            extra={"variants": table, "seconds": time.perf_counter() - started},
+            extra={"variants": [row.model_dump(mode="json") for row in table],
+                   "seconds": time.perf_counter() - started},
         )
     for v in variants:
         status = "control" if v.role == "control" else v.status
         log.info("%-14s %-8s test %s  size %s  %s", v.name, status, _pct(v.test_acc), _kb(v.size_bytes), v.reason)
-    return OptimizeResult(path, False, table, manifest)
+    result = OptimizeResult(path, False, table, manifest)
+    if tracking is not None:
+        log_stage(tracking, STAGE, **tracking_summary(config, result))
+    return result
 
 
 def _apply_budget(variants: list[Variant], parent: Variant, budget: float) -> None:
@@ -305,7 +319,7 @@ class _VariantMaker:
                 break
         return batches
 
-    # --- pruning and distillation: training runs of the train stage's recipe -----------------------------------
+    # --- pruning and distillation: training runs of the training engine -----------------------------------------
 
     def pruned_variant(self, root: Path, parent: nn.Module) -> Variant:
         cfg = self.config.optimize.prune
@@ -347,20 +361,10 @@ class _VariantMaker:
         return out
 
     def _train(self, derived: Derived, overrides: dict[str, Any]) -> tuple[nn.Module, ModelCard]:
-        """Train (or reuse) the derived model with the train stage's recipe; its artifact sits beside this one."""
+        """Train (or reuse) the derived model with ``config.train`` changed by ``overrides``; its artifact sits
+        beside this one."""
         config = self.config.model_copy(update={"train": self.config.train.model_copy(update=overrides)})
-        recipe = Recipe(config, self.data_dir, progress=self.progress, derived=derived)
-        try:
-            if not is_complete(recipe.path):
-                log.info("training %s (%s)", derived.name, derived.identity["method"])
-                recipe.setup(resume=(recipe.checkpoint_dir / CHECKPOINT).is_file())
-                recipe.run()
-                recipe.finish()
-            else:
-                log.info("reusing %s", recipe.path)
-        finally:
-            recipe.cleanup()
-        return load_model(recipe.path)
+        return train_derived(config, self.data_dir, derived, progress=self.progress)
 
     # --- shared ------------------------------------------------------------------------------------------------
 

@@ -1,5 +1,9 @@
 """promote: the champion / challenger duel that decides whether a newly registered model replaces the champion.
 
+``evaluate_and_register`` is the step ``signpost evaluate`` and ``signpost run`` share: evaluate against the current
+champion, register a model that passes the gate as the ``challenger`` (its version linked to the tracking run the
+evaluation was logged in) and, with ``evaluate.promote``, hold the duel below.
+
 Both models are scored on the same prepared data by the evaluate stage: the original test split and, when prepare
 folded labelled feedback in, the held-out ``feedback`` split (production images neither model was trained on). The
 challenger wins when it leads on the deciding score — feedback top-1 when there is feedback, else test top-1 — by at
@@ -22,9 +26,11 @@ from typing import Any
 
 from signpost.artifacts import ArtifactError
 from signpost.config import EvaluateConfig, SignpostConfig
+from signpost.contracts import EvaluationReport
 from signpost.models.artifact import ModelCard, read_card
 from signpost.registry import CHALLENGER, CHAMPION, ModelVersion, Registry, RegistryError
 from signpost.stages.evaluate import EvaluateResult, evaluate
+from signpost.tracking import Tracker, run_factory
 
 log = logging.getLogger(__name__)
 
@@ -53,10 +59,68 @@ class Decision:
         return asdict(self)
 
 
-def decide(settings: EvaluateConfig, challenger: dict[str, Any], champion: dict[str, Any]) -> Decision:
-    """Compare two evaluate reports of the same data (``report.json`` contents) under ``settings``."""
+def evaluate_and_register(
+    config: SignpostConfig, *, model_dir: Path, data_dir: Path, progress: bool = True
+) -> tuple[EvaluateResult, ModelVersion | None, Decision | None]:
+    """Evaluate against the current champion (when it was trained for the same classes and input; otherwise the
+    gate says why it was not compared); a model that passes the gate becomes the registry's challenger and, with
+    ``evaluate.promote``, the champion when it beats the current one.
+
+    Returns the evaluation, the version registered (None when nothing new was) and the promotion decision (None
+    when none was made). With ``tracking.backend: none`` the gate still applies, against no champion, and nothing
+    is registered. The evaluation's tracking run and the registry both come from ``config.tracking``: a version
+    can only link to a run in the registry's own store.
+    """
+    registry = Registry(config.tracking, config.workdir) if config.tracking.backend != "none" else None
+    champion = registry.get(CHAMPION) if registry is not None else None
+    champion_metrics = skipped = None
+    if registry is not None and champion is not None:
+        # The champion's top-1 is a yardstick only for a model of the same classes and input.
+        if (skipped := champion_not_comparable(registry, champion, model_dir)) is not None:
+            log.warning("%s %s", registry.name, skipped)
+        elif "top1" in champion.metrics:
+            champion_metrics = {"top1": champion.metrics["top1"]}
+    version: ModelVersion | None = None
+
+    def register(tracker: Tracker, result: EvaluateResult) -> None:
+        """Inside the evaluation's tracking run: a passing model not registered yet becomes the challenger."""
+        nonlocal version
+        if registry is None or not result.passed:
+            return
+        if (known := registry.find(result.report.model.key)) is not None:
+            # Evaluated again (e.g. against a new champion), but the same model: not a new challenger.
+            log.info("%s is already registered as %s version %s", model_dir.name, known.name, known.version)
+            return
+        version = registry.register(tracker, model_dir, alias=CHALLENGER)
+
+    result = evaluate(config, model_dir=model_dir, data_dir=data_dir, champion=champion_metrics,
+                      champion_skipped=skipped, progress=progress, tracking=run_factory(config), on_logged=register)
+    if registry is None:
+        return result, None, None
+    if result.reused:
+        # Evaluated before; if that run stopped after registering its challenger but before deciding, decide now.
+        pending = undecided_challenger(registry, result.report.model.key) if (
+            result.passed and config.evaluate.promote) else None
+        if pending is None:
+            return result, None, None
+        log.info("%s version %s was registered but never compared with the champion: deciding now",
+                 pending.name, pending.version)
+        return result, pending, promote_if_better(config, registry=registry, challenger=pending, evaluation=result,
+                                                  model_dir=model_dir, data_dir=data_dir, progress=progress)
+    if version is None:
+        return result, None, None
+    log.info("registered %s version %s as %s", version.name, version.version, CHALLENGER)
+    if not config.evaluate.promote:
+        return result, version, None
+    decision = promote_if_better(config, registry=registry, challenger=version, evaluation=result,
+                                 model_dir=model_dir, data_dir=data_dir, progress=progress)
+    return result, version, decision
+
+
+def decide(settings: EvaluateConfig, challenger: EvaluationReport, champion: EvaluationReport) -> Decision:
+    """Compare two evaluate reports of the same data under ``settings``."""
     scores = {name: _scores(report) for name, report in (("challenger", challenger), ("champion", champion))}
-    if challenger["data"]["key"] != champion["data"]["key"]:
+    if challenger.data.key != champion.data.key:
         raise ValueError("challenger and champion must be scored on the same data to be compared")
     ours, theirs = scores["challenger"]["test"], scores["champion"]["test"]
     if ours + _TOLERANCE < theirs - settings.max_drop:
@@ -157,10 +221,10 @@ def promote_if_better(
     return decision
 
 
-def _scores(report: dict[str, Any]) -> dict[str, float]:
-    scores = {"test": float(report["metrics"]["top1"])}
-    if report.get("feedback"):
-        scores["feedback"] = float(report["feedback"]["top1"])
+def _scores(report: EvaluationReport) -> dict[str, float]:
+    scores = {"test": float(report.metrics["top1"])}
+    if report.feedback is not None:
+        scores["feedback"] = float(report.feedback.top1)
     return scores
 
 

@@ -14,10 +14,11 @@ from signpost.artifacts import read_manifest
 from signpost.config import load_config
 from signpost.models.artifact import load_model
 from signpost.stages.prepare import prepare
-from signpost.stages.train import plan_schedule, train
+from signpost.stages.train import train
+from signpost.training import plan_schedule
 from tests.conftest import local_config
 
-CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 # Optimizer steps per epoch at batch 256: the full GTSRB training split (~33,300 images after the validation
 # split), and the 3,000-image copy of the issue (~2,550 training images).
 FULL_GTSRB_STEPS, SMALL_COPY_STEPS = 130, 9
@@ -68,7 +69,7 @@ def test_training_a_small_dataset_runs_min_steps_and_says_so_in_the_log_card_and
     expected = plan_schedule(1, steps_per_epoch, min_steps=10, warmup_epochs=0.5)
     assert expected.raised and expected.epochs > 1  # the tiny split gives fewer than 10 steps an epoch
 
-    with caplog.at_level(logging.WARNING, logger="signpost.stages.train"):
+    with caplog.at_level(logging.WARNING, logger="signpost.training"):
         result = train(config, data_dir=data_dir, progress=False)
 
     (warning,) = [r.getMessage() for r in caplog.records if "too small for the schedule" in r.getMessage()]

@@ -1,0 +1,196 @@
+"""What the bench results say and how people read them: the deployable choice read off the table's rows, the
+markdown table, and ``compare`` of two runs' results.
+
+``choose`` picks the fastest stable cell within the accuracy budget at a batch size and says why, with the spread
+beside every figure; ``small_batch_runtime`` names the runtime that serves batches too small for the choice's own.
+``markdown_table`` is what the bench stage writes beside ``results.json`` as ``results.md``. ``compare`` reads two
+results files (two machines, two PyTorch builds, before/after a change) and gives a regression verdict; results
+carry the machine they were measured on, so a comparison says what it compares. The table and the comparison read
+the typed results (``signpost.contracts.BenchResults``), so a file of another shape is refused with its name.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from signpost.contracts import RESULTS, BenchResults, load_results
+
+
+def choose(rows: list[dict[str, Any]], batch: int, optimize_dir: Path) -> dict[str, Any] | None:
+    """The fastest stable cell at ``batch`` whose variant is within the accuracy budget: what to package, and why,
+    with the spread beside every figure. When no cell at ``batch`` settled, the fastest unstable one, marked
+    ``stable: False`` and said so in the reason: a timing that swings is no ground for a choice."""
+    ok = [r for r in rows if r["status"] == "ok" and r["batch"] == batch]
+    if not ok:
+        return None
+    stable = [r for r in ok if r["stable"]]
+    best = max(stable or ok, key=lambda r: r["images_per_s"])
+    onnx = max((r for r in ok if r["runtime"] == "onnxruntime"), key=lambda r: r["images_per_s"], default=None)
+    reason = (f"fastest within the accuracy budget at batch {batch}: {best['images_per_s']:,.0f} images/s "
+              f"{_pm(best['spread'])}, top-1 {best['top1']:.4f}")
+    if best.get("speedup"):
+        reason += f", {best['speedup']:.1f}x eager fp32 {_pm(best['speedup_spread'])}"
+    if onnx:
+        spread = 0.0 if onnx is best else best["spread"] + onnx["spread"]  # as for the speedup: the sum
+        ratio = best["images_per_s"] / onnx["images_per_s"]
+        reason += f", {ratio:.2f}x the best ONNX Runtime cell {_pm(spread)}"
+    faster = sum(r["images_per_s"] > best["images_per_s"] for r in ok)
+    if not stable:
+        reason += (f"; UNSTABLE: none of the {len(ok)} cells at this batch size gave a settled timing, so the "
+                   "choice may not hold (a quieter machine, or a larger bench.max_seconds or bench.repeats, "
+                   "may settle them)")
+    elif faster:
+        reason += f"; passed over {faster} faster cell{'s' if faster > 1 else ''} whose timing never settled"
+    return {
+        "variant": best["variant"], "runtime": best["runtime"], "math": best["math"], "threads": best["threads"],
+        "batch": batch, "folder": str(Path(optimize_dir) / best["variant"]), "images_per_s": best["images_per_s"],
+        "top1": best["top1"], "reason": reason, "stable": bool(stable),
+    }
+
+
+def small_batch_runtime(rows: list[dict[str, Any]], candidate: dict[str, Any]) -> dict[str, Any] | None:
+    """For the candidate's variant, the runtime that answers the smallest measured batch fastest, when that is not
+    the candidate's own (typically ONNX Runtime: its per-call overhead is the lowest), and ``below``: the smallest
+    measured batch size from which the candidate's runtime is the faster one. A server runs batches smaller than
+    ``below`` on it. None when the candidate's runtime is also the fastest for small batches."""
+    cells = {(r["runtime"], r["math"], r["batch"]): r for r in rows
+             if r["status"] == "ok" and r["variant"] == candidate["variant"] and r["threads"] == candidate["threads"]}
+    if not cells:
+        return None
+    smallest = min(batch for _, _, batch in cells)
+    at_smallest = [r for (_, _, batch), r in cells.items() if batch == smallest]
+    # As in choose, a stable cell first (a row with no stability record, made by hand, counts as stable).
+    best = max([r for r in at_smallest if r.get("stable", True)] or at_smallest, key=lambda r: r["images_per_s"])
+    ours, theirs = (candidate["runtime"], candidate["math"]), (best["runtime"], best["math"])
+    if theirs == ours:
+        return None
+
+    def speed(runtime_math: tuple[str, str], batch: int) -> float:
+        row = cells.get((*runtime_math, batch))
+        return row["images_per_s"] if row else 0.0
+
+    sizes = sorted({batch for _, _, batch in cells})
+    below = next((b for b in sizes if speed(ours, b) >= speed(theirs, b) > 0), candidate["batch"])
+    reason = f"p50 {best['ms_median']:.3f} ms at batch {smallest}"
+    if (own := cells.get((*ours, smallest))) is not None:
+        reason += f" against {own['ms_median']:.3f} ms on {ours[0]} ({ours[1]})"
+    if not best.get("stable", True):
+        reason += f" (UNSTABLE: no cell at batch {smallest} settled; spread {_pm(best['spread'])})"
+    return {"runtime": theirs[0], "math": theirs[1], "below": below, "reason": reason}
+
+
+def markdown_table(results: BenchResults) -> str:
+    """The results as markdown: machine, baseline, then one row per cell and batch size."""
+    m = results.machine
+    peaks = ", ".join(f"{t} threads: fp32 {p['fp32']:.0f}, bf16 {p['bf16']:.0f} GFLOP/s"
+                      for t, p in results.peaks_gflops.items())
+    lines = [
+        f"Machine: {m['cpu']} ({m['arch']}; {m['physical_cores']} cores / {m['logical_cores']} threads; ISA "
+        f"{' '.join(m['isa']) or '-'}); torch {m['libraries'].get('torch', '?')}, "
+        f"onnxruntime {m['libraries'].get('onnxruntime', '-')}, torchao {m['libraries'].get('torchao', '-')}.",
+        f"Matmul peaks: {peaks}.",
+        f"Baseline: {results.baseline}.",
+    ]
+    stability = results.stability
+    lines.append(
+        f"Stability: {stability.unstable} of {stability.rows} timed rows unstable (their latency never "
+        f"settled within bench.max_cv {100 * results.settings['max_cv']:g}%), "
+        f"{stability.unstable_first_pass} before {stability.repeat_passes} repeat passes "
+        f"({stability.repeat_measurements} cell measurements in {stability.repeat_seconds:.0f} s; "
+        f"{stability.stopped}). "
+        "Spread: of all timed chunks and between runs; beside a ratio, the sum of its two figures' spreads. "
+        "An unstable row's figures are not to be trusted."
+    )
+    lines += [
+        "",
+        "| variant | runtime | math | threads | batch | status | top-1 | size KiB | ms/image | images/s | p50 ms | "
+        "p95 ms | p99 ms | spread | stable | speedup | GFLOP/s | % bf16 peak | CPU cores | peak RSS MiB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results.rows:
+        size = f"{r['size_bytes'] / 1024:.0f}" if r["size_bytes"] else "-"
+        if r["status"] == "failed":
+            lines.append(f"| {r['variant']} | {r['runtime']} | {r['math']} | {r['threads']} | - | failed: "
+                         f"{r['reason'].replace('|', '/')} | - | {size} |" + " - |" * 12)
+            continue
+        status = "ok" if r["status"] == "ok" else "rejected (budget)"
+        speedup = f"{r['speedup']:.2f}x {_pm(r['speedup_spread'])}" if r["speedup"] else "-"
+        runs = len(r.get("runs", [])) or 1
+        stable = ("yes" if r["stable"] else "**no**") + (f", {runs} runs" if runs > 1 else "")
+        frac = f"{100 * r['bf16_peak_fraction']:.0f}%" if r["bf16_peak_fraction"] is not None else "-"
+        lines.append(
+            f"| {r['variant']} | {r['runtime']} | {r['math']} | {r['threads']} | {r['batch']} | {status} | "
+            f"{r['top1']:.4f} | {size} | {r['ms_per_image']:.4f} | {r['images_per_s']:,.0f} | {r['ms_median']:.3f} | "
+            f"{r['ms_p95']:.3f} | {r['ms_p99']:.3f} | {100 * r['spread']:.1f}% | {stable} | {speedup} | "
+            f"{r['gflops']:.0f} | {frac} | {r['cpu_cores_mean']:.2f} | {r['rss_mib_peak']:.0f} |"
+        )
+    if c := results.candidate:
+        lines += ["", f"Deployable choice: **{c.variant} / {c.runtime} / {c.math}** — {c.reason}."]
+        if small := c.small_batch:
+            lines.append(f"Batches smaller than {small.below} are served on {small.runtime} ({small.math}): "
+                         f"{small.reason}.")
+    by_batch = {b: c for b, c in results.candidates_by_batch.items() if c}
+    if by_batch:
+        lines += ["", "Fastest within the budget at each batch size: " + "; ".join(
+            f"{b}: {c.variant} / {c.runtime} / {c.math} ({c.images_per_s:,.0f} images/s"
+            f"{'' if c.stable is not False else ', UNSTABLE'})"  # None: a choice recorded before stability was
+            for b, c in by_batch.items()) + "."]
+    return "\n".join(lines)
+
+
+def compare(a_path: Path, b_path: Path, *, threshold: float = 0.10) -> tuple[str, bool]:
+    """Compare two results files (or bench folders) cell by cell: the markdown report and whether B regressed
+    against A.
+
+    B regresses when any cell both measured is more than ``threshold`` slower (images/s), or a cell ok in A
+    failed in B. A file that is not a bench results file is an ``ArtifactError`` naming it.
+    """
+    a, b = (_load_results(p) for p in (a_path, b_path))
+
+    def index(results: BenchResults) -> dict[tuple, dict[str, Any]]:
+        return {(r["variant"], r["runtime"], r["math"], r["threads"], r["batch"]): r for r in results.rows}
+
+    ia, ib = index(a), index(b)
+    lines = [f"A: {a_path} — {_machine_line(a)}", f"B: {b_path} — {_machine_line(b)}", "",
+             "| variant | runtime | math | threads | batch | A images/s | B images/s | B/A | verdict |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    regressions = []
+    for k in sorted(set(ia) & set(ib), key=lambda k: tuple(str(x) for x in k)):
+        ra, rb = ia[k], ib[k]
+        if ra["status"] == "failed" or k[4] is None:
+            continue
+        if rb["status"] == "failed":
+            regressions.append(k)
+            lines.append(f"| {' | '.join(map(str, k[:4]))} | - | {ra['images_per_s']:,.0f} | failed | - | "
+                         "REGRESSION |")
+            continue
+        ratio = rb["images_per_s"] / ra["images_per_s"]
+        verdict = "REGRESSION" if ratio < 1 - threshold else ("faster" if ratio > 1 + threshold else "same")
+        if verdict == "REGRESSION":
+            regressions.append(k)
+        lines.append(f"| {' | '.join(map(str, k))} | {ra['images_per_s']:,.0f} | {rb['images_per_s']:,.0f} | "
+                     f"{ratio:.2f} | {verdict} |")
+    only = len(set(ia) ^ set(ib))
+    lines += ["", f"Verdict: {'REGRESSION' if regressions else 'no regression'} — {len(regressions)} of "
+              f"{len(set(ia) & set(ib))} shared cells more than {100 * threshold:.0f}% slower or failed in B"
+              + (f"; {only} cells measured in only one of the two" if only else "") + "."]
+    return "\n".join(lines), bool(regressions)
+
+
+def _load_results(path: Path) -> BenchResults:
+    """A results file, or the one in a bench folder. It is validated but not checked against a manifest: results
+    are compared across machines, copied out of their folders (as the workflow's compare job does)."""
+    path = Path(path)
+    return load_results(path / RESULTS if path.is_dir() else path)
+
+
+def _machine_line(results: BenchResults) -> str:
+    m = results.machine
+    return (f"{m['cpu']} ({m['arch']}, {m['physical_cores']} cores, {' '.join(m['isa'])}), torch "
+            f"{m['libraries'].get('torch', '?')}, BLAS {m.get('blas') or '?'}")
+
+
+def _pm(spread: float) -> str:
+    """A relative spread as ``±4.2%``."""
+    return f"±{100 * spread:.1f}%"

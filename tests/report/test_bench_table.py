@@ -1,0 +1,138 @@
+"""The bench results as people read them: the deployable choice off synthetic rows, the markdown table and the
+CLI's summary with the spread beside every ratio, and ``compare``'s regression verdict."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from signpost import cli
+from signpost.cli import EXIT_REGRESSION, main
+from signpost.contracts import BenchResults, Candidate
+from signpost.report.bench_table import choose, compare, markdown_table, small_batch_runtime
+
+
+def _row(variant: str, runtime: str, rate: float, *, stable: bool = True, spread: float = 0.02,
+         batch: int = 64) -> dict:
+    """One ok table row at ``batch`` as ``_table_rows`` makes it, eager fp32 at 1,000 images/s ±1% its baseline."""
+    return {"variant": variant, "runtime": runtime, "math": "default", "threads": 2, "batch": batch, "status": "ok",
+            "reason": "", "top1": 0.95, "images_per_s": rate, "spread": spread, "stable": stable, "runs": [rate],
+            "speedup": rate / 1000, "speedup_spread": spread + 0.01, "size_bytes": 4096, "mflops": 1.0,
+            "ms_per_image": 1e3 / rate, "ms_median": 1e3 * batch / rate, "ms_p95": 1e3 * batch / rate,
+            "ms_p99": 1e3 * batch / rate, "gflops": rate / 1e3, "bf16_peak_fraction": 0.1, "cpu_cores_mean": 2.0,
+            "rss_mib_peak": 300.0, "variant_status": "ok", "variant_test_acc": 0.95}
+
+
+def _table(rows: list[dict], candidate: dict | None, **fields: Any) -> BenchResults:
+    """Results of ``rows`` with ``candidate`` as the choice; the fields a test does not give are placeholders that
+    the table, the CLI and compare do not read (or, for stability, the counts the rows give)."""
+    unstable = sum(not r.get("stable", True) for r in rows)
+    stability = {"rows": len(rows), "unstable_first_pass": unstable, "unstable": unstable, "repeat_passes": 0,
+                 "repeat_measurements": 0, "repeat_seconds": 0.0, "stopped": "bench.repeats=0 passes done"}
+    return BenchResults.model_validate({
+        "machine": {}, "peaks_gflops": {}, "peak_measurements": {}, "baseline": "", "optimize": "opt",
+        "data": "data", "settings": {}, "variants": [], "rows": rows, "stability": stability, "seconds": 0.0,
+        "candidate": candidate, "candidates_by_batch": {}, **fields})
+
+
+def test_a_stable_cell_is_chosen_over_a_faster_unstable_one(tmp_path: Path) -> None:
+    rows = [_row("fp32", "eager", 1000), _row("int8", "compile", 9000, stable=False, spread=0.6),
+            _row("pruned", "compile", 4000), _row("fp32", "onnxruntime", 2000, spread=0.03)]
+    chosen = choose(rows, 64, tmp_path)
+    assert (chosen["variant"], chosen["runtime"], chosen["stable"]) == ("pruned", "compile", True)
+    assert "passed over 1 faster cell whose timing never settled" in chosen["reason"]
+    # the spread beside every figure and ratio: images/s, against eager fp32 (±(2+1)%), against ONNX (±(2+3)%)
+    assert "4,000 images/s ±2.0%" in chosen["reason"]
+    assert "4.0x eager fp32 ±3.0%" in chosen["reason"] and "2.00x the best ONNX Runtime cell ±5.0%" in chosen["reason"]
+
+
+def test_a_candidate_from_unstable_rows_is_marked(tmp_path: Path) -> None:
+    rows = [_row("fp32", "eager", 1000, stable=False), _row("int8", "compile", 9000, stable=False, spread=0.6),
+            _row("pruned", "compile", 20000, batch=1)]  # stable, but at another batch size
+    chosen = choose(rows, 64, tmp_path)
+    assert (chosen["variant"], chosen["stable"]) == ("int8", False)  # the fastest, since nothing at 64 settled
+    assert "UNSTABLE: none of the 2 cells at this batch size gave a settled timing" in chosen["reason"]
+    assert "±60.0%" in chosen["reason"]
+    written = Candidate.model_validate(chosen).model_dump_json()  # the contract carries the mark
+    assert json.loads(written)["stable"] is False
+    old = {k: v for k, v in chosen.items() if k != "stable"}  # a candidate.json from before the mark still reads
+    assert Candidate.model_validate(old).stable is None
+
+
+def test_the_small_batch_runtime_is_also_chosen_from_stable_cells(tmp_path: Path) -> None:
+    rows = [_row("pruned", "compile", 9000), _row("pruned", "onnxruntime", 5000, batch=1, stable=False),
+            _row("pruned", "eager", 3000, batch=1), _row("pruned", "compile", 1000, batch=1)]
+    small = small_batch_runtime(rows, choose(rows, 64, tmp_path))
+    assert small is not None and small["runtime"] == "eager" and "UNSTABLE" not in small["reason"]
+    nothing_settled = [r | {"stable": r["batch"] != 1} for r in rows]
+    small = small_batch_runtime(nothing_settled, choose(nothing_settled, 64, tmp_path))
+    assert small["runtime"] == "onnxruntime" and "UNSTABLE: no cell at batch 1 settled" in small["reason"]
+
+
+def test_the_spread_appears_beside_every_ratio_in_the_table_and_the_cli(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    rows = [_row("fp32", "eager", 1000), _row("int8", "compile", 9000, stable=False, spread=0.6),
+            _row("pruned", "compile", 4000, spread=0.07)]
+    candidate = choose(rows, 64, tmp_path)
+    machine = {"cpu": "test cpu", "arch": "x86_64", "physical_cores": 2, "logical_cores": 2, "isa": ["avx2"],
+               "libraries": {"torch": "x"}}
+    stability = {"rows": 3, "unstable_first_pass": 2, "unstable": 1, "repeat_passes": 2, "repeat_measurements": 3,
+                 "repeat_seconds": 12.0, "stopped": "bench.repeats=2 passes done"}
+    results = _table(rows, candidate, machine=machine, peaks_gflops={"2": {"fp32": 100.0, "bf16": 200.0}},
+                     baseline="fp32/eager", settings={"max_cv": 0.05}, stability=stability,
+                     candidates_by_batch={"64": candidate})
+    table = markdown_table(results)
+    assert "| 4.00x ±8.0% |" in table and "| 9.00x ±61.0% |" in table and "| 1.00x ±3.0% |" in table
+    assert "| 60.0% | **no** |" in table  # the unstable row says so
+    assert "Stability: 1 of 3 timed rows unstable" in table
+    assert "2 before 2 repeat passes (3 cell measurements in 12 s" in table
+    cli._print_bench(tmp_path, False, results)
+    out, err = capsys.readouterr()
+    assert "warning: 1 of 3 timed rows are unstable" in err
+    assert "stability: 1 of 3 timed rows unstable (2 before 2 repeat passes" in out
+    assert "fastest at batch 64: pruned on compile (default), 4,000 images/s ±7.0%, 4.0x eager fp32 ±8.0%" in out
+    assert "4.0x eager fp32 ±8.0%" in out.split("deployable:")[1].splitlines()[0]
+
+
+def test_the_cli_warns_when_the_deployable_comes_from_an_unstable_cell(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    rows = [_row("fp32", "eager", 1000, stable=False), _row("int8", "compile", 9000, stable=False)]
+    results = _table(rows, choose(rows, 64, tmp_path))
+    cli._print_bench(tmp_path, False, results)
+    out, err = capsys.readouterr()
+    assert "warning: 2 of 2 timed rows are unstable" in err
+    assert "warning: the deployable was chosen from an unstable timing" in err
+    assert "UNSTABLE" in out
+
+
+def _results(rate: float, *, failed: bool = False) -> dict:
+    row = {"variant": "int8", "runtime": "compile", "math": "default", "threads": 2, "batch": 64,
+           "status": "failed" if failed else "ok", "images_per_s": rate}
+    machine = {"cpu": "test cpu", "arch": "x86_64", "physical_cores": 2, "isa": ["avx2"], "libraries": {"torch": "x"}}
+    return _table([row], None, machine=machine).model_dump(mode="json")
+
+
+@pytest.mark.parametrize(("a", "b", "regressed"), [(1000, 950, False), (1000, 850, True), (1000, 1300, False)])
+def test_compare_gives_a_regression_verdict(tmp_path: Path, a: float, b: float, regressed: bool) -> None:
+    (tmp_path / "a.json").write_text(json.dumps(_results(a)))
+    (tmp_path / "b.json").write_text(json.dumps(_results(b)))
+    report, verdict = compare(tmp_path / "a.json", tmp_path / "b.json", threshold=0.10)
+    assert verdict is regressed
+    assert ("Verdict: REGRESSION" in report) is regressed
+    assert "test cpu" in report and f"{b / a:.2f}" in report
+
+
+def test_cli_compare_exit_codes_and_bad_files(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "a.json").write_text(json.dumps(_results(1000)))
+    (tmp_path / "b.json").write_text(json.dumps(_results(1000, failed=True)))
+    assert main(["bench", "--compare", str(tmp_path / "a.json"), str(tmp_path / "b.json")]) == EXIT_REGRESSION
+    assert "REGRESSION" in capsys.readouterr().out
+    assert main(["bench", "--compare", str(tmp_path / "a.json"), str(tmp_path / "a.json")]) == 0
+    (tmp_path / "other.json").write_text(json.dumps({"hello": 1}))
+    assert main(["bench", "--compare", str(tmp_path / "a.json"), str(tmp_path / "other.json")]) == 1
+    assert "not a signpost bench results file" in capsys.readouterr().err
