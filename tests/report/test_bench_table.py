@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 
-from signpost import cli
 from signpost.cli import EXIT_REGRESSION, main
+from signpost.cli.output import print_bench
 from signpost.contracts import BenchResults, Candidate
 from signpost.report.bench_table import choose, compare, markdown_table, small_batch_runtime
 
@@ -90,7 +90,7 @@ def test_the_spread_appears_beside_every_ratio_in_the_table_and_the_cli(
     assert "| 60.0% | **no** |" in table  # the unstable row says so
     assert "Stability: 1 of 3 timed rows unstable" in table
     assert "2 before 2 repeat passes (3 cell measurements in 12 s" in table
-    cli._print_bench(tmp_path, False, results)
+    print_bench(tmp_path, False, results)
     out, err = capsys.readouterr()
     assert "warning: 1 of 3 timed rows are unstable" in err
     assert "stability: 1 of 3 timed rows unstable (2 before 2 repeat passes" in out
@@ -103,7 +103,7 @@ def test_the_cli_warns_when_the_deployable_comes_from_an_unstable_cell(
 ) -> None:
     rows = [_row("fp32", "eager", 1000, stable=False), _row("int8", "compile", 9000, stable=False)]
     results = _table(rows, choose(rows, 64, tmp_path))
-    cli._print_bench(tmp_path, False, results)
+    print_bench(tmp_path, False, results)
     out, err = capsys.readouterr()
     assert "warning: 2 of 2 timed rows are unstable" in err
     assert "warning: the deployable was chosen from an unstable timing" in err
