@@ -96,8 +96,11 @@ def test_the_table_chart_and_deployable_choice_are_written(measured: dict) -> No
     small = results.candidate.small_batch  # what serves single images, when not the candidate's runtime
     if small is not None:
         assert small.below > 1 and (small.runtime, small.math) != (candidate["runtime"], candidate["math"])
+    # At every batch size the choice passes over a faster cell whose timing never settled (as at batch 8 above).
     at_one = [r for r in results.rows if r["batch"] == 1 and r["status"] == "ok"]
-    assert by_batch["1"].images_per_s == max(r["images_per_s"] for r in at_one)
+    settled_one = [r for r in at_one if r["stable"]]
+    assert by_batch["1"].images_per_s == max(r["images_per_s"] for r in settled_one or at_one)
+    assert by_batch["1"].stable is bool(settled_one)
     assert "Fastest within the budget at each batch size: 1: " in table
 
 
