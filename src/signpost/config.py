@@ -53,6 +53,51 @@ class SyntheticConfig(StrictModel):
         return self
 
 
+def _check_store_url(url: str) -> str:
+    """An fsspec URL with a scheme and no credentials in it: those come from the environment, never the config."""
+    scheme, sep, rest = url.partition("://")
+    if not sep or not scheme or not rest:
+        raise ValueError(f"{url!r} is not a URL: give one with its scheme, e.g. https://…, s3://bucket/…, file:///…")
+    # user:secret@ in the authority; a bare name@ is no secret (abfs://container@account.dfs.core.windows.net/…)
+    if ":" in rest.split("/", 1)[0].rpartition("@")[0]:
+        raise ValueError(f"{scheme}://… holds credentials: take them out of the config and set them in the environment "
+                         "(AWS_*, GOOGLE_APPLICATION_CREDENTIALS, AZURE_STORAGE_*), as the scheme's fsspec backend "
+                         "reads them")
+    return url
+
+
+class ArchivePin(StrictModel):
+    """One archive of a dataset, named by where it lives and pinned by its content."""
+
+    url: str = Field(description="an fsspec URL: https://, http://, s3://, gs://, az://, file://, memory://")
+    sha256: str | None = Field(None, pattern=r"^[0-9a-f]{64}$", description="the archive's SHA-256, lower-case hex")
+    md5: str | None = Field(
+        None, pattern=r"^[0-9a-f]{32}$", description="instead of sha256, for archives whose publisher gives only "
+        "an MD5 (the official GTSRB ones); pin your own archives by sha256"
+    )
+
+    @model_validator(mode="after")
+    def _one_pin(self) -> ArchivePin:
+        _check_store_url(self.url)
+        if (self.sha256 is None) == (self.md5 is None):
+            raise ValueError(f"archive {self.url}: give exactly one of sha256 (`sha256sum FILE`) or md5")
+        return self
+
+    @property
+    def checksum(self) -> str:
+        """The pin as ``"sha256:<hex>"`` (or ``"md5:<hex>"``)."""
+        return f"sha256:{self.sha256}" if self.sha256 else f"md5:{self.md5}"
+
+
+# The official GTSRB archives, with the MD5s their publishers give (they publish no SHA-256).
+_GTSRB_SERVER = "https://sid.erda.dk/public/archives/daaeac0d7ce1152aea9b61d9f1e19370"
+GTSRB_ARCHIVES = (
+    ("GTSRB_Final_Training_Images.zip", "f33fd80ac59bff73c82d25ab499e03a3"),
+    ("GTSRB_Final_Test_Images.zip", "c7e4e6327067d32654124b0fe9e82185"),
+    ("GTSRB_Final_Test_GT.zip", "fe31e9c9270bbcd7b84b7f21a9d9d9e5"),
+)
+
+
 class FeedbackDataConfig(StrictModel):
     """How ``prepare`` folds labelled feedback batches (``signpost feedback add``) into a new data version."""
 
@@ -65,13 +110,24 @@ class FeedbackDataConfig(StrictModel):
     repeat: int = Field(
         4, ge=1, le=100, description="times each training feedback image appears in the train split (they are few)"
     )
+    url: str | None = Field(
+        None, description="an fsspec URL of a folder shared by the team (s3://bucket/feedback, file:///mnt/…): "
+        "`feedback add` also copies each batch there, and prepare first copies in this experiment's batches it does "
+        "not have; credentials from the environment"
+    )
+
+    @model_validator(mode="after")
+    def _store_url(self) -> FeedbackDataConfig:
+        if self.url is not None:
+            _check_store_url(self.url)
+        return self
 
 
 class DataConfig(StrictModel):
     """Where the raw dataset comes from and how ``prepare`` turns it into a tensor cache."""
 
     source: Literal["local", "download", "synthetic"] = Field(
-        "local", description="read `root` as it is, download the official archives into `root`, or generate"
+        "local", description="read `root` as it is, fetch `archives` into `root` and unpack them, or generate"
     )
     root: Path = Field(Path("data/gtsrb"), description="folder holding the raw dataset")
     layout: Literal["auto", "gtsrb", "torchvision", "kaggle", "imagefolder"] = "auto"
@@ -93,13 +149,24 @@ class DataConfig(StrictModel):
         0.01, ge=0.0, le=1.0, description="prepare fails when more images than this are unreadable"
     )
     workers: int = Field(0, ge=0, description="decode processes; 0 means one per CPU core")
-    base_url: str = Field(
-        "https://sid.erda.dk/public/archives/daaeac0d7ce1152aea9b61d9f1e19370",
-        description="where the official GTSRB archives are downloaded from (<base_url>/<archive name>): the official "
-        "server or a mirror; the official checksums are verified whatever the URL",
+    archives: list[ArchivePin] = Field(
+        default_factory=lambda: [ArchivePin(url=f"{_GTSRB_SERVER}/{name}", md5=md5) for name, md5 in GTSRB_ARCHIVES],
+        min_length=1,
+        description="source: download: the dataset's archives, each {url, sha256}, unpacked into one folder in "
+        "order; default: the official GTSRB archives",
+    )
+    base_url: str | None = Field(
+        None, description="a mirror: fetch each archive from <base_url>/<the file name in its url> instead; the pins "
+        "are verified whatever the URL",
     )
     synthetic: SyntheticConfig = Field(default_factory=SyntheticConfig)
     feedback: FeedbackDataConfig = Field(default_factory=FeedbackDataConfig)
+
+    @model_validator(mode="after")
+    def _mirror_url(self) -> DataConfig:
+        if self.base_url is not None:
+            _check_store_url(self.base_url)
+        return self
 
 
 class AugmentConfig(StrictModel):

@@ -1,10 +1,12 @@
-"""`signpost prepare --download` end to end: the three official archives, served on loopback, fetched, verified,
-extracted and prepared through the CLI, exactly as a user with network access would run it."""
+"""`signpost prepare --download` end to end: a dataset pinned in its config (three archives in the official GTSRB
+layout, pinned by sha256), served on loopback, fetched, verified, extracted and prepared through the CLI, exactly as
+a user or a CI job with network access would run it; and the same pins fetched from a mirror."""
 
 from __future__ import annotations
 
 import hashlib
 import io
+import json
 import threading
 import zipfile
 from collections.abc import Iterator
@@ -15,8 +17,6 @@ from pathlib import Path
 import pytest
 
 from signpost.cli import main
-from signpost.data import download
-from signpost.data.download import RemoteArchive
 
 
 class _QuietHandler(SimpleHTTPRequestHandler):
@@ -58,39 +58,45 @@ def _official_archives(dataset: Path) -> dict[str, bytes]:
     }
 
 
-def _publish(dataset: Path, served: Path, monkeypatch: pytest.MonkeyPatch, corrupt: bool = False) -> dict[str, bytes]:
-    """Serve the dataset as the three official archives, with their checksums as the official ones."""
+def _publish(dataset: Path, served: Path, corrupt: bool = False) -> dict[str, bytes]:
+    """Serve the dataset as the three official archives; returns what the pins are made from."""
     archives = _official_archives(dataset)
-    monkeypatch.setattr(
-        download,
-        "GTSRB_ARCHIVES",
-        tuple(RemoteArchive(name, f"md5:{hashlib.md5(data).hexdigest()}") for name, data in archives.items()),
-    )
     for name, data in archives.items():
         # A corrupted copy has the right size and the wrong bytes, as after a transfer error.
         (served / name).write_bytes(data[:-100] + b"\0" * 100 if corrupt else data)
     return archives
 
 
+def _pinned_config(path: Path, base: str, archives: dict[str, bytes]) -> Path:
+    """An experiment config that names its dataset by URL and pins it by sha256, as a team would commit it."""
+    pins = [{"url": f"{base}/{name}", "sha256": hashlib.sha256(data).hexdigest()} for name, data in archives.items()]
+    path.write_text(json.dumps({"name": "dl", "data": {"source": "download", "archives": pins}}))  # JSON is YAML
+    return path
+
+
 def test_prepare_download_fetches_verifies_extracts_and_prepares(
     synthetic_root: Path,
     archive_server: tuple[str, Path],
     tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture,
 ) -> None:
     base_url, served = archive_server
-    archives = _publish(synthetic_root, served, monkeypatch)
+    archives = _publish(synthetic_root, served)
     root = tmp_path / "gtsrb"
-    args = ["prepare", "--download", "--no-progress", f"data.root={root}", f"data.base_url={base_url}",
-            f"workdir={tmp_path / 'work'}", "name=dl"]  # fmt: skip
+    config = _pinned_config(tmp_path / "pinned.yaml", base_url, archives)
+    args = ["prepare", "--config", str(config), "--no-progress", f"data.root={root}", f"workdir={tmp_path / 'work'}"]
 
     assert main(args) == 0, capsys.readouterr().err
     out = capsys.readouterr().out
     assert "prepare: wrote" in out and "gtsrb layout, 6 classes" in out
-    assert (root / "GTSRB" / "Final_Training" / "Images" / "00000" / "GT-00000.csv").is_file()
-    assert (root / "GT-final_test.csv").is_file()
-    assert sorted(p.name for p in (root / "downloads").glob("*.zip")) == sorted(archives)
+    (unpacked,) = (root / "extracted").iterdir()
+    assert (unpacked / "GTSRB" / "Final_Training" / "Images" / "00000" / "GT-00000.csv").is_file()
+    assert (unpacked / "GT-final_test.csv").is_file()
+    assert sorted(p.name for p in (root / "downloads").glob("*/*.zip")) == sorted(archives)
+    manifest = json.loads(next((tmp_path / "work" / "data").glob("dl-*/manifest.json")).read_text())
+    assert [a["checksum"] for a in manifest["inputs"]["archives"]] == [
+        f"sha256:{hashlib.sha256(data).hexdigest()}" for data in archives.values()
+    ]
 
     # A second run downloads nothing (the archives are removed from the server) and reuses the cache.
     for name in archives:
@@ -99,20 +105,24 @@ def test_prepare_download_fetches_verifies_extracts_and_prepares(
     assert "prepare: reused" in capsys.readouterr().out
 
 
-def test_a_corrupted_download_fails_cleanly(
+def test_a_corrupted_mirror_fails_cleanly(
     synthetic_root: Path,
     archive_server: tuple[str, Path],
     tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture,
 ) -> None:
+    """The config names the archives where they officially live; `data.base_url` fetches them from a mirror (what CI
+    does with a loopback one), whose corrupted copies fail the pins."""
     base_url, served = archive_server
-    _publish(synthetic_root, served, monkeypatch, corrupt=True)
+    archives = _official_archives(synthetic_root)
+    _publish(synthetic_root, served, corrupt=True)
     root = tmp_path / "gtsrb"
-    code = main(["prepare", "--download", "--no-progress", f"data.root={root}", f"data.base_url={base_url}",
-                 f"workdir={tmp_path / 'work'}"])  # fmt: skip
+    config = _pinned_config(tmp_path / "pinned.yaml", "https://data.example.org/gtsrb", archives)
+    code = main(["prepare", "--config", str(config), "--download", "--no-progress", f"data.root={root}",
+                 f"data.base_url={base_url}", f"workdir={tmp_path / 'work'}"])  # fmt: skip
     assert code == 1
-    assert "checksum" in capsys.readouterr().err
-    assert not (root / "GTSRB").exists()
-    assert not list((root / "downloads").glob("*.part")) and not list((root / "downloads").glob("*.zip"))
+    err = capsys.readouterr().err
+    assert "checksum mismatch" in err and f"{base_url}/GTSRB_Final_Training_Images.zip" in err
+    assert not (root / "extracted").exists()
+    assert not list((root / "downloads").rglob("*.part")) and not list((root / "downloads").rglob("*.zip"))
     assert not (tmp_path / "work" / "data").exists() or not any((tmp_path / "work" / "data").glob("experiment-*"))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import fsspec
 import numpy as np
 import pytest
 from PIL import Image
@@ -160,3 +161,71 @@ def test_prepare_refuses_a_damaged_feedback_batch(synthetic_root: Path, tmp_path
         prepare(config, progress=False)
     assert prepare(config.model_copy(update={"data": config.data.model_copy(
         update={"feedback": config.data.feedback.model_copy(update={"enabled": False})})}), progress=False).reused
+
+
+def test_feedback_batches_travel_through_a_store_to_another_workdir(synthetic_root: Path, tmp_path: Path) -> None:
+    """`feedback add` on one machine copies the batch to data.feedback.url; prepare on another (the retrain job)
+    copies it in and folds it in: the same data version as where it was added."""
+    from signpost.data.download import DownloadError
+    from signpost.stages.prepare import prepare
+    from tests.conftest import local_config
+
+    store = tmp_path / "store"
+    here = local_config(synthetic_root, tmp_path / "here", f"data.feedback.url={store.as_uri()}")
+    data = prepare(here, progress=False)
+    test = load_split(data.path / "test.safetensors")
+    items = []
+    for i, image in enumerate(test.images[:6].numpy()):
+        Image.fromarray(image.transpose(1, 2, 0)).save(tmp_path / f"{i}.png")
+        items.append((tmp_path / f"{i}.png", str(int(test.labels[i]))))
+
+    # A store whose backend is missing: the batch is still stored here, and the error names the extra.
+    unreachable = here.model_copy(deep=True)
+    unreachable.data.feedback.url = "s3://team-bucket/feedback"
+    with pytest.raises(DownloadError, match=r"signpost\[s3\]"):
+        add_feedback(unreachable, data_dir=data.path, items=items)
+    (batch,) = (tmp_path / "here" / "feedback").iterdir()
+    assert not store.exists()
+    # The same feedback again, with the store reachable: already stored here, and now copied there.
+    assert add_feedback(here, data_dir=data.path, items=items).reused
+    copied = store / batch.name
+    assert sorted(p.relative_to(copied) for p in copied.rglob("*")) == sorted(p.relative_to(batch)
+                                                                             for p in batch.rglob("*"))
+    folded_here = prepare(here, progress=False)
+    without_store = here.model_copy(deep=True)
+    without_store.data.feedback.url = None
+    assert prepare(without_store, progress=False).path == folded_here.path  # the store's URL is not in the key
+
+    there = local_config(synthetic_root, tmp_path / "there", f"data.feedback.url={store.as_uri()}")
+    folded_there = prepare(there, progress=False)
+    assert (tmp_path / "there" / "feedback" / batch.name / "manifest.json").is_file()
+    assert [b["batch"] for b in folded_there.manifest["lineage"]["feedback"]] == [batch.name]
+    assert folded_there.path.name == folded_here.path.name  # the same data version as where it was added
+    other = local_config(synthetic_root, tmp_path / "other", f"data.feedback.url={store.as_uri()}", "name=u")
+    assert prepare(other, progress=False).manifest["lineage"]["feedback"] == []  # another experiment's batch
+
+
+def test_a_damaged_batch_in_the_store_is_refused_and_nothing_of_it_kept(synthetic_root: Path, tmp_path: Path) -> None:
+    from signpost.monitoring.feedback import FeedbackStoreError, pull_batches, push_batch
+    from signpost.stages.prepare import prepare
+    from tests.conftest import local_config
+
+    url = f"memory://signpost-feedback-{tmp_path.name}"
+    config = local_config(synthetic_root, tmp_path / "here")
+    data = prepare(config, progress=False)
+    test = load_split(data.path / "test.safetensors")
+    Image.fromarray(test.images[0].numpy().transpose(1, 2, 0)).save(tmp_path / "a.png")
+    batch = add_feedback(config, data_dir=data.path, items=[(tmp_path / "a.png", "0")]).path
+    assert push_batch(batch, url) and not push_batch(batch, url)  # once only
+    (image,) = (batch / "images").iterdir()
+    fs = fsspec.filesystem("memory")
+    try:
+        fs.pipe(f"{url}/{batch.name}/images/{image.name}", b"tampered")
+        with pytest.raises(FeedbackStoreError, match=f"{batch.name} in {url} cannot be used"):
+            pull_batches(url, tmp_path / "there", "t")
+        assert not (tmp_path / "there" / "feedback").exists() or not any((tmp_path / "there" / "feedback").iterdir())
+        fs.pipe(f"{url}/{batch.name}/images/{image.name}", image.read_bytes())
+        (pulled,) = pull_batches(url, tmp_path / "there", "t")
+        assert pulled == tmp_path / "there" / "feedback" / batch.name and (pulled / "manifest.json").is_file()
+    finally:
+        fs.rm(url, recursive=True)

@@ -1,9 +1,8 @@
-"""Download the official GTSRB archives: resumable, checksum-verified, atomic; then have them unpacked.
+"""Download a file over HTTP(S): resumable, checksum-verified, atomic.
 
 A download goes to ``<dest>.part`` and is renamed into place only once its checksum matches, so a file at
-``dest`` is always whole. An interrupted download resumes with an HTTP ``Range`` request. ``download_gtsrb``
-unpacks each archive with ``signpost.data.extract.safe_extract`` (every entry checked first, all or nothing) and
-remembers which are done.
+``dest`` is always whole. An interrupted download resumes with an HTTP ``Range`` request. ``signpost.data.fetch``
+uses it for a dataset's ``http(s)://`` archives.
 """
 
 from __future__ import annotations
@@ -17,15 +16,12 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 from tqdm import tqdm
 
 import signpost
 from signpost.artifacts import hash_file
-from signpost.data.extract import ExtractError, safe_extract
 
 log = logging.getLogger(__name__)
 
@@ -38,30 +34,15 @@ _CONTENT_RANGE = re.compile(r"bytes\s+(\d+)-(\d+)/(\d+|\*)")
 
 
 class DownloadError(RuntimeError):
-    """A download (or, from ``download_gtsrb``, an extraction) that failed; the message names the URL or file and
-    what to do."""
-
-
-@dataclass(frozen=True)
-class RemoteArchive:
-    """An archive on the download server: its file name and expected checksum (``md5:…`` or ``sha256:…``)."""
-
-    filename: str
-    checksum: str
-
-
-GTSRB_ARCHIVES: tuple[RemoteArchive, ...] = (
-    RemoteArchive("GTSRB_Final_Training_Images.zip", "md5:f33fd80ac59bff73c82d25ab499e03a3"),
-    RemoteArchive("GTSRB_Final_Test_Images.zip", "md5:c7e4e6327067d32654124b0fe9e82185"),
-    RemoteArchive("GTSRB_Final_Test_GT.zip", "md5:fe31e9c9270bbcd7b84b7f21a9d9d9e5"),
-)
+    """A download (or, from ``signpost.data.fetch``, a fetch or an extraction) that failed; the message names the URL
+    or file and what to do."""
 
 
 class _TransientError(Exception):
     """A failure worth retrying: dropped connection, short read, timeout, 5xx."""
 
 
-def _parse_checksum(checksum: str) -> tuple[str, str]:
+def parse_checksum(checksum: str) -> tuple[str, str]:
     """Split ``"md5:<hex>"`` / ``"sha256:<hex>"`` into (algorithm, lower-case hex); else a ValueError."""
     algo, sep, digest = checksum.partition(":")
     algo, digest = algo.strip().lower(), digest.strip().lower()
@@ -88,7 +69,7 @@ def download_file(
     retried ``retries`` times, each retry resuming where the last one stopped.
     """
     dest = Path(dest)
-    algo, expected = _parse_checksum(checksum)
+    algo, expected = parse_checksum(checksum)
     if urllib.parse.urlsplit(url).scheme not in ("http", "https"):
         raise DownloadError(f"{url}: only http:// and https:// URLs are supported")
     if dest.is_file():
@@ -161,7 +142,8 @@ def _fetch(url: str, part: Path, *, progress: bool, timeout: float) -> bool:
         if exc.code >= 500 or exc.code in (408, 429):
             raise _TransientError(f"HTTP {exc.code} {exc.reason}") from exc
         raise DownloadError(
-            f"{url}: HTTP {exc.code} {exc.reason}; check the URL (base_url) and that the file is there"
+            f"{url}: HTTP {exc.code} {exc.reason}; check the URL (data.archives, data.base_url) and that the file "
+            "is there"
         ) from exc
     except (OSError, http.client.HTTPException) as exc:  # URLError, refused, reset, timeout, bad status line
         raise _TransientError(f"{type(exc).__name__}: {getattr(exc, 'reason', exc)}") from exc
@@ -237,40 +219,3 @@ def _copy_body(
         got, want = offset + received, offset + expected_body
         raise _TransientError(f"connection closed after {got} of {want} bytes")
 
-
-def download_gtsrb(
-    root: Path,
-    base_url: str,
-    archives: Sequence[RemoteArchive] | None = None,
-    *,
-    progress: bool = True,
-) -> Path:
-    """Fetch and extract the official archives (``GTSRB_ARCHIVES`` unless given) into ``root``; idempotent.
-
-    Archives are kept in ``root/downloads``; ``root/downloads/<archive>.extracted`` records an archive that
-    was extracted in full, so a second run does no work and an interrupted run picks up where it stopped.
-    """
-    root = Path(root)
-    downloads = root / "downloads"
-    archives = GTSRB_ARCHIVES if archives is None else archives
-    for archive in archives:
-        if archive.filename in ("", ".", "..") or "/" in archive.filename or "\\" in archive.filename:
-            raise ValueError(f"archive filename {archive.filename!r} must be a plain file name")
-        _parse_checksum(archive.checksum)
-    for archive in archives:
-        marker = downloads / f"{archive.filename}.extracted"
-        if marker.is_file() and marker.read_text(encoding="utf-8").strip() == archive.checksum:
-            log.info("%s is already extracted into %s; skipping", archive.filename, root)
-            continue
-        url = f"{base_url.rstrip('/')}/{urllib.parse.quote(archive.filename)}"
-        path = download_file(url, downloads / archive.filename, archive.checksum, progress=progress)
-        log.info("extracting %s into %s", path.name, root)
-        try:
-            safe_extract(path, root)
-        except ExtractError as exc:  # a caller of the download catches one error type, whichever step failed
-            raise DownloadError(str(exc)) from exc
-        tmp = marker.with_name(marker.name + ".tmp")
-        tmp.write_text(archive.checksum + "\n", encoding="utf-8")
-        os.replace(tmp, marker)
-    log.info("GTSRB archives ready in %s", root)
-    return root

@@ -3,8 +3,9 @@
 ``signpost feedback add`` takes image files with one label, or a CSV of ``path,label`` rows (a label is a class id
 or a class name), checks that every image decodes and every label is a class of the data, and writes
 ``feedback/<name>-<hash>/``: the images under content-addressed names, ``labels.csv`` (file, class id, where it came
-from) and a manifest. The monitor scores the served model on every feedback batch (live accuracy, overall and per
-class, against the evaluation's).
+from) and a manifest. With ``data.feedback.url`` set, the batch folder is also copied to that store, where
+``prepare`` on another machine (the retrain job) finds it. The monitor scores the served model on every feedback
+batch (live accuracy, overall and per class, against the evaluation's).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from signpost.artifacts import (
 )
 from signpost.config import SignpostConfig
 from signpost.data.images import CorruptImageError, open_image
-from signpost.monitoring.feedback import LABELS, STAGE
+from signpost.monitoring.feedback import LABELS, STAGE, push_batch
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +90,7 @@ def store_feedback(
                      "data": read_manifest(data_dir)["key"]})
     path = artifact_path(config.workdir, STAGE, config.name, key)
     if is_complete(path):
+        _share(config, path)  # a batch stored before, whose copy to the store may have failed then
         return FeedbackResult(path, True, read_manifest(path))
     with atomic_dir(path) as tmp:
         (tmp / "images").mkdir()
@@ -103,7 +105,14 @@ def store_feedback(
                                   config={}, code=code_version(__name__), metrics={"images": len(accepted)},
                                   extra={"classes": counts})
     log.info("stored %d feedback images in %s", len(accepted), path)
+    _share(config, path)
     return FeedbackResult(path, False, manifest)
+
+
+def _share(config: SignpostConfig, batch: Path) -> None:
+    """Copy the batch to the team's feedback store (``data.feedback.url``), when there is one."""
+    if config.data.feedback.url:
+        push_batch(batch, config.data.feedback.url)
 
 
 def read_items(csv_path: Path) -> list[tuple[Path, str]]:

@@ -46,13 +46,13 @@ from signpost.artifacts import (
 )
 from signpost.config import SignpostConfig, config_to_dict
 from signpost.data.cache import SOURCE_COLUMNS, SOURCES, CachedSplit, DecodedImages, decode_samples, save_split
-from signpost.data.download import download_gtsrb
+from signpost.data.fetch import fetch_archives
 from signpost.data.hash_index import HashIndex
 from signpost.data.layouts import RawDataset, Sample, read_dataset
 from signpost.data.split import split_by_track
 from signpost.data.stats import STAT_NAMES, image_stats, reference_summary
 from signpost.data.synthetic import generate_gtsrb
-from signpost.monitoring.feedback import LABELS, feedback_batches
+from signpost.monitoring.feedback import LABELS, feedback_batches, pull_batches
 from signpost.report.preview import preview_sheet
 
 log = logging.getLogger(__name__)
@@ -65,7 +65,7 @@ _SYNTHETIC_CODE = ("signpost.data.synthetic", "signpost.data.sign_art")  # what 
 FEEDBACK = "feedback"  # the origin of a feedback image that joins the train split
 HOLDOUT = "feedback-holdout"  # the origin of one kept out of training: the `feedback` split
 # Where the raw files come from and how fast they are decoded: the files' content hashes stand for them.
-_WHERE_FROM = {"source", "root", "workers", "base_url", "synthetic"}
+_WHERE_FROM = {"source", "root", "workers", "archives", "base_url", "synthetic"}
 
 
 class PrepareError(RuntimeError):
@@ -140,7 +140,8 @@ def prepare(config: SignpostConfig, *, progress: bool = True) -> PrepareResult:
             experiment=config.name,
             inputs={"layout": raw.layout, "source": data.source, "root": str(raw.root), "files": len(samples),
                     "sources_sha256": sources, "feedback": [batch["batch"] for batch in feedback.batches]}
-            | ({"base_url": data.base_url} if data.source == "download" else {}),
+            | ({"archives": [{"url": a.url, "checksum": a.checksum} for a in data.archives],
+                "base_url": data.base_url} if data.source == "download" else {}),
             config=data_settings(config),
             code=code_version(*_CODE),
             metrics=_counts(splits),
@@ -167,9 +168,12 @@ class _Feedback:
 
 
 def _read_feedback(config: SignpostConfig, num_classes: int) -> _Feedback:
-    """Every finished feedback batch of this experiment, checked against its manifest, as samples."""
+    """Every finished feedback batch of this experiment, checked against its manifest, as samples; with a store
+    (``data.feedback.url``), the batches there that the workdir lacks are copied in first."""
     workdir = config.workdir.resolve()
     holdout = config.data.feedback.holdout
+    if config.data.feedback.url:
+        pull_batches(config.data.feedback.url, workdir, config.name)
     found = _Feedback([], [], [], [])
     for batch in feedback_batches(workdir, config.name):
         try:
@@ -201,7 +205,7 @@ def _read_feedback(config: SignpostConfig, num_classes: int) -> _Feedback:
 def _raw_root(config: SignpostConfig, progress: bool) -> Path:
     data = config.data
     if data.source == "download":
-        return download_gtsrb(data.root, data.base_url, progress=progress)
+        return fetch_archives(data.root, data.archives, base_url=data.base_url, progress=progress)
     if data.source == "synthetic":
         key = hash_json({"synthetic": config_to_dict(data.synthetic), "code": code_version(*_SYNTHETIC_CODE)})
         folder = artifact_path(config.workdir, "raw", "synthetic", key)
@@ -223,7 +227,8 @@ def _raw_root(config: SignpostConfig, progress: bool) -> Path:
     if not data.root.exists():
         raise PrepareError(
             f"data.root {data.root} does not exist: point data.root at a GTSRB copy, or set data.source=download "
-            "(or pass --download) to fetch the official archives, or data.source=synthetic for generated data"
+            "(or pass --download) to fetch data.archives (default: the official GTSRB archives), or "
+            "data.source=synthetic for generated data"
         )
     return data.root
 
@@ -246,7 +251,8 @@ def _cache_key(config: SignpostConfig, sources: str, with_feedback: bool) -> str
     The feedback settings shape it only when there is feedback to fold in.
     """
     data = config.data
-    ignored = _WHERE_FROM | (set() if with_feedback else {"feedback"})
+    # Where the feedback store is shapes nothing either: the batches' content is in the sources.
+    ignored = dict.fromkeys(_WHERE_FROM, True) | ({"feedback": {"url"}} if with_feedback else {"feedback": True})
     return hash_json(
         {
             "sources": sources,
