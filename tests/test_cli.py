@@ -87,3 +87,24 @@ def test_entry_restarts_once_with_the_allocator_settings(monkeypatch: pytest.Mon
     with pytest.raises(SystemExit):
         cli.entry()
     assert calls == []
+
+
+@pytest.mark.parametrize(("action", "options"), [
+    ("summary", ["--bench"]), ("pr-comment", ["--evaluation", "--bench", "--baseline", "--run-url"])])
+def test_report_actions_have_help(action: str, options: list[str], capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["report", action, "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert all(option in out for option in options)
+
+
+def test_report_needs_its_inputs_and_names_a_missing_folder(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["report", "pr-comment"])
+    assert exit_info.value.code == 2 and "--evaluation" in capsys.readouterr().err
+    assert main(["report", "pr-comment", "--evaluation", str(tmp_path / "nowhere")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: --evaluation ") and "not a folder; give the folder `signpost evaluate` wrote" in err
+    assert main(["report", "summary", "--bench", str(tmp_path)]) == 1  # a folder, but no bench's
+    assert "no manifest.json" in capsys.readouterr().err

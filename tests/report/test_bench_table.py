@@ -110,10 +110,10 @@ def test_the_cli_warns_when_the_deployable_comes_from_an_unstable_cell(
     assert "UNSTABLE" in out
 
 
-def _results(rate: float, *, failed: bool = False) -> dict:
+def _results(rate: float, *, failed: bool = False, arch: str = "x86_64", cpu: str = "test cpu") -> dict:
     row = {"variant": "int8", "runtime": "compile", "math": "default", "threads": 2, "batch": 64,
            "status": "failed" if failed else "ok", "images_per_s": rate}
-    machine = {"cpu": "test cpu", "arch": "x86_64", "physical_cores": 2, "isa": ["avx2"], "libraries": {"torch": "x"}}
+    machine = {"cpu": cpu, "arch": arch, "physical_cores": 2, "isa": ["avx2"], "libraries": {"torch": "x"}}
     return _table([row], None, machine=machine).model_dump(mode="json")
 
 
@@ -136,3 +136,29 @@ def test_cli_compare_exit_codes_and_bad_files(tmp_path: Path, capsys: pytest.Cap
     (tmp_path / "other.json").write_text(json.dumps({"hello": 1}))
     assert main(["bench", "--compare", str(tmp_path / "a.json"), str(tmp_path / "other.json")]) == 1
     assert "not a signpost bench results file" in capsys.readouterr().err
+
+
+def test_compare_across_architectures_gives_ratios_never_a_regression(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The Arm64 cell is half as fast: a difference between machines, not a regression of the code.
+    (tmp_path / "x86.json").write_text(json.dumps(_results(1000, cpu="Xeon 8480")))
+    (tmp_path / "arm.json").write_text(json.dumps(_results(500, arch="aarch64", cpu="Neoverse-V2")))
+    report, regressed = compare(tmp_path / "x86.json", tmp_path / "arm.json")
+    assert regressed is False and "REGRESSION" not in report and "regression" not in report.split("\n", 1)[1]
+    header = report.splitlines()[0]
+    assert header.startswith("x86-64 vs Arm64")
+    assert "A (x86-64): " in report and "Xeon 8480" in report and "B (Arm64): " in report and "Neoverse-V2" in report
+    row = next(line for line in report.splitlines() if line.startswith("| int8 | compile | default | 2 | 64 |"))
+    assert row.split(" | ")[5:7] == ["1,000", "500"] and "| 0.50 ±" in row
+    assert "Arm64/x86-64 images/s: geometric mean 0.50 over 1 cells" in report
+    # The CLI: exit 0 across architectures, a failed Arm cell is said failed, not REGRESSION
+    (tmp_path / "arm-failed.json").write_text(json.dumps(_results(0, arch="aarch64", failed=True)))
+    assert main(["bench", "--compare", str(tmp_path / "x86.json"), str(tmp_path / "arm.json")]) == 0
+    assert main(["bench", "--compare", str(tmp_path / "x86.json"), str(tmp_path / "arm-failed.json")]) == 0
+    out = capsys.readouterr().out
+    assert "REGRESSION" not in out and "failed on Arm64" in out
+    # The same architecture keeps its before/after verdict
+    (tmp_path / "x86-slow.json").write_text(json.dumps(_results(500, arch="x86_64")))
+    assert main(["bench", "--compare", str(tmp_path / "x86.json"), str(tmp_path / "x86-slow.json")]) == EXIT_REGRESSION
+    assert "Verdict: REGRESSION" in capsys.readouterr().out

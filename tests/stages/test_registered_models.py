@@ -11,16 +11,16 @@ from typing import Any
 import pytest
 from mlflow import MlflowClient
 
-from signpost.artifacts import atomic_dir, read_manifest, write_manifest
+from signpost.artifacts import ArtifactError, atomic_dir, read_manifest, write_manifest
 from signpost.config import ConfigError, SignpostConfig, load_config, save_config
 from signpost.contracts import EvaluationReport
 from signpost.models import build_model
 from signpost.models.artifact import ModelCard, save_model
-from signpost.registry import CHALLENGER, CHAMPION, Registry
+from signpost.registry import CHALLENGER, CHAMPION, Registry, RegistryError
 from signpost.serve.model import resolve
 from signpost.stages import evaluate as evaluate_module
 from signpost.stages.prepare import prepare
-from signpost.stages.promote import evaluate_and_register, not_comparable
+from signpost.stages.promote import decide_later, evaluate_and_register, not_comparable
 from signpost.tracking import start_run, tracking_uri
 from tests.conftest import local_config
 
@@ -247,3 +247,31 @@ def test_not_comparable_names_what_differs(data: Path, tmp_path: Path) -> None:
     why = not_comparable(base, gray, "3")
     assert why is not None and why.startswith("champion v3 normalizes its input another way (signs): mean [0.9, ")
     assert why.endswith("not compared")
+
+
+def test_a_decision_left_for_later_is_made_once_by_decide_later(
+    synthetic_root: Path, work: Path, data: Path, tmp_path: Path
+) -> None:
+    """mlops.yml evaluates with evaluate.promote=false (the challenger is registered, champion untouched) and decides
+    in its last job, after the images were probed: `signpost promote --if-better` is ``decide_later``."""
+    config = _config(synthetic_root, work, "later", "evaluate.promote=false")
+    model = _model(tmp_path / "later-model", data, "later")
+    other = _model(tmp_path / "later-other", data, "later")
+    result, version, decision = evaluate_and_register(config, model_dir=model, data_dir=data, progress=False)
+    assert result.passed and version is not None and decision is None
+    registry = Registry(config.tracking, work)
+    assert registry.get(CHAMPION) is None and registry.get(CHALLENGER).version == version.version
+
+    # The three folders must belong together: another model's folder with this evaluation is refused.
+    with pytest.raises(ArtifactError, match="pass the evaluation of this model"):
+        decide_later(config, evaluation_dir=result.path, model_dir=other, data_dir=data, progress=False)
+    with pytest.raises(RegistryError, match=r"tracking\.backend is none"):
+        decide_later(config.model_copy(update={"tracking": config.tracking.model_copy(update={"backend": "none"})}),
+                     evaluation_dir=result.path, model_dir=model, data_dir=data, progress=False)
+    assert registry.get(CHAMPION) is None
+
+    made = decide_later(config, evaluation_dir=result.path, model_dir=model, data_dir=data, progress=False)
+    assert made.promoted and made.challenger == version.version and "no champion yet" in made.reason
+    assert registry.get(CHAMPION).version == version.version and registry.get(CHALLENGER) is None
+    with pytest.raises(RegistryError, match="no undecided challenger"):
+        decide_later(config, evaluation_dir=result.path, model_dir=model, data_dir=data, progress=False)

@@ -211,7 +211,13 @@ def _build_parser() -> argparse.ArgumentParser:
                           "(paths relative to the CSV)")
     feedback.add_argument("--data", type=Path, help="prepared data whose classes the labels name (default: newest)")
 
-    _stage_parser(sub, "promote", "move the registry's champion alias to the challenger", commands.promote_command)
+    promote = _stage_parser(sub, "promote", "move the registry's champion alias to the challenger; with --if-better "
+                            "only when it beats the champion on the same data", commands.promote_command)
+    promote.add_argument("--if-better", action="store_true",
+                         help="decide the duel an evaluate with evaluate.promote=false left for later: score the "
+                         "champion on the challenger's data and promote only when the challenger wins")
+    promote.add_argument("--evaluation", type=Path,
+                         help="--if-better: the challenger's evaluate folder (default: the newest of this experiment)")
     _stage_parser(sub, "rollback", "move the champion alias back to the previous champion", commands.rollback_command)
 
     keys_group = sub.add_parser("keys", help="Ed25519 keys that sign and verify model artifacts (SECURITY.md)",
@@ -222,6 +228,29 @@ def _build_parser() -> argparse.ArgumentParser:
     keys.add_argument("--out", type=Path, required=True, help="folder for the two files (never overwritten)")
     keys.add_argument("--name", default="signpost", help="file name stem (default %(default)s)")
     keys.set_defaults(handler=commands.keys_generate_command)
+
+    report_group = sub.add_parser("report", help="markdown from a run's files: the bench's job summary, a pull "
+                                  "request's comment", description="markdown from a run's files, printed to stdout")
+    reports = report_group.add_subparsers(title="actions", metavar="ACTION", required=True)
+    summary = reports.add_parser("summary", help="the job summary of bench folders: oneDNN vs no-oneDNN per "
+                                 "architecture, the profiler's top ops, x86-64 vs Arm64",
+                                 description="the job summary of bench folders: oneDNN vs no-oneDNN per "
+                                 "architecture, the profiler's top ops, x86-64 vs Arm64 ratios")
+    summary.add_argument("--bench", type=Path, action="append", required=True, metavar="DIR",
+                         help="a bench folder (repeatable: one per architecture)")
+    summary.set_defaults(handler=commands.report_command, report="summary")
+    comment = reports.add_parser("pr-comment", help="a pull request's comment: gate, challenger vs champion, bench "
+                                 "against main's, model card, links", description="a pull request's comment: gate, "
+                                 "challenger vs champion, bench against main's, model card, links")
+    comment.add_argument("--evaluation", type=Path, required=True, metavar="DIR", help="the evaluate folder")
+    comment.add_argument("--bench", type=Path, metavar="DIR", help="this run's bench folder")
+    comment.add_argument("--baseline", type=Path, metavar="RESULTS_JSON",
+                         help="main's results.json (or bench folder) to compare the bench against")
+    comment.add_argument("--run-url", metavar="URL", help="the workflow run, linked from the comment")
+    comment.add_argument("--threshold", type=float, default=0.10,
+                         help="a cell more than this fraction slower than the baseline's is a regression "
+                         "(default 0.10)")
+    comment.set_defaults(handler=commands.report_command, report="pr-comment")
 
     synth = _stage_parser(sub, "synth", "write a synthetic dataset in the official GTSRB file layout",
                           commands.synth_command)

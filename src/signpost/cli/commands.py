@@ -294,8 +294,34 @@ def promote_command(args: argparse.Namespace) -> int:
     from signpost.registry import Registry
 
     config = config_from_args(args)
+    if args.if_better:
+        return _promote_if_better(args, config)
+    if args.evaluation is not None:
+        raise ConfigError("--evaluation names the challenger's evaluation for --if-better: add --if-better, or leave "
+                          "it out to move the alias by hand")
     version = Registry(config.tracking, config.workdir).promote()
     print(f"promote: {version.name} v{version.version} is now the champion")
+    return 0
+
+
+def _promote_if_better(args: argparse.Namespace, config: SignpostConfig) -> int:
+    """``promote --if-better``: the duel for the challenger the evaluation registered, its model and data found
+    beside it in the workdir by the folder names the report gives."""
+    from signpost.contracts import read_evaluation
+    from signpost.stages.promote import decide_later
+
+    evaluation = given("promote", "evaluate", args.evaluation, "--evaluation") or newest(
+        config, "promote", "evaluate", "signpost evaluate", "--evaluation")
+    report = read_evaluation(evaluation, signed=True)
+    model = config.workdir / "train" / Path(report.model.path).name
+    data = config.workdir / "data" / Path(report.data.path).name
+    decision = decide_later(config, evaluation_dir=evaluation, model_dir=model, data_dir=data,
+                            progress=progress(args))
+    if decision.promoted:
+        print(f"promote: v{decision.challenger} is now the champion: {decision.reason}")
+    else:
+        print(f"promote: v{decision.champion} stays champion (v{decision.challenger} stays challenger): "
+              f"{decision.reason}")
     return 0
 
 
@@ -315,6 +341,31 @@ def keys_generate_command(args: argparse.Namespace) -> int:
     key = signing.load_public_keys(public.read_bytes(), str(public))
     print(f"keys: wrote {private} (private: keep it secret; CI reads it from ${signing.SIGNING_KEY_ENV}) and {public} "
           f"(public, key id {next(iter(key))}: list it in security.public_keys or ${signing.PUBLIC_KEYS_ENV})")
+    return 0
+
+
+def report_command(args: argparse.Namespace) -> int:
+    """``signpost report summary`` and ``signpost report pr-comment``: markdown on stdout, for the workflow to put
+    in ``$GITHUB_STEP_SUMMARY`` or a pull request's comment. Every file is read through its contract."""
+    from signpost.contracts import RESULTS, load_results, read_evaluation, read_results
+    from signpost.report.pr_comment import pr_comment
+    from signpost.report.summary import bench_summary
+
+    def folder(path: Path, option: str, stage: str) -> Path:
+        if not path.is_dir():
+            raise ValueError(f"{option} {path}: not a folder; give the folder `signpost {stage}` wrote")
+        return path
+
+    if args.report == "summary":
+        print(bench_summary([folder(path, "--bench", "bench") for path in args.bench]), end="")
+        return 0
+    evaluation = read_evaluation(folder(args.evaluation, "--evaluation", "evaluate"))
+    bench = read_results(folder(args.bench, "--bench", "bench")) if args.bench is not None else None
+    baseline = None
+    if args.baseline is not None:  # main's results, copied off its run: no manifest beside it
+        baseline = load_results(args.baseline / RESULTS if args.baseline.is_dir() else args.baseline)
+    print(pr_comment(evaluation, bench=bench, baseline=baseline, run_url=args.run_url, threshold=args.threshold),
+          end="")
     return 0
 
 

@@ -4,13 +4,16 @@ markdown table, and ``compare`` of two runs' results.
 ``choose`` picks the fastest stable cell within the accuracy budget at a batch size and says why, with the spread
 beside every figure; ``small_batch_runtime`` names the runtime that serves batches too small for the choice's own.
 ``markdown_table`` is what the bench stage writes beside ``results.json`` as ``results.md``. ``compare`` reads two
-results files (two machines, two PyTorch builds, before/after a change) and gives a regression verdict; results
-carry the machine they were measured on, so a comparison says what it compares. The table and the comparison read
+results files (two PyTorch builds, before/after a change) and gives a regression verdict; results carry the machine
+they were measured on, so a comparison says what it compares, and two architectures (x86-64 against Arm64) get a
+table of ratios instead: a difference between machines is not a regression. The table and the comparison read
 the typed results (``signpost.contracts.BenchResults``), so a file of another shape is refused with its name.
 """
 
 from __future__ import annotations
 
+import math
+import statistics
 from pathlib import Path
 from typing import Any
 
@@ -141,22 +144,27 @@ def markdown_table(results: BenchResults) -> str:
 
 def compare(a_path: Path, b_path: Path, *, threshold: float = 0.10) -> tuple[str, bool]:
     """Compare two results files (or bench folders) cell by cell: the markdown report and whether B regressed
-    against A.
-
-    B regresses when any cell both measured is more than ``threshold`` slower (images/s), or a cell ok in A
-    failed in B. A file that is not a bench results file is an ``ArtifactError`` naming it.
-    """
+    against A (``compare_results``). A file that is not a bench results file is an ``ArtifactError`` naming it."""
     a, b = (_load_results(p) for p in (a_path, b_path))
+    return compare_results(a, b, a_name=str(a_path), b_name=str(b_path), threshold=threshold)
 
-    def index(results: BenchResults) -> dict[tuple, dict[str, Any]]:
-        return {(r["variant"], r["runtime"], r["math"], r["threads"], r["batch"]): r for r in results.rows}
 
-    ia, ib = index(a), index(b)
-    lines = [f"A: {a_path} — {_machine_line(a)}", f"B: {b_path} — {_machine_line(b)}", "",
+def compare_results(a: BenchResults, b: BenchResults, *, a_name: str = "A", b_name: str = "B",
+                    threshold: float = 0.10) -> tuple[str, bool]:
+    """Two runs' results cell by cell: the markdown report and whether B regressed against A.
+
+    On one architecture this is a before/after comparison: B regresses when any cell both measured is more than
+    ``threshold`` slower (images/s), or a cell ok in A failed in B. Across architectures (x86-64 against Arm64) a
+    slower cell is a difference between machines, not a regression: the report gives B/A ratios and never regresses.
+    """
+    if architecture(a.machine) != architecture(b.machine):
+        return _across_architectures(a, b, a_name, b_name), False
+    ia, ib = _cells(a), _cells(b)
+    lines = [f"- A: {a_name} — {machine_line(a)}", f"- B: {b_name} — {machine_line(b)}", "",
              "| variant | runtime | math | threads | batch | A images/s | B images/s | B/A | verdict |",
              "|---|---|---|---|---|---|---|---|---|"]
     regressions = []
-    for k in sorted(set(ia) & set(ib), key=lambda k: tuple(str(x) for x in k)):
+    for k in _shared(ia, ib):
         ra, rb = ia[k], ib[k]
         if ra["status"] == "failed" or k[4] is None:
             continue
@@ -178,6 +186,66 @@ def compare(a_path: Path, b_path: Path, *, threshold: float = 0.10) -> tuple[str
     return "\n".join(lines), bool(regressions)
 
 
+def architecture(machine: dict[str, Any]) -> str:
+    """The CPU architecture a results file's machine record names, as people write it: x86-64 or Arm64 (another
+    name as recorded; ``?`` for a record without one)."""
+    arch = str(machine.get("arch") or "?")
+    return _ARCHITECTURES.get(arch.lower(), arch)
+
+
+_ARCHITECTURES = {"x86_64": "x86-64", "amd64": "x86-64", "x64": "x86-64", "aarch64": "Arm64", "arm64": "Arm64"}
+
+
+def _across_architectures(a: BenchResults, b: BenchResults, a_name: str, b_name: str) -> str:
+    """The ratio table of two architectures' results: per cell both measured, images/s on each and B/A. Each side
+    ran its own build of every variant on its own CPU, so no ratio is a verdict on the code."""
+    arch_a, arch_b = architecture(a.machine), architecture(b.machine)
+    ia, ib = _cells(a), _cells(b)
+    lines = [f"{arch_a} vs {arch_b}: an architecture comparison (ratios, no regression verdict).", "",
+             f"- A ({arch_a}): {a_name} — {machine_line(a)}", f"- B ({arch_b}): {b_name} — {machine_line(b)}", "",
+             f"| variant | runtime | math | threads | batch | {arch_a} images/s | {arch_b} images/s | "
+             f"{arch_a} p50 ms | {arch_b} p50 ms | {arch_b}/{arch_a} |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    ratios = []
+    for k in _shared(ia, ib):
+        ra, rb = ia[k], ib[k]
+        if k[4] is None:  # failed on both sides: one row each, no figures
+            continue
+        if "failed" in (ra["status"], rb["status"]):
+            side = arch_a if ra["status"] == "failed" else arch_b
+            lines.append(f"| {' | '.join(map(str, k))} |" + " - |" * 4 + f" failed on {side} |")
+            continue
+        ratio = rb["images_per_s"] / ra["images_per_s"]
+        ratios.append(ratio)
+        lines.append(f"| {' | '.join(map(str, k))} | {ra['images_per_s']:,.0f} | {rb['images_per_s']:,.0f} | "
+                     f"{_ms(ra)} | {_ms(rb)} | {ratio:.2f} {_pm(ra.get('spread', 0.0) + rb.get('spread', 0.0))} |")
+    only = len(set(ia) ^ set(ib))
+    if ratios:
+        mean = math.exp(statistics.fmean(math.log(r) for r in ratios))
+        summary = (f"{arch_b}/{arch_a} images/s: geometric mean {mean:.2f} over {len(ratios)} cells both measured "
+                   f"({sum(r > 1 for r in ratios)} faster on {arch_b}, {sum(r < 1 for r in ratios)} faster on "
+                   f"{arch_a})")
+    else:
+        summary = "no cell was measured on both architectures"
+    lines += ["", summary + (f"; {only} cells measured on only one of the two" if only else "") + "."]
+    return "\n".join(lines)
+
+
+def _cells(results: BenchResults) -> dict[tuple, dict[str, Any]]:
+    """The rows by cell and batch size: (variant, runtime, math, threads, batch)."""
+    return {(r["variant"], r["runtime"], r["math"], r["threads"], r["batch"]): r for r in results.rows}
+
+
+def _shared(ia: dict[tuple, Any], ib: dict[tuple, Any]) -> list[tuple]:
+    """The cells both runs measured, in a stable order (a failed cell's batch is None, hence the str)."""
+    return sorted(set(ia) & set(ib), key=lambda k: tuple(str(x) for x in k))
+
+
+def _ms(row: dict[str, Any]) -> str:
+    """A row's p50 latency in ms, or ``-`` for a hand-made row without one."""
+    return f"{row['ms_median']:.3f}" if row.get("ms_median") is not None else "-"
+
+
 def _load_results(path: Path) -> BenchResults:
     """A results file, or the one in a bench folder. It is validated but not checked against a manifest: results
     are compared across machines, copied out of their folders (as the workflow's compare job does)."""
@@ -185,10 +253,17 @@ def _load_results(path: Path) -> BenchResults:
     return load_results(path / RESULTS if path.is_dir() else path)
 
 
-def _machine_line(results: BenchResults) -> str:
+def machine_line(results: BenchResults) -> str:
+    """The machine a results file was measured on, in one line: CPU, architecture, cores, ISA, torch, BLAS."""
     m = results.machine
     return (f"{m['cpu']} ({m['arch']}, {m['physical_cores']} cores, {' '.join(m['isa'])}), torch "
-            f"{m['libraries'].get('torch', '?')}, BLAS {m.get('blas') or '?'}")
+            f"{m['libraries'].get('torch', '?')}, BLAS {blas(m)}")
+
+
+def blas(machine: dict[str, Any]) -> str:
+    """The BLAS a machine record names (``mkl``, ``open``: OpenBLAS). Records keep the rest of torch's build line
+    after ``BLAS_INFO=`` (it is one line of ``torch.__config__.show()``): only its first item is the BLAS."""
+    return str(machine.get("blas") or "?").split(",")[0].strip() or "?"
 
 
 def _pm(spread: float) -> str:

@@ -24,9 +24,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from signpost.artifacts import ArtifactError
+from signpost.artifacts import ArtifactError, read_manifest
 from signpost.config import EvaluateConfig, SignpostConfig
-from signpost.contracts import EvaluationReport
+from signpost.contracts import EvaluationReport, read_evaluation
 from signpost.models.artifact import ModelCard, read_card
 from signpost.registry import CHALLENGER, CHAMPION, ModelVersion, Registry, RegistryError
 from signpost.stages.evaluate import EvaluateResult, evaluate
@@ -235,6 +235,35 @@ def _rounded(values: list[float]) -> list[float]:
 def _record(registry: Registry, challenger: ModelVersion, decision: Decision) -> None:
     verdict = "promoted" if decision.promoted else "not promoted"
     registry.tag_version(challenger.version, DECISION_TAG, f"{verdict}: {decision.reason}"[:5000])
+
+
+def decide_later(config: SignpostConfig, *, evaluation_dir: Path, model_dir: Path, data_dir: Path,
+                 progress: bool = True) -> Decision:
+    """The duel an earlier ``signpost evaluate`` with ``evaluate.promote: false`` left for later: the challenger it
+    registered from ``model_dir`` against the champion, scored on ``data_dir`` as ``evaluation_dir`` scored the
+    challenger; the challenger becomes champion only when it wins. mlops.yml's promote job runs this last, after the
+    variants were benchmarked and the images packaged and probed on both architectures.
+
+    Raises ``ArtifactError`` when the three folders do not belong together and ``RegistryError`` when there is no
+    registry or no undecided challenger registered from this model.
+    """
+    if config.tracking.backend == "none":
+        raise RegistryError("tracking.backend is none: there is no registry whose champion could be decided")
+    report = read_evaluation(evaluation_dir, signed=True)
+    model_key, data_key = read_manifest(model_dir, signed=True)["key"], read_manifest(data_dir, signed=True)["key"]
+    if model_key != report.model.key or data_key != report.data.key:
+        raise ArtifactError(f"{evaluation_dir} scored model {report.model.key} on data {report.data.key}, not "
+                            f"{model_dir} ({model_key}) on {data_dir} ({data_key}): pass the evaluation of this model")
+    if not report.gate.passed:
+        raise RegistryError(f"{model_dir.name} failed the gate ({'; '.join(report.gate.failures)}): nothing to promote")
+    registry = Registry(config.tracking, config.workdir)
+    pending = undecided_challenger(registry, model_key)
+    if pending is None:
+        raise RegistryError(f"{registry.name} has no undecided {CHALLENGER} registered from {model_dir.name}: "
+                            "`signpost evaluate` registers it (and with evaluate.promote decides at once)")
+    evaluation = EvaluateResult(Path(evaluation_dir), True, report, True, [])
+    return promote_if_better(config, registry=registry, challenger=pending, evaluation=evaluation,
+                             model_dir=model_dir, data_dir=data_dir, progress=progress)
 
 
 def undecided_challenger(registry: Registry, model_key: str) -> ModelVersion | None:
