@@ -14,7 +14,7 @@ import pytest
 
 from signpost.data import extract
 from signpost.data.extract import ExtractError, safe_extract
-from tests.data.test_download import FAKE_GTSRB
+from tests.data.test_fetch import FAKE_GTSRB
 from tests.data.test_extract import make_tar, make_zip, tar_entry, tree
 
 
