@@ -340,6 +340,13 @@ def test_mlops_packages_each_architecture_natively_probes_then_pushes_by_digest(
     assert "docker buildx imagetools create" in "\n".join(_scripts(publish))
 
 
+def test_mlops_benches_onednn_against_the_openblas_path_whatever_the_config() -> None:
+    """The tutorial's comparison: every bench leg measures no-onednn beside oneDNN, also on the demo config, whose
+    bench.math leaves it out."""
+    (bench,) = [line for line in _scripts(_workflow("mlops.yml")["jobs"]["bench"]) if "signpost bench" in line]
+    assert '"bench.math=[default,bf16,no-onednn]"' in bench
+
+
 def test_mlops_promotes_last_after_everything_passed_on_both_architectures() -> None:
     jobs = _workflow("mlops.yml")["jobs"]
     promote = jobs["promote"]

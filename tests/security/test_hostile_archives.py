@@ -14,8 +14,8 @@ import pytest
 
 from signpost.data import extract
 from signpost.data.extract import ExtractError, safe_extract
-from tests.data.test_fetch import FAKE_GTSRB
 from tests.data.test_extract import make_tar, make_zip, tar_entry, tree
+from tests.data.test_fetch import FAKE_GTSRB
 
 
 def test_safe_extract_does_not_follow_a_symlink_in_dest(tmp_path: Path) -> None:
