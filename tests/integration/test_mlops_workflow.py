@@ -120,6 +120,64 @@ def test_the_pipeline_runs_on_demo_data_and_promotes_last(tmp_path: Path) -> Non
 
 
 @pytest.mark.slow
+def test_the_gtsrb_config_runs_through_the_workflow_from_a_mirror_by_pin(tmp_path: Path) -> None:
+    """configs/gtsrb.yaml as committed (data.source download, its archives pinned), fetched from a loopback mirror
+    (data.base_url). The mirror serves a small synthetic GTSRB in the official archive layout, so the pins are those
+    archives' sha256s (no loopback file can match the official MD5s); train/optimize/bench are made small as above."""
+    import hashlib
+    import threading
+    from functools import partial
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    from signpost.config import SyntheticConfig
+    from signpost.data.synthetic import generate_gtsrb
+    from tests.integration.test_prepare_download import _official_archives
+
+    served = tmp_path / "mirror"
+    served.mkdir()
+    generate_gtsrb(tmp_path / "gtsrb", SyntheticConfig(**SMALL["data"]["synthetic"]))
+    archives = _official_archives(tmp_path / "gtsrb")
+    for name, data in archives.items():
+        (served / name).write_bytes(data)
+    gtsrb = yaml.safe_load((ROOT / "configs" / "gtsrb.yaml").read_text(encoding="utf-8"))
+    assert gtsrb["data"]["source"] == "download", "the committed config fetches its pinned archives"
+    pins = {name: hashlib.sha256(data).hexdigest() for name, data in archives.items()}
+    gtsrb["data"]["archives"] = [{"url": a["url"], "sha256": pins[a["url"].rsplit("/", 1)[1]]}
+                                 for a in gtsrb["data"]["archives"]]
+
+    class Quiet(SimpleHTTPRequestHandler):
+        def log_message(self, format: str, *args: object) -> None:
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), partial(Quiet, directory=str(served)))
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        small = {key: value for key, value in SMALL.items() if key != "data"}
+        config = _merge(_merge(gtsrb, small), {
+            "name": "wf", "train": {"min_steps": 0},
+            "data": {"base_url": f"http://127.0.0.1:{httpd.server_address[1]}", "max_bad_fraction": 0.01}})
+        path = tmp_path / "gtsrb.yaml"
+        path.write_text(yaml.safe_dump(config), encoding="utf-8")
+        secrets = _secrets(tmp_path / "tracking")
+        run = WorkflowRun(WORKFLOW, ROOT, tmp_path / "run", inputs={"config": str(path)}, secrets=secrets)
+        results = run.run()
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+        thread.join(timeout=5)
+
+    failures = [path.read_text() for path in (tmp_path / "run" / "jobs").glob("*/failure.txt")]
+    assert set(results.values()) <= {"success", "skipped"}, (results, failures)
+    assert results["prepare"] == results["promote"] == "success" and _champion(secrets) == "1"
+    prepared = list((tmp_path / "run" / "artifacts-store" / "prepared-data").rglob("manifest.json"))
+    manifest = json.loads(prepared[0].read_text(encoding="utf-8"))
+    inputs = manifest["inputs"]
+    assert [a["checksum"] for a in inputs["archives"]] == [f"sha256:{pin}" for pin in pins.values()], inputs
+    assert inputs["source"] == "download" and inputs["base_url"].startswith("http://127.0.0.1:")
+
+
+@pytest.mark.slow
 def test_a_failing_gate_fails_the_run_and_stops_at_evaluate(tmp_path: Path) -> None:
     secrets = _secrets(tmp_path / "tracking")
     # A model trained for one epoch at a tiny learning rate cannot reach the 100 % top-1 the gate asks for.

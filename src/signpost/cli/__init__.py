@@ -108,8 +108,9 @@ def _build_parser() -> argparse.ArgumentParser:
     prepare = _stage_parser(sub, "prepare", "decode a raw dataset once into a versioned uint8 tensor cache",
                             commands.prepare_command)
     prepare.add_argument(
-        "--download", action="store_true", help="fetch the official GTSRB archives into data.root first, from "
-        "data.base_url (a mirror works: the official checksums are verified whatever the URL)"
+        "--download", action="store_true", help="fetch data.archives (each pinned by content) into data.root first "
+        "(same as data.source=download); data.base_url=URL fetches them from a mirror, the pins verified whatever "
+        "the URL"
     )
     prepare.add_argument("--data-root", type=Path, help="the raw dataset folder (same as data.root=...)")
 
