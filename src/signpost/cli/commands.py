@@ -22,7 +22,7 @@ from signpost.cli.common import (
     progress,
 )
 from signpost.cli.inputs import given, latest, model_data, newest, newest_data, optimized_data, served
-from signpost.cli.output import print_bench, print_evaluation, print_prepared, print_variants
+from signpost.cli.output import print_bench, print_decision, print_evaluation, print_prepared, print_variants
 from signpost.config import ConfigError, SignpostConfig
 
 
@@ -317,11 +317,7 @@ def _promote_if_better(args: argparse.Namespace, config: SignpostConfig) -> int:
     data = config.workdir / "data" / Path(report.data.path).name
     decision = decide_later(config, evaluation_dir=evaluation, model_dir=model, data_dir=data,
                             progress=progress(args))
-    if decision.promoted:
-        print(f"promote: v{decision.challenger} is now the champion: {decision.reason}")
-    else:
-        print(f"promote: v{decision.champion} stays champion (v{decision.challenger} stays challenger): "
-              f"{decision.reason}")
+    print_decision(decision, config.tracking.registered_model, indent="promote: ")
     return 0
 
 

@@ -51,11 +51,16 @@ def print_evaluation(
         for failure in result.failures:
             print(f"    - {failure}")
     if decision is not None and version is not None:
-        if decision.promoted:
-            print(f"  promoted {version.name} v{decision.challenger} to champion: {decision.reason}")
-        else:
-            print(f"  {version.name} v{decision.champion} stays champion (v{decision.challenger} stays challenger): "
-                  f"{decision.reason}")
+        print_decision(decision, version.name, indent="  ")
+
+
+def print_decision(decision: Decision, name: str, *, indent: str = "") -> None:
+    """The champion / challenger decision: who is champion now, and why."""
+    if decision.promoted:
+        print(f"{indent}promoted {name} v{decision.challenger} to champion: {decision.reason}")
+    else:
+        print(f"{indent}{name} v{decision.champion} stays champion (v{decision.challenger} stays challenger): "
+              f"{decision.reason}")
 
 
 def print_variants(path: Path, reused: bool, variants: list[VariantRow]) -> None:

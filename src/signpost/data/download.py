@@ -53,6 +53,18 @@ def parse_checksum(checksum: str) -> tuple[str, str]:
     return algo, digest
 
 
+def already_there(dest: Path, algo: str, expected: str) -> bool:
+    """Whether ``dest`` holds the file with this digest already; a file that does not match is logged, to be fetched
+    again."""
+    if not dest.is_file():
+        return False
+    if hash_file(dest, algo) == expected:
+        log.info("%s is already fetched and its %s matches", dest, algo)
+        return True
+    log.warning("%s exists but its %s does not match %s; fetching it again", dest, algo, expected)
+    return False
+
+
 def download_file(
     url: str,
     dest: Path,
@@ -72,11 +84,8 @@ def download_file(
     algo, expected = parse_checksum(checksum)
     if urllib.parse.urlsplit(url).scheme not in ("http", "https"):
         raise DownloadError(f"{url}: only http:// and https:// URLs are supported")
-    if dest.is_file():
-        if hash_file(dest, algo) == expected:
-            log.info("%s is already downloaded and its %s matches", dest, algo)
-            return dest
-        log.warning("%s exists but its %s does not match %s; downloading it again", dest, algo, expected)
+    if already_there(dest, algo, expected):
+        return dest
     part = dest.with_name(dest.name + ".part")
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)

@@ -25,9 +25,9 @@ from pathlib import Path
 import fsspec
 from tqdm import tqdm
 
-from signpost.artifacts import hash_file, hash_json
+from signpost.artifacts import hash_json
 from signpost.config import ArchivePin
-from signpost.data.download import DownloadError, download_file, parse_checksum
+from signpost.data.download import DownloadError, already_there, download_file, parse_checksum
 from signpost.data.extract import ExtractError, safe_extract
 
 log = logging.getLogger(__name__)
@@ -82,11 +82,8 @@ def fetch(url: str, dest: Path, checksum: str, *, progress: bool = True) -> Path
     if scheme in ("http", "https"):
         return download_file(url, dest, checksum, progress=progress)
     algo, expected = parse_checksum(checksum)
-    if dest.is_file():
-        if hash_file(dest, algo) == expected:
-            log.info("%s is already fetched and its %s matches", dest, algo)
-            return dest
-        log.warning("%s exists but its %s does not match %s; fetching it again", dest, algo, expected)
+    if already_there(dest, algo, expected):
+        return dest
     part = dest.with_name(dest.name + ".part")
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)
