@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 # passwordless sudo (GitHub's runners: a non-root user); with neither, each target says what to install instead.
 APT := $(if $(filter 0,$(shell id -u)),apt-get,$(if $(shell sudo -n true 2>/dev/null && echo y),sudo -n apt-get))
 
-.PHONY: demo test lint install shellcheck browser containers clean
+.PHONY: demo test lint install shellcheck browser containers services clean
 
 $(BIN)/signpost: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -30,7 +30,7 @@ shellcheck: $(BIN)/signpost
 demo: install
 	$(BIN)/signpost run --config configs/demo.yaml
 
-test: install browser containers
+test: install browser containers services
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest
 
@@ -57,6 +57,28 @@ containers:
 		else \
 			echo "make: install $(CONTAINER_TOOLS) (Debian/Ubuntu) for the container test" >&2; \
 		fi; }
+
+# The deployment tests use real tools: kubectl renders the kustomize overlays, promtool checks and unit-tests the
+# alerting rules, and a PostgreSQL server (started by the tests on loopback, in a temporary folder) holds the shared
+# prediction log. Debian/Ubuntu packages, installed when missing as root or through sudo; otherwise the tests that
+# need them fail, saying what to install. Only promtool is needed: where systemd started the package's Prometheus
+# server, it is stopped again.
+PG_CTL := $(firstword $(wildcard /usr/lib/postgresql/*/bin/pg_ctl))
+services:
+	@missing=""; \
+	command -v kubectl >/dev/null || missing="$$missing kubernetes-client"; \
+	command -v promtool >/dev/null || missing="$$missing prometheus"; \
+	[ -n "$(PG_CTL)" ] || missing="$$missing postgresql"; \
+	if [ -n "$$missing" ]; then \
+		if [ -n "$(APT)" ]; then \
+			($(APT) update -qq && $(APT) install -y -qq --no-install-recommends $$missing) >/dev/null; \
+			if command -v systemctl >/dev/null && systemctl is-active --quiet prometheus 2>/dev/null; then \
+				$(patsubst %apt-get,%systemctl,$(APT)) disable --now prometheus >/dev/null 2>&1 || :; \
+			fi; \
+		else \
+			echo "make: install$$missing (Debian/Ubuntu) for the deploy, alerting and PostgreSQL tests" >&2; \
+		fi; \
+	fi
 
 lint: install
 	$(BIN)/ruff check .
