@@ -3,6 +3,7 @@
 - ``app``: the app factory (``create_app``) and its lifespan;
 - ``state``: what a running service holds (``ServerState``), and the dependency the routes read it through;
 - ``routes``: the routes on an ``APIRouter``, with the API key and admin key as dependencies;
+- ``oip``: the Open Inference Protocol (KServe v2 / Triton REST) routes, through the same prediction path;
 - ``uploads``: uploads read (body limit and deadline, multipart, content types) and decoded within a budget;
 - ``predict``: a prediction request's way from image bytes to its answer and log record;
 - ``errors``: errors as HTTP answers with one JSON shape, and messages without paths for strangers;

@@ -3,10 +3,11 @@ and shut-down.
 
 It makes the server's state (``signpost.serve.state``) and an app with the metrics middleware
 (``signpost.serve.metrics``), the error handlers (``signpost.serve.errors``) and the routes
-(``signpost.serve.routes``). On start-up the lifespan opens the prediction log, starts the batchers and the decode
-pool, and loads the model in a background thread: ``/healthz`` answers at once, ``/readyz`` and the prediction
-routes only once the model is loaded and warmed up. On shut-down (after uvicorn has answered the open requests) it
-stops the batchers and the decode pool and writes every queued log record.
+(``signpost.serve.routes``, and the Open Inference Protocol's in ``signpost.serve.oip``). On start-up the lifespan
+opens the prediction log, starts the batchers and the decode pool, and loads the model in a background thread:
+``/healthz`` answers at once, ``/readyz`` and the prediction routes only once the model is loaded and warmed up.
+On shut-down (after uvicorn has answered the open requests) it stops the batchers and the decode pool and writes
+every queued log record.
 
 Canary mode (``canary=`` a second model): each prediction request goes to the canary with probability
 ``serve.canary_share``, else to the main model, each with its own batcher (``signpost.serve.predict``).
@@ -25,7 +26,7 @@ from fastapi import FastAPI
 
 from signpost import __version__
 from signpost.config import ConfigError, SignpostConfig
-from signpost.serve import predlog, predlog_writer, routes, uploads
+from signpost.serve import oip, predlog, predlog_writer, routes, uploads
 from signpost.serve.batching import Batcher
 from signpost.serve.errors import add_error_handlers
 from signpost.serve.metrics import MetricsMiddleware
@@ -101,6 +102,7 @@ def create_app(
     app.add_middleware(MetricsMiddleware, metrics=state.metrics)
     add_error_handlers(app)
     app.include_router(routes.router)
+    app.include_router(oip.router)
     if config.serve.protect_metrics:
         app.include_router(routes.protected_docs)
     return app

@@ -8,6 +8,7 @@ the number of label values stays bounded whatever clients send.
 from __future__ import annotations
 
 import time
+from collections import Counter as Tally  # prometheus_client has a Counter too
 from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,7 +32,13 @@ class Metrics:
         self.batch_size = Histogram("signpost_batch_size", "images per forward pass",
                                     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024), registry=r)
         self.predictions = Counter("signpost_predictions", "images classified", ["model_version"], registry=r)
+        # By predicted class too (bounded: the model's classes), for the dashboard's class mix.
+        self.predicted_classes = Counter("signpost_predicted_classes", "images classified, by predicted class",
+                                         ["model_version", "class_name"], registry=r)
         self.queue_depth = Gauge("signpost_queue_depth", "images waiting for a forward pass", registry=r)
+        # The depth's ceiling (serve.max_queue), so an alert on depth / capacity needs no copy of the config.
+        self.queue_capacity = Gauge("signpost_queue_capacity", "images the queue holds before answering 503",
+                                    registry=r)
         self.log_pending = Gauge("signpost_prediction_log_pending", "records not yet written", registry=r)
         self.log_dropped = Gauge("signpost_prediction_log_dropped", "records the log could not keep", registry=r)
         self.model_info = Gauge("signpost_model_info", "the models being served (value 1); role main or canary",
@@ -41,6 +48,11 @@ class Metrics:
                                      "sending the whole body", ["route"], registry=r)
         self.slow_clients = Counter("signpost_slow_clients", "connections cut off for a client too slow or too big: "
                                     "idle, header_timeout, header_too_large, body_timeout", ["reason"], registry=r)
+
+    def count_classes(self, model_version: str, class_names: list[str]) -> None:
+        """Count one request's predicted classes: one increment per class, not per image."""
+        for name, count in Tally(class_names).items():
+            self.predicted_classes.labels(model_version, name).inc(count)
 
 
 class MetricsMiddleware:

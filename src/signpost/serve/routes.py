@@ -94,6 +94,7 @@ async def metrics(state: State) -> Response:
     """Prometheus metrics."""
     m = state.metrics
     m.queue_depth.set(state.batcher.queued_images if state.batcher else 0)
+    m.queue_capacity.set(state.config.serve.max_queue)
     if state.log is not None:
         m.log_pending.set(state.log.pending())
         m.log_dropped.set(state.log.dropped + state.log.failed_writes)
