@@ -47,11 +47,12 @@ browser:
 # buildah, podman, skopeo and docker-registry build, run and push the real image in tests/integration/test_container.py
 # (no Docker engine needed; tools/containers/ has the settings they need in a sandbox). Debian/Ubuntu packages,
 # installed when missing as root or through sudo (as on CI); otherwise that test skips, saying what to install.
-# debian-archive-keyring lets Ubuntu's debootstrap verify the Debian base image's packages.
+# debian-archive-keyring lets Ubuntu's debootstrap verify the Debian base image's packages; catatonit is the pause
+# process `podman kube play` starts its pods with (tests/integration/test_deploy_pod.py).
 CONTAINER_TOOLS := buildah podman skopeo runc debootstrap debian-archive-keyring containernetworking-plugins iptables \
-	uidmap docker-registry
+	uidmap docker-registry catatonit
 containers:
-	@command -v buildah >/dev/null && command -v docker-registry >/dev/null || { \
+	@command -v buildah >/dev/null && command -v docker-registry >/dev/null && command -v catatonit >/dev/null || { \
 		if [ -n "$(APT)" ]; then \
 			($(APT) update -qq && $(APT) install -y -qq --no-install-recommends $(CONTAINER_TOOLS)) >/dev/null; \
 		else \

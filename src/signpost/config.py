@@ -374,6 +374,49 @@ class PackageConfig(StrictModel):
     build: bool = Field(False, description="`signpost run`: also build the image (docker buildx, buildah or podman)")
 
 
+# Kubernetes names (DNS-1123 labels) and resource quantities, as the API server checks them.
+K8S_NAME_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+QUANTITY_PATTERN = r"^[0-9]+(\.[0-9]+)?(m|k|M|G|T|Ki|Mi|Gi|Ti)?$"
+
+
+class CanaryDeployConfig(StrictModel):
+    """The challenger beside the champion (`signpost deploy --overlay canary|kserve`, `--promote-canary`)."""
+
+    replicas: int = Field(1, ge=1, description="challenger pods beside the champion's: its share of traffic is "
+                          "replicas / (replicas + deploy.replicas)")
+    traffic_percent: int = Field(10, ge=1, le=99, description="KServe overlay: canaryTrafficPercent")
+    min_requests: int = Field(500, ge=1, description="canary records in the prediction log before a verdict")
+
+
+class DeployConfig(StrictModel):
+    """Kubernetes manifests of the service (`signpost deploy`): names, sizes, autoscaling and the canary."""
+
+    name: str = Field("signpost", max_length=50, pattern=K8S_NAME_PATTERN,
+                      description="name of the Deployment, Service, HPA and PDB (the canary adds -canary)")
+    namespace: str = Field("default", max_length=63, pattern=K8S_NAME_PATTERN)
+    replicas: int = Field(2, ge=1, description="the champion's pods before the autoscaler acts")
+    cpu_request: str = Field("500m", pattern=QUANTITY_PATTERN, description="per pod, CPU cores (500m: half a core)")
+    cpu_limit: str = Field("2", pattern=QUANTITY_PATTERN)
+    memory_request: str = Field("1Gi", pattern=QUANTITY_PATTERN, description="per pod, bytes (1Gi: 1 GiB)")
+    memory_limit: str = Field("2Gi", pattern=QUANTITY_PATTERN)
+    hpa_min: int = Field(2, ge=1, description="fewest pods the autoscaler keeps")
+    hpa_max: int = Field(10, ge=1, description="most pods the autoscaler starts")
+    hpa_cpu_percent: int = Field(70, ge=1, le=100, description="average CPU use, % of the request, it scales at")
+    api_key_secret: str | None = Field(
+        "signpost-api-key", max_length=253, description="Secret whose key `api-key` becomes SIGNPOST_API_KEY "
+        "(created by the operator, never rendered); none: the prediction routes are open")
+    pre_stop_s: int = Field(5, ge=0, le=60, description="a stopping pod waits this long before SIGTERM, so the "
+                            "endpoints drop it first")
+    rollout_timeout_s: int = Field(300, ge=10, description="`--apply`: longest wait for `kubectl rollout status`")
+    canary: CanaryDeployConfig = Field(default_factory=CanaryDeployConfig)
+
+    @model_validator(mode="after")
+    def _bounds(self) -> DeployConfig:
+        if self.hpa_max < self.hpa_min:
+            raise ValueError(f"hpa_max ({self.hpa_max}) must be >= hpa_min ({self.hpa_min})")
+        return self
+
+
 class AlertSinkConfig(StrictModel):
     """Where an alert goes. Secrets never live in the config: it names the environment variables that hold them."""
 
@@ -457,6 +500,7 @@ class SignpostConfig(StrictModel):
     bench: BenchConfig = Field(default_factory=BenchConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
     package: PackageConfig = Field(default_factory=PackageConfig)
+    deploy: DeployConfig = Field(default_factory=DeployConfig)
     monitor: MonitorConfig = Field(default_factory=MonitorConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     security: SecurityConfig = Field(default_factory=SecurityConfig)

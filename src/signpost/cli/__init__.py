@@ -25,6 +25,7 @@ from signpost import GLIBC_TUNABLES, __version__
 from signpost.artifacts import ArtifactError
 from signpost.cli import commands
 from signpost.cli.common import (
+    EXIT_CANARY_WAIT,
     EXIT_DRIFT,
     EXIT_FAILURE,
     EXIT_GATE,
@@ -36,8 +37,8 @@ from signpost.cli.common import (
 from signpost.config import ConfigError
 
 # The exit codes are the command's answer to scripts and CI: importable from here with main and entry.
-__all__ = ["EXIT_DRIFT", "EXIT_FAILURE", "EXIT_GATE", "EXIT_INTERRUPTED", "EXIT_PARITY", "EXIT_REGRESSION",
-           "EXIT_USAGE", "entry", "main"]
+__all__ = ["EXIT_CANARY_WAIT", "EXIT_DRIFT", "EXIT_FAILURE", "EXIT_GATE", "EXIT_INTERRUPTED", "EXIT_PARITY",
+           "EXIT_REGRESSION", "EXIT_USAGE", "entry", "main"]
 
 
 def entry() -> None:
@@ -174,6 +175,29 @@ def _build_parser() -> argparse.ArgumentParser:
                          help="a Dockerfile build argument, e.g. BASE_IMAGE=localhost/python:3.11 (repeatable)")
     package.add_argument("--volume", action="append", default=[], metavar="SRC:DST[:ro]",
                          help="mount a host folder into the build's RUN steps (buildah/podman; repeatable)")
+
+    deploy = _stage_parser(sub, "deploy", "render the Kubernetes manifests of a pushed image (kustomize base + "
+                           "overlays); apply them with a rollout check, a smoke test and rollback; promote a canary "
+                           f"on the monitor's verdict (exit {EXIT_CANARY_WAIT}: not enough canary requests yet)",
+                           commands.deploy_command)
+    deploy.add_argument("--image", metavar="REGISTRY/NAME@sha256:DIGEST", help="the pushed image, by digest")
+    deploy.add_argument("--package-result", type=Path, metavar="DIR", help="the `signpost package` folder the image "
+                        "was built from: what it serves and its server config")
+    deploy.add_argument("--canary-image", metavar="REGISTRY/NAME@sha256:DIGEST", help="the challenger's image")
+    deploy.add_argument("--canary-package-result", type=Path, metavar="DIR", help="the challenger's package folder")
+    deploy.add_argument("--out", type=Path, metavar="DIR", help="where the tree goes (default <workdir>/deploy)")
+    deploy.add_argument("--overlay", choices=("plain", "canary", "kserve"), default="plain",
+                        help="what --apply applies (default %(default)s)")
+    deploy.add_argument("--namespace", help="default deploy.namespace")
+    deploy.add_argument("--apply", action="store_true", help="kubectl apply -k, wait for the rollout, smoke-test, "
+                        "roll back on failure (kubectl's current context)")
+    deploy.add_argument("--smoke-url", help="the service's address for the smoke test (default: kubectl "
+                        "port-forward on 127.0.0.1)")
+    deploy.add_argument("--smoke-image", type=Path, metavar="FILE", help="an image the model classifies right")
+    deploy.add_argument("--smoke-class", type=int, metavar="ID", help="its class id")
+    deploy.add_argument("--promote-canary", action="store_true", help="decide on the canary of the tree in --out "
+                        "from the prediction log: promote it, or delete it when worse")
+    deploy.add_argument("--log", metavar="URL", help="--promote-canary: the prediction log (default: as monitor)")
 
     monitor = _stage_parser(sub, "monitor", "check the prediction log for drift and latency; alert; exit 5 when "
                             "retraining is needed", commands.monitor_command)

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from signpost.cli.common import (
+    EXIT_CANARY_WAIT,
     EXIT_DRIFT,
     EXIT_FAILURE,
     EXIT_GATE,
@@ -195,6 +196,50 @@ def package_command(args: argparse.Namespace) -> int:
     else:
         print(f"  build it: docker buildx build --platform {','.join(image['platforms'])} -t "
               f"{image['name']}:{image['tags'][0]} {result.context}   (or signpost package --build)")
+    return 0
+
+
+def deploy_command(args: argparse.Namespace) -> int:
+    from signpost.stages.deploy import Smoke, deploy, promote_canary, release_from
+
+    config = config_from_args(args)
+    if args.promote_canary:
+        result = promote_canary(config, args.out, log_url=args.log, apply=args.apply)
+        print(f"deploy: canary {result.decision}: {result.reason}")
+        if result.decision == "wait":
+            print(f"  nothing changed; run --promote-canary again later (exit {EXIT_CANARY_WAIT})")
+            return EXIT_CANARY_WAIT
+        print(f"  {result.out} now runs {result.champion.model_version} alone"
+              + ("; applied" if args.apply else "; apply it with --apply or kubectl apply -k"))
+        return 0 if result.decision == "promote" else EXIT_GATE
+    if args.package_result is None:
+        raise ConfigError("deploy needs --package-result DIR (the `signpost package` folder the image was built "
+                          "from) and --image NAME@sha256:DIGEST")
+    champion = release_from(args.package_result, args.image)
+    canary = None
+    if args.canary_image or args.canary_package_result:
+        if not (args.canary_image and args.canary_package_result):
+            raise ConfigError("a canary needs both --canary-image and --canary-package-result")
+        canary = release_from(args.canary_package_result, args.canary_image)
+    smoke = None
+    if args.smoke_image is not None or args.smoke_class is not None:
+        if args.smoke_image is None or args.smoke_class is None:
+            raise ConfigError("the smoke test needs both --smoke-image FILE and --smoke-class ID")
+        smoke = Smoke(args.smoke_image, args.smoke_class, url=args.smoke_url,
+                      api_key=os.environ.get("SIGNPOST_API_KEY"))
+    result = deploy(config, champion, canary=canary, out=args.out, overlay=args.overlay, namespace=args.namespace,
+                    apply=args.apply, smoke=smoke)
+    print(f"deploy: wrote {result.out} ({result.champion.model_version}"
+          + (f", canary {result.canary.model_version}" if result.canary else "") + ")")
+    print(f"  render: kubectl kustomize {result.out}/overlays/{result.overlay}")
+    if not args.apply:
+        print(f"  apply:  signpost deploy ... --apply, or kubectl apply -k {result.out}/overlays/{result.overlay}")
+        return 0
+    if result.failure:
+        print(f"deploy: {result.failure}", file=sys.stderr)
+        print("deploy: rolled back" if result.rolled_back else "deploy: nothing to roll back", file=sys.stderr)
+        return EXIT_FAILURE
+    print(f"  applied, rolled out and smoke-tested ({len(result.commands)} kubectl commands)")
     return 0
 
 

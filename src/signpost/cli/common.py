@@ -14,6 +14,7 @@ EXIT_GATE = 3  # the model was evaluated and failed the gate
 EXIT_REGRESSION = 4  # bench --compare found B slower than A beyond the threshold
 EXIT_DRIFT = 5  # monitor: the window drifted; retraining is needed
 EXIT_PARITY = 6  # evaluate --served: the server's top-1 differs from evaluate's by more than evaluate.max_served_gap
+EXIT_CANARY_WAIT = 7  # deploy --promote-canary: the canary has not answered deploy.canary.min_requests yet
 EXIT_INTERRUPTED = 130
 
 

@@ -65,7 +65,7 @@ PORTABLE_RUNTIMES = ("eager", "onnxruntime")  # run on every platform, need no c
 # What the server imports; the lock is these and everything they depend on.
 SERVE_REQUIREMENTS = ("torch", "numpy", "pillow", "pydantic", "pyyaml", "safetensors", "tqdm", "fastapi", "uvicorn",
                       "uvloop", "httptools", "prometheus-client", "python-multipart", "sqlalchemy",
-                      "cryptography")  # the server checks its model's signature (signpost.signing)
+                      "cryptography", "alembic")  # signatures (signpost.signing); the log's migrations (predlog)
 _CODE = ("signpost",)  # the whole package is copied into the image
 
 DOCKERFILE = """\
