@@ -280,11 +280,13 @@ def test_mlops_tracks_to_the_server_from_secrets_in_the_steps_that_run_signpost(
     text = (WORKFLOWS / "mlops.yml").read_text(encoding="utf-8")
     assert text.count("tracking.backend=none") == 1, "backend none only when no server is configured (TRACKING)"
     for name in ("prepare", "train", "evaluate", "optimize", "bench", "package"):
-        step = _step_running(workflow["jobs"][name], f"signpost {name}")
-        assert '"$TRACKING"' in step["run"], name
-        for key in ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD",
-                    "MLFLOW_TRACKING_TOKEN", "SIGNPOST_SIGNING_KEY"):
-            assert step["env"][key] == f"${{{{ secrets.{key} }}}}", f"{name}: {key}"
+        steps = [step for step in workflow["jobs"][name]["steps"] if f"signpost {name}" in step.get("run", "")]
+        assert steps, name
+        for step in steps:  # the bench job runs two: the bench, and the deployed cell's profile
+            assert '"$TRACKING"' in step["run"], name
+            for key in ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD",
+                        "MLFLOW_TRACKING_TOKEN", "SIGNPOST_SIGNING_KEY"):
+                assert step["env"][key] == f"${{{{ secrets.{key} }}}}", f"{name}: {key}"
 
 
 def test_mlops_caches_the_pinned_archives_and_passes_artifacts() -> None:
@@ -343,8 +345,28 @@ def test_mlops_packages_each_architecture_natively_probes_then_pushes_by_digest(
 def test_mlops_benches_onednn_against_the_openblas_path_whatever_the_config() -> None:
     """The tutorial's comparison: every bench leg measures no-onednn beside oneDNN, also on the demo config, whose
     bench.math leaves it out."""
-    (bench,) = [line for line in _scripts(_workflow("mlops.yml")["jobs"]["bench"]) if "signpost bench" in line]
+    job = _workflow("mlops.yml")["jobs"]["bench"]
+    bench = _step_running(job, "signpost bench --config \"$CONFIG\" \"$TRACKING\" \"bench.math")["run"]
     assert '"bench.math=[default,bf16,no-onednn]"' in bench
+
+
+def test_mlops_profiles_the_deployed_cell_in_a_bench_of_its_own_for_the_summary() -> None:
+    """The profiler's top ops for the cell each leg deploys: known only after the bench, so a one-cell bench with
+    --profile follows it, in its own workdir (the bench folder stays the only one package reads), uploaded as
+    profile-<arch> and given to the summary; never for ONNX Runtime, which the torch profiler cannot see into."""
+    jobs = _workflow("mlops.yml")["jobs"]
+    steps = jobs["bench"]["steps"]
+    (profile,) = [step for step in steps if step.get("name") == "Profile the deployed cell"]
+    run = profile["run"]
+    assert "workdir=artifacts/profile" in run and '--profile "${variant}/${runtime}/${math}/${batch}"' in run
+    for setting in ("variants", "runtimes", "math", "threads", "batch_sizes"):
+        assert f'"bench.{setting}=[' in run, setting
+    assert '"$runtime" = onnxruntime' in run and "exit 0" in run
+    (upload,) = [step for step in steps if "profile-" in step.get("with", {}).get("name", "")]
+    assert upload["with"]["path"] == "artifacts/profile/bench" and steps.index(profile) < steps.index(upload)
+    summary = jobs["summary"]
+    assert "profile-*" in [step.get("with", {}).get("pattern") for step in summary["steps"]]
+    assert "--profile" in _step_running(summary, "signpost report summary")["run"]
 
 
 def test_mlops_promotes_last_after_everything_passed_on_both_architectures() -> None:
@@ -357,7 +379,10 @@ def test_mlops_promotes_last_after_everything_passed_on_both_architectures() -> 
         assert promotes == (name == "promote"), f"only the promote job moves champion ({name})"
     # Evaluate registers the challenger and leaves the duel for later; the promote job runs it (never a blind move).
     (evaluate,) = [line for line in _scripts(jobs["evaluate"]) if "signpost evaluate" in line]
-    assert "evaluate.promote=false" in evaluate
+    assert "evaluate.promote=false" in evaluate and '"$REGISTER"' in evaluate
+    # A pull request reads the champion but registers nothing.
+    register = _workflow("mlops.yml")["env"]["REGISTER"]
+    assert "github.event_name == 'pull_request' && 'evaluate.register_challenger=false'" in register
     assert "--if-better" in next(line for line in _scripts(promote) if "signpost promote" in line)
 
 
@@ -371,7 +396,7 @@ def test_mlops_comments_on_pull_requests_with_one_updated_comment() -> None:
             assert "pull-requests" not in job.get("permissions", {}), f"{name} may not write pull requests"
     scripts = "\n".join(_scripts(comment))
     assert "signpost report pr-comment --evaluation" in scripts and "--run-url" in scripts
-    assert scripts.count("<!-- signpost-pr-comment -->") == 2, "the marker is written and then searched for"
+    assert scripts.count("<!-- signpost-pr-comment -->") == 1, "pr-comment writes the marker; the step finds it"
     assert "--method PATCH" in scripts and "--method POST" in scripts
 
 

@@ -221,6 +221,11 @@ class EvaluateConfig(StrictModel):
         description="`signpost run` promotes a challenger that beats the champion by promote_margin (the first "
         "model to pass the gate becomes champion); false: promote by hand with `signpost promote`",
     )
+    register_challenger: bool = Field(
+        True,
+        description="register a model that passes the gate as the registry's challenger; false (a pull request's "
+        "run): read the champion and score it on the same test data, register and promote nothing",
+    )
     promote_margin: float = Field(
         0.0, ge=0.0, le=1.0,
         description="top-1 lead the challenger needs over the champion, both scored on the same data: on the "

@@ -6,19 +6,26 @@ MLFLOW_TRACKING_URI secret) and every artifact is signed with a generated key (t
 checked by the jobs downstream. Stood in for: GitHub itself. This x86-64 machine runs both legs of each matrix job,
 so it stands in for the Arm64 runner too; setup-python and the install steps are this checkout's .venv; the image
 build, push and start are stand-ins (the packaged context's model served by ``signpost serve`` on loopback, probed
-by tools/ci/probe.py for real; tests/integration/test_container.py builds and runs the image itself).
+by tools/ci/probe.py for real; tests/integration/test_container.py builds and runs the image itself); GitHub's
+REST API for the pull request's comment job (``gh``: main's runs and their artifacts, the issue comments) is
+tests/integration/gh_standin.py over a state folder.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import re
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
-from tests.integration.workflow_runner import Status, WorkflowError, WorkflowRun, condition
+from tests.integration.workflow_runner import Status, WorkflowError, WorkflowRun, condition, load_workflow
 
 ROOT = Path(__file__).resolve().parents[2]
 WORKFLOW = ROOT / ".github" / "workflows" / "mlops.yml"
@@ -76,6 +83,14 @@ def _champion(secrets: dict[str, str]) -> str | None:
         return None
 
 
+def _versions(secrets: dict[str, str]) -> list[str]:
+    """Every version of the registered model, read straight from the SQLite store."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=secrets["MLFLOW_TRACKING_URI"], registry_uri=secrets["MLFLOW_TRACKING_URI"])
+    return sorted(str(v.version) for v in client.search_model_versions(f"name='{REGISTERED}'"))
+
+
 @pytest.mark.slow
 def test_the_pipeline_runs_on_demo_data_and_promotes_last(tmp_path: Path) -> None:
     secrets = _secrets(tmp_path / "tracking")
@@ -116,7 +131,74 @@ def test_the_pipeline_runs_on_demo_data_and_promotes_last(tmp_path: Path) -> Non
     assert "Gate: **passed**" in summary and "| top1 |" in summary
     assert summary.count("### Bench on x86-64") == 2, summary  # one section per leg (both legs ran on x86-64 here)
     assert "(`no-onednn`)" in summary and "Deployed: **" in summary
+    # each leg's deployed cell profiled in a bench of its own, unless it runs on ONNX Runtime (the summary says so)
+    for section in summary.split("### Bench on x86-64")[1:]:
+        assert "ops by self CPU time: " in section or "runs on ONNX Runtime (" in section, section
     assert "## Image" in summary
+
+
+@pytest.mark.slow
+def test_a_pull_request_gets_one_comment_updated_on_each_push_and_registers_nothing(tmp_path: Path) -> None:
+    """Two pushes to pull request 7, whose commit makes configs/demo.yaml the small settings above (eager only, so
+    the deployed cell is one the torch profiler sees into). Between them main gets a champion (this model, scored
+    and promoted by `signpost evaluate` as `signpost run` does) and a successful run whose bench-amd64 artifact is
+    the first push's bench: the second comment has a champion and a baseline to compare against. GitHub's API is
+    tests/integration/gh_standin.py (runs, their artifacts, issue comments)."""
+    secrets = _secrets(tmp_path / "tracking")
+    github = tmp_path / "github"
+    demo = _config(tmp_path, "demo", bench={"runtimes": ["eager"]}).read_text(encoding="utf-8")
+
+    def push(number: int) -> tuple[WorkflowRun, dict[str, str]]:
+        run = WorkflowRun(WORKFLOW, ROOT, tmp_path / f"push-{number}", event="pull_request", secrets=secrets,
+                          event_payload={"pull_request": {"number": 7}}, github=github,
+                          changed={"configs/demo.yaml": demo})
+        results = run.run()
+        failures = [path.read_text() for path in (tmp_path / f"push-{number}" / "jobs").glob("*/failure.txt")]
+        assert set(results.values()) <= {"success", "skipped"}, (results, failures)
+        assert results["comment"] == "success" and results["publish"] == results["promote"] == "skipped"
+        assert not (tmp_path / f"push-{number}" / "docker" / "pushed.jsonl").exists(), "a pull request pushes nothing"
+        return run, results
+
+    def comments() -> list[dict[str, Any]]:
+        return json.loads((github / "comments.json").read_text(encoding="utf-8"))
+
+    first, _ = push(1)
+    (comment,) = comments()
+    assert comment["issue"] == "team/signpost#7" and comment["updates"] == 0
+    assert comment["body"].startswith("<!-- signpost-pr-comment -->\n## Signpost: the gate passed")
+    assert "No baseline results from main" in comment["body"], "main has no successful run yet"
+    assert "No champion compared: signpost-wf has no champion yet." in comment["body"]
+    assert _versions(secrets) == [] and _champion(secrets) is None, "a pull request registers nothing"
+    summary = first.summary.read_text(encoding="utf-8")
+    assert summary.count("ops by self CPU time: ") == 2, summary  # each leg's deployed cell, profiled
+    assert "| self CPU % | self CPU | calls |" in summary
+
+    # main: a champion, and a successful run whose bench-amd64 artifact is the first push's bench
+    store = tmp_path / "push-1" / "artifacts-store"
+    (model,), (data,) = (store / "trained-model").iterdir(), (store / "prepared-data").iterdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "SIGNPOST_"))} | secrets
+    subprocess.run([str(Path(sys.executable).parent / "signpost"), "evaluate", "--config", str(tmp_path / "demo.yaml"),
+                    "--model", str(model), "--data", str(data), "tracking.backend=mlflow",
+                    f"workdir={tmp_path / 'main'}"], env=env, check=True, capture_output=True)
+    assert _champion(secrets) == "1"
+    shutil.copytree(store / "bench-amd64", github / "runs" / "41" / "bench-amd64")
+    (github / "runs.json").write_text(json.dumps(
+        [{"databaseId": 41, "workflow": "mlops.yml", "branch": "main", "status": "success"}]), encoding="utf-8")
+
+    push(2)
+    (comment,) = comments()
+    assert comment["updates"] == 1, "the second push edits the comment (PATCH), it does not add one"
+    body = comment["body"]
+    assert body.startswith("<!-- signpost-pr-comment -->\n## Signpost: the gate passed")
+    assert "### Gate" in body and "| max_drop | top1 |" in body
+    # main's champion, scored on this pull request's test split in its evaluate job
+    assert "Both scored on the test split of data" in body and "| top1 |" in body and "No champion" not in body
+    assert re.search(r"\*\*(REGRESSION|No regression)\*\* against main", body) and "Verdict:" in body
+    assert "### Model card" in body and "| classes | 6: " in body
+    assert "(https://github.com/team/signpost/actions/runs/1)" in body
+    assert _versions(secrets) == ["1"] and _champion(secrets) == "1", "main's: the pull request registered nothing"
+    calls = [json.loads(line) for line in (github / "calls.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert any(call[:5] == ["run", "download", "41", "--name", "bench-amd64"] for call in calls), calls
 
 
 @pytest.mark.slow
@@ -207,6 +289,35 @@ def test_a_condition_or_an_action_the_runner_does_not_know_fails_loudly(tmp_path
     with pytest.raises(WorkflowError, match="uses: someone/else@v1 has no stand-in"):
         WorkflowRun(workflow, ROOT, tmp_path / "run", event="push").run()
     assert (tmp_path / "run" / "jobs" / "one" / "workspace" / "ran.txt").read_text() == "ran\n"
+
+
+def test_the_comment_step_posts_once_then_edits_through_the_github_api_stand_in(tmp_path: Path) -> None:
+    """mlops.yml's own "Post or update the comment" step, run twice for pull request 7 beside a comment of someone
+    else's: one POST, then a PATCH of the same comment; the API stand-in refuses what the step does not use."""
+    (post,) = [step for step in load_workflow(WORKFLOW)["jobs"]["comment"]["steps"]
+               if step.get("name") == "Post or update the comment"]
+    github = tmp_path / "github"
+    github.mkdir()
+    (github / "comments.json").write_text(json.dumps(
+        [{"id": 5, "issue": "team/signpost#7", "body": "looks good", "updates": 0}]), encoding="utf-8")
+    for number, body in enumerate(["<!-- signpost-pr-comment -->\nfirst\n", "<!-- signpost-pr-comment -->\nsecond\n"]):
+        write = {"run": f"cat > \"$RUNNER_TEMP/comment.md\" <<'MD'\n{body}MD\n"}
+        workflow = {"on": "pull_request", "jobs": {"comment": {"runs-on": "ubuntu-24.04", "steps": [write, post]}}}
+        path = tmp_path / f"comment-{number}.yml"
+        path.write_text(yaml.safe_dump(workflow), encoding="utf-8")
+        run = WorkflowRun(path, ROOT, tmp_path / f"run-{number}", event="pull_request", github=github,
+                          event_payload={"pull_request": {"number": 7}})
+        assert run.run() == {"comment": "success"}, list((tmp_path / f"run-{number}").rglob("failure.txt"))
+    others, ours = json.loads((github / "comments.json").read_text(encoding="utf-8"))
+    assert others == {"id": 5, "issue": "team/signpost#7", "body": "looks good", "updates": 0}
+    assert ours["body"] == "<!-- signpost-pr-comment -->\nsecond\n" and ours["updates"] == 1
+    env = {**os.environ, "SIGNPOST_GH_STANDIN": str(github), "GH_TOKEN": "t"}
+    standin = [sys.executable, str(ROOT / "tests" / "integration" / "gh_standin.py")]
+    refused = subprocess.run([*standin, "api", "repos/team/signpost/issues/7/comments", "--jq", ".[].user"],
+                             env=env, capture_output=True, text=True)
+    assert refused.returncode == 2 and "not an expression this stand-in evaluates" in refused.stderr
+    no_token = subprocess.run([*standin, "run", "list"], env={**env, "GH_TOKEN": ""}, capture_output=True, text=True)
+    assert no_token.returncode == 4 and "GH_TOKEN" in no_token.stderr
 
 
 ARTIFACTS = """\

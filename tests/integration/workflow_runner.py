@@ -24,7 +24,12 @@ What is stood in for, and how (the test and README "Run it on GitHub" say the sa
   PATH is :func:`docker_standin`: ``docker run`` serves the recorded context's model with ``signpost serve`` on the
   published loopback port (the same config and model the image would run; tests/integration/test_container.py proves
   the image itself builds, starts and answers), ``docker logs``/``rm`` read and stop it, and ``docker buildx
-  imagetools`` records the tags it would create.
+  imagetools`` records the tags it would create;
+- the ``gh`` command (GitHub's REST API: workflow runs, their artifacts, issue comments): the ``gh`` on PATH is
+  tests/integration/gh_standin.py over the folder ``github`` (main's runs and their artifacts, a pull request's
+  comments), which lives across runs when a test passes the same one;
+- the event: ``event_payload`` is ``github.event`` (a pull request's ``{"pull_request": {"number": 7}}``), and
+  ``changed`` the files its commit changes (path: text), written over the checkout's copy of the working tree.
 
 Anything else (another action, an ``if:`` this runner does not know, an expression it cannot read) fails loudly,
 naming it. No pickle, no network beyond loopback.
@@ -223,6 +228,9 @@ class WorkflowRun:
     vars: dict[str, str] = field(default_factory=dict)
     venv_bin: Path = Path(sys.executable).parent
     before_job: Callable[[str], None] | None = None  # called with each job's name before it runs (a test's probe)
+    event_payload: dict[str, Any] = field(default_factory=dict)  # github.event
+    github: Path | None = None  # the gh stand-in's state (default: work/github)
+    changed: dict[str, str] = field(default_factory=dict)  # files the pushed commit changes: path -> text
     order: list[str] = field(default_factory=list)  # the job names, in the order they ran (skipped ones left out)
 
     def run(self) -> dict[str, str]:
@@ -231,10 +239,14 @@ class WorkflowRun:
         self.store = self.work / "artifacts-store"
         self.docker = self.work / "docker"
         self.summary = self.work / "summary.md"
-        for folder in (self.store, self.docker / "images", self.docker / "containers"):
+        self.github = self.github or self.work / "github"
+        for folder in (self.store, self.docker / "images", self.docker / "containers", self.github):
             folder.mkdir(parents=True, exist_ok=True)
         self.summary.touch()
         self.snapshot = self._snapshot()
+        for name, text in self.changed.items():  # the commit under test, on top of the working tree
+            (self.snapshot / name).parent.mkdir(parents=True, exist_ok=True)
+            (self.snapshot / name).write_text(text, encoding="utf-8")
         results: dict[str, str] = {}
         legs: dict[str, list[str]] = {}
         try:
@@ -273,9 +285,10 @@ class WorkflowRun:
         temp.mkdir()
         bin_dir = root / "bin"
         bin_dir.mkdir()
-        shim = bin_dir / "docker"
-        shim.write_text(f'#!/bin/sh\nexec "{sys.executable}" "{Path(__file__)}" docker "$@"\n', encoding="utf-8")
-        shim.chmod(0o755)
+        shims = {"docker": f'"{Path(__file__)}" docker', "gh": f'"{Path(__file__).with_name("gh_standin.py")}"'}
+        for name, command in shims.items():
+            (bin_dir / name).write_text(f'#!/bin/sh\nexec "{sys.executable}" {command} "$@"\n', encoding="utf-8")
+            (bin_dir / name).chmod(0o755)
         contexts: dict[str, Any] = {
             "inputs": self.inputs, "secrets": self.secrets, "vars": self.vars, "matrix": job.matrix,
             "needs": {name: {"result": result} for name, result in needs.items()},
@@ -283,7 +296,7 @@ class WorkflowRun:
             "github": {"event_name": self.event, "workflow": workflow.get("name", ""), "repository": "team/signpost",
                        "repository_owner": "team", "actor": "signpost-bot", "token": "stand-in-token",
                        "server_url": "https://github.com", "run_id": "1", "ref": "refs/heads/main",
-                       "sha": "0" * 40, "workspace": str(workspace), "event": {}},
+                       "sha": "0" * 40, "workspace": str(workspace), "event": self.event_payload},
             "steps": {},
         }
         env = {k: v for k, v in os.environ.items() if not k.startswith(_PRIVATE_PREFIXES)}
@@ -291,7 +304,7 @@ class WorkflowRun:
             "CI": "true", "GITHUB_ACTIONS": "true", "GITHUB_WORKSPACE": str(workspace), "RUNNER_TEMP": str(temp),
             "GITHUB_EVENT_NAME": self.event, "GITHUB_REPOSITORY": "team/signpost", "GITHUB_REPOSITORY_OWNER": "team",
             "GITHUB_JOB": job.id, "GITHUB_RUN_ID": "1", "GITHUB_SHA": "0" * 40,
-            "SIGNPOST_DOCKER_STANDIN": str(self.docker),
+            "SIGNPOST_DOCKER_STANDIN": str(self.docker), "SIGNPOST_GH_STANDIN": str(self.github),
             "PATH": os.pathsep.join([str(bin_dir), str(self.venv_bin), env.get("PATH", "")]),
         }
         for scope in (workflow.get("env", {}), job.spec.get("env", {})):

@@ -44,6 +44,10 @@ def test_the_comment_carries_the_gate_the_champion_the_bench_and_the_card(
     assert f"| top1 | {top1:.4f} | 0.3000 | {top1 - 0.3:+.4f} |" in text
     assert f"| top5 | {report.metrics['top5']:.4f} | 0.8000 |" in text
     assert f"data `{report.data.key[:12]}` ({report.data.images:,} images)" in text
+    # which champion figures these are: logged at its registration (evaluate.register_challenger true, as here) ...
+    assert "the champion's figures are those logged when it was registered (on its own test data)" in text
+    # ... or scored on this same split, as a pull request's evaluate does
+    assert "Both scored on the test split of data" in pr_comment(report, champion_scored_here=True)
     assert "**REGRESSION** against main" in text and "Verdict: REGRESSION" in text
     candidate = read_results(backends).candidate
     assert f"Deployable: **{candidate.variant} / {candidate.runtime} / {candidate.math}**" in text

@@ -95,10 +95,13 @@ def test_the_profilers_top_ops_are_read_by_column() -> None:
     assert "| `aten::addmm` | 23.65% | 23.639ms | 3 |" in text and "Torch-Compiled" not in text
 
 
-def _folder(path: Path, results: BenchResults) -> Path:
-    """A bench folder of hand-made results, with its manifest."""
+def _folder(path: Path, results: BenchResults, profile: str | None = None) -> Path:
+    """A bench folder of hand-made results, with its manifest (and ``profile`` as its profiled row's table)."""
     path.mkdir(parents=True)
     (path / RESULTS).write_text(results.model_dump_json(), encoding="utf-8")
+    if profile is not None:
+        (path / "cells").mkdir()
+        (path / "cells" / "c.profile.txt").write_text(profile, encoding="utf-8")
     write_manifest(path, stage="bench", key=path.name, inputs={}, config={}, code="test")
     return path
 
@@ -122,6 +125,30 @@ def test_two_architectures_get_the_ratio_table_and_a_changed_file_is_refused(
     assert "results.json does not match its manifest" in err and str(arm) in err
     assert main(["report", "summary", "--bench", str(arm / RESULTS)]) == 1
     assert "not a folder; give the folder `signpost bench` wrote" in capsys.readouterr().err
+
+
+def test_a_one_cell_profile_bench_goes_with_the_bench_whose_deployed_cell_it_profiled(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # mlops.yml's second bench: the deployed cell alone (int8/compile/default, 4 threads), with --profile
+    profiled = [r | {"profile": {"table": "c.profile.txt", "trace": "c.trace.json"}} for r in BOTH
+                if (r["runtime"], r["math"], r["batch"]) == ("compile", "default", 64)]
+    arm = _folder(tmp_path / "arm", _results(BOTH))
+    x86 = _folder(tmp_path / "x86", _results(BOTH, arch="x86_64", blas="mkl"))
+    x86_profile = _folder(tmp_path / "x86-profile", _results(profiled, arch="x86_64", blas="mkl"), PROFILE)
+    assert main(["report", "summary", "--bench", str(arm), "--bench", str(x86), "--profile", str(x86_profile)]) == 0
+    arm_text, x86_text = capsys.readouterr().out.split("### Bench on x86-64")
+    assert "No profile: the bench ran without `--profile`" in arm_text, "an x86-64 profile is not Arm64's"
+    assert "#### Top 4 ops by self CPU time: int8/compile/default, 4 threads\n" in x86_text
+    assert "| `aten::mkldnn_convolution` | 52.22% | 52.187ms | 3 |" in x86_text
+    # a profile of another cell than the deployed one is not shown as the deployed cell's
+    other = [r | {"runtime": "eager"} for r in profiled]
+    eager = _folder(tmp_path / "eager-profile", _results(other, arch="x86_64", blas="mkl"), PROFILE)
+    text = bench_summary([x86], profiles=[eager])
+    assert "No profile" in text and "aten::addmm" not in text
+    # a deployed ONNX Runtime cell is not profiled, and the summary says why
+    onnx = render_bench(_results(BOTH, runtime="onnxruntime"), "b")
+    assert "No profile: the deployed cell runs on ONNX Runtime (int8/onnxruntime)" in onnx
 
 
 @pytest.mark.slow

@@ -201,6 +201,32 @@ def test_a_champion_of_the_same_classes_and_input_is_still_compared(
     assert champion is not None and (champion.name, champion.version) == ("team-signs", "1")
 
 
+def test_a_pull_requests_evaluation_scores_the_champion_on_its_data_and_registers_nothing(
+    synthetic_root: Path, work: Path, data: Path, tmp_path: Path
+) -> None:
+    """evaluate.register_challenger=false, as mlops.yml runs it on a pull request: the registry is only read."""
+    main = _config(synthetic_root, work, "pr", "tracking.registered_model=pr-signs")
+    _make_champion(main, _model(tmp_path / "pr-champion", data, "pr"), 0.99)  # 0.99: its own data's figure
+    config = _config(synthetic_root, work, "pr", "tracking.registered_model=pr-signs",
+                     "evaluate.register_challenger=false")
+    model = _model(tmp_path / "pr-challenger", data, "pr")
+    result, version, decision = evaluate_and_register(config, model_dir=model, data_dir=data, progress=False)
+
+    assert version is None and decision is None
+    registry = Registry(config.tracking, config.workdir)
+    assert registry.get(CHAMPION).version == "1" and registry.get(CHALLENGER) is None
+    assert registry.find(read_manifest(model)["key"]) is None
+    # The champion was scored on this test split (every metric, not the 0.99 it was registered with), and the gate
+    # held the challenger to that; its evaluation lies apart from the challenger's, which a workflow uploads.
+    champion = result.report.champion
+    assert champion is not None and set(champion) >= {"top1", "top5", "ece"} and champion["top1"] != 0.99
+    assert _max_drop_rule(result.report)["threshold"] == pytest.approx(champion["top1"] - config.evaluate.max_drop,
+                                                                       abs=1e-4)
+    (scored,) = (config.workdir / "registry" / "evaluate").glob("pr-*/report.json")
+    assert "pr-champion" in scored.read_text(encoding="utf-8")
+    assert [p.parent for p in (config.workdir / "evaluate").glob("pr-*/report.json")] == [result.path]
+
+
 def test_the_evaluation_is_logged_in_the_run_its_challenger_version_links_to(
     synthetic_root: Path, work: Path, data: Path, tmp_path: Path
 ) -> None:

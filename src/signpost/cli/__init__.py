@@ -263,6 +263,8 @@ def _build_parser() -> argparse.ArgumentParser:
                                  "architecture, the profiler's top ops, x86-64 vs Arm64 ratios")
     summary.add_argument("--bench", type=Path, action="append", required=True, metavar="DIR",
                          help="a bench folder (repeatable: one per architecture)")
+    summary.add_argument("--profile", type=Path, action="append", metavar="DIR",
+                         help="a bench folder that profiled a bench's deployed cell (repeatable), shown with it")
     summary.set_defaults(handler=commands.report_command, report="summary")
     comment = reports.add_parser("pr-comment", help="a pull request's comment: gate, challenger vs champion, bench "
                                  "against main's, model card, links", description="a pull request's comment: gate, "

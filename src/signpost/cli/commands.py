@@ -388,6 +388,7 @@ def keys_generate_command(args: argparse.Namespace) -> int:
 def report_command(args: argparse.Namespace) -> int:
     """``signpost report summary`` and ``signpost report pr-comment``: markdown on stdout, for the workflow to put
     in ``$GITHUB_STEP_SUMMARY`` or a pull request's comment. Every file is read through its contract."""
+    from signpost.artifacts import read_manifest
     from signpost.contracts import RESULTS, load_results, read_evaluation, read_results
     from signpost.report.pr_comment import pr_comment
     from signpost.report.summary import bench_summary
@@ -398,15 +399,19 @@ def report_command(args: argparse.Namespace) -> int:
         return path
 
     if args.report == "summary":
-        print(bench_summary([folder(path, "--bench", "bench") for path in args.bench]), end="")
+        print(bench_summary([folder(path, "--bench", "bench") for path in args.bench],
+                            profiles=[folder(path, "--profile", "bench") for path in args.profile or []]), end="")
         return 0
     evaluation = read_evaluation(folder(args.evaluation, "--evaluation", "evaluate"))
+    # evaluate.register_challenger false (a pull request's run) scored the champion on the same test split; else
+    # its figures are those logged at its registration.
+    scored_here = read_manifest(args.evaluation)["config"].get("register_challenger", True) is False
     bench = read_results(folder(args.bench, "--bench", "bench")) if args.bench is not None else None
     baseline = None
     if args.baseline is not None:  # main's results, copied off its run: no manifest beside it
         baseline = load_results(args.baseline / RESULTS if args.baseline.is_dir() else args.baseline)
-    print(pr_comment(evaluation, bench=bench, baseline=baseline, run_url=args.run_url, threshold=args.threshold),
-          end="")
+    print(pr_comment(evaluation, bench=bench, baseline=baseline, run_url=args.run_url, threshold=args.threshold,
+                     champion_scored_here=scored_here), end="")
     return 0
 
 

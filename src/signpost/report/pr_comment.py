@@ -18,14 +18,18 @@ _METRICS = ("top1", "top5", "macro_f1", "feedback_top1", "ece", "nll")  # lower 
 
 
 def pr_comment(evaluation: EvaluationReport, *, bench: BenchResults | None = None,
-               baseline: BenchResults | None = None, run_url: str | None = None, threshold: float = 0.10) -> str:
+               baseline: BenchResults | None = None, run_url: str | None = None, threshold: float = 0.10,
+               champion_scored_here: bool = False) -> str:
     """The comment's markdown: marker first, then gate, challenger vs champion, bench against ``baseline``, model
-    card and links. ``threshold``: a cell more than this fraction slower than the baseline's is a regression."""
+    card and links. ``threshold``: a cell more than this fraction slower than the baseline's is a regression.
+    ``champion_scored_here``: the evaluation scored the champion on its own test split
+    (``evaluate.register_challenger: false``), rather than taking the top-1 logged when the champion was
+    registered; the comment says which."""
     gate = evaluation.gate
     verdict = "passed" if gate.passed else "FAILED"
     lines = [MARKER, f"## Signpost: the gate {verdict} — {evaluation.model.architecture}, top-1 "
              f"{evaluation.metrics['top1']:.4f}", ""]
-    lines += [*_gate(evaluation), "", *_champion(evaluation), ""]
+    lines += [*_gate(evaluation), "", *_champion(evaluation, champion_scored_here), ""]
     lines += [*_bench(bench, baseline, threshold), "", *_card(evaluation), "", *_links(run_url)]
     return "\n".join(lines) + "\n"
 
@@ -43,11 +47,13 @@ def _gate(evaluation: EvaluationReport) -> list[str]:
     return lines
 
 
-def _champion(evaluation: EvaluationReport) -> list[str]:
+def _champion(evaluation: EvaluationReport, scored_here: bool) -> list[str]:
     data = evaluation.data
-    lines = ["### Challenger vs champion", "",
-             f"The challenger scored on the {data.split} split of data `{data.key[:12]}` ({data.images:,} images); "
-             "the champion's figures are those the gate compared against.", ""]
+    where = f"the {data.split} split of data `{data.key[:12]}` ({data.images:,} images)"
+    whose = (f"Both scored on {where}: the champion as the challenger, in this run." if scored_here else
+             f"The challenger scored on {where}; the champion's figures are those logged when it was registered "
+             "(on its own test data), which the gate compared against.")
+    lines = ["### Challenger vs champion", "", whose, ""]
     champion = evaluation.champion
     if champion is None:
         return [*lines, f"No champion compared: {evaluation.champion_skipped or 'none was given'}."]

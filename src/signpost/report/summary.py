@@ -4,8 +4,10 @@ Per bench folder (one architecture each): the machine, the deployed cell, and fo
 the images/s and p50 latency at each measured batch size under oneDNN (``default``; built with the Arm Compute
 Library on Arm64) and without it (``no-onednn``: PyTorch's own kernels over the build's BLAS, OpenBLAS on Arm64)
 side by side, with the ratio and its spread; then the top ops of the profiler's table when the bench ran with
-``--profile``. Given two folders of different architectures, the x86-64 vs Arm64 table of ratios follows
-(``bench_table.compare_results``, which never calls that a regression). Markdown for ``$GITHUB_STEP_SUMMARY``.
+``--profile``, or when a bench of the deployed cell alone did (``profiles``: mlops.yml profiles the cell its bench
+chose in a second, one-cell bench). Given two folders of different architectures, the x86-64 vs Arm64 table of
+ratios follows (``bench_table.compare_results``, which never calls that a regression). Markdown for
+``$GITHUB_STEP_SUMMARY``.
 """
 
 from __future__ import annotations
@@ -23,14 +25,19 @@ _BLAS_NAMES = {"open": "OpenBLAS", "openblas": "OpenBLAS", "mkl": "MKL", "accele
 TOP_OPS = 8  # rows of the profiler's table shown: the ops that take most of the self CPU time
 
 
-def bench_summary(folders: list[Path], *, top_ops: int = TOP_OPS) -> str:
+def bench_summary(folders: list[Path], *, profiles: list[Path] | None = None, top_ops: int = TOP_OPS) -> str:
     """The job summary of one or more bench folders: a section each, then the architecture comparison when two
-    folders ran on different architectures. Each folder is checked against its manifest (an ``ArtifactError``
-    names a file that is missing or changed)."""
+    folders ran on different architectures. ``profiles``: bench folders that profiled one cell; each goes with the
+    bench of the same optimized variants, data and architecture whose deployed cell it profiled. Each folder is
+    checked against its manifest (an ``ArtifactError`` names a file that is missing or changed)."""
     folders = [Path(f) for f in folders]
     loaded = [(folder, read_results(folder)) for folder in folders]
-    sections = [render_bench(results, folder.name, profile_table=_profile_table(folder, results), top_ops=top_ops)
-                for folder, results in loaded]
+    pool = [(Path(folder), read_results(folder)) for folder in profiles or []]
+    sections = []
+    for folder, results in loaded:
+        source, row = _profile_source(folder, results, pool)
+        sections.append(render_bench(results, folder.name, profile_table=_profile_table(source, row),
+                                     profiled=row, top_ops=top_ops))
     archs = {architecture(results.machine) for _, results in loaded}
     if len(loaded) == 2 and len(archs) == 2:
         (a_folder, a), (b_folder, b) = loaded
@@ -40,8 +47,9 @@ def bench_summary(folders: list[Path], *, top_ops: int = TOP_OPS) -> str:
 
 
 def render_bench(results: BenchResults, name: str, *, profile_table: str | None = None,
-                 top_ops: int = TOP_OPS) -> str:
-    """One bench's section: machine, deployed cell, the oneDNN vs no-oneDNN table and the profiler's top ops."""
+                 profiled: dict[str, Any] | None = None, top_ops: int = TOP_OPS) -> str:
+    """One bench's section: machine, deployed cell, the oneDNN vs no-oneDNN table and the profiler's top ops
+    (``profile_table``, of the row ``profiled``; default: the profiled row of ``results``)."""
     arch = architecture(results.machine)
     lines = [f"### Bench on {arch}: {name}", "", f"Machine: {machine_line(results)}.", ""]
     c = results.candidate
@@ -53,7 +61,8 @@ def render_bench(results: BenchResults, name: str, *, profile_table: str | None 
     lines.append(f"Deployed: **{c.variant} / {c.runtime} / {c.math}**, {c.threads} threads, batch {c.batch}: "
                  f"{c.images_per_s:,.0f} images/s, top-1 {c.top1:.4f}.")
     lines += ["", *backend_table(results, c)]
-    lines += ["", *profile_lines(results, c, profile_table, top_ops)]
+    row = profiled if profiled is not None else _profiled_row(results.rows, c)
+    lines += ["", *profile_lines(row, c, profile_table, top_ops)]
     return "\n".join(lines)
 
 
@@ -95,9 +104,12 @@ def backend_table(results: BenchResults, c: Candidate) -> list[str]:
     return lines
 
 
-def profile_lines(results: BenchResults, c: Candidate, table: str | None, top_ops: int) -> list[str]:
-    """The profiler's top ops for the profiled cell (said when that is not the deployed one), or why there are none."""
-    row = _profiled_row(results)
+def profile_lines(row: dict[str, Any] | None, c: Candidate, table: str | None, top_ops: int) -> list[str]:
+    """The profiler's top ops for the profiled ``row`` (said when that is not the deployed cell ``c``), or why there
+    are none."""
+    if (row is None or table is None) and c.runtime == "onnxruntime":
+        return [f"No profile: the deployed cell runs on ONNX Runtime ({c.variant}/{c.runtime}), whose kernels the "
+                "torch profiler cannot see into."]
     if row is None or table is None:
         return [f"No profile: the bench ran without `--profile` (`--profile {c.variant}/{c.runtime}/{c.math}/"
                 f"{c.batch}` profiles the deployed cell)."]
@@ -137,18 +149,33 @@ def top_operators(table: str, count: int) -> tuple[list[dict[str, str]], str | N
     return ops, total
 
 
-def _profiled_row(results: BenchResults) -> dict[str, Any] | None:
-    """A row of the profiled cell: the deployed cell's when it was profiled, else the one cell that was."""
-    profiled = [r for r in results.rows if r.get("profile")]
-    c = results.candidate
+def _profiled_row(rows: list[dict[str, Any]], c: Candidate | None) -> dict[str, Any] | None:
+    """A row of the profiled cell: the deployed cell ``c``'s when it was profiled, else the one cell that was."""
+    profiled = [r for r in rows if r.get("profile")]
     deployed = [r for r in profiled if c is not None and (r["variant"], r["runtime"], r["math"], r["threads"]) ==
                 (c.variant, c.runtime, c.math, c.threads)]
     return (deployed or profiled or [None])[0]
 
 
-def _profile_table(folder: Path, results: BenchResults) -> str | None:
-    """The profiler's table the bench wrote under ``cells/``, checked against the folder's manifest."""
-    row = _profiled_row(results)
+def _profile_source(folder: Path, results: BenchResults,
+                    pool: list[tuple[Path, BenchResults]]) -> tuple[Path, dict[str, Any] | None]:
+    """Where the profile of ``results``' deployed cell is: the first bench in ``pool`` (taken out of it) of the same
+    variants, data and architecture that profiled that cell, else ``folder`` itself; and the profiled row."""
+    c = results.candidate
+    for i, (other, profiled) in enumerate(pool):
+        row = _profiled_row(profiled.rows, c)
+        same = (profiled.optimize, profiled.data, architecture(profiled.machine)) == (
+            results.optimize, results.data, architecture(results.machine))
+        if same and row is not None and c is not None and (row["variant"], row["runtime"], row["math"],
+                                                           row["threads"]) == (c.variant, c.runtime, c.math, c.threads):
+            del pool[i]
+            return other, row
+    return folder, _profiled_row(results.rows, c)
+
+
+def _profile_table(folder: Path, row: dict[str, Any] | None) -> str | None:
+    """The profiler's table of ``row`` the bench in ``folder`` wrote under ``cells/``, checked against the folder's
+    manifest."""
     if row is None:
         return None
     name = f"cells/{row['profile']['table']}"

@@ -28,7 +28,7 @@ from signpost.artifacts import ArtifactError, read_manifest
 from signpost.config import EvaluateConfig, SignpostConfig
 from signpost.contracts import EvaluationReport, read_evaluation
 from signpost.models.artifact import ModelCard, read_card
-from signpost.registry import CHALLENGER, CHAMPION, ModelVersion, Registry, RegistryError
+from signpost.registry import CHALLENGER, CHAMPION, DOWNLOADS, ModelVersion, Registry, RegistryError
 from signpost.stages.evaluate import EvaluateResult, evaluate
 from signpost.tracking import Tracker, run_factory
 
@@ -66,6 +66,10 @@ def evaluate_and_register(
     gate says why it was not compared); a model that passes the gate becomes the registry's challenger and, with
     ``evaluate.promote``, the champion when it beats the current one.
 
+    With ``evaluate.register_challenger: false`` (a pull request's run) the registry is only read: the champion is
+    scored on this test split (``score_champion``) and the gate compares against those figures; nothing is
+    registered or promoted. Otherwise the gate compares against the champion's registered top-1.
+
     Returns the evaluation, the version registered (None when nothing new was) and the promotion decision (None
     when none was made). With ``tracking.backend: none`` the gate still applies, against no champion, and nothing
     is registered. The evaluation's tracking run and the registry both come from ``config.tracking``: a version
@@ -78,14 +82,18 @@ def evaluate_and_register(
         # The champion's top-1 is a yardstick only for a model of the same classes and input.
         if (skipped := champion_not_comparable(registry, champion, model_dir)) is not None:
             log.warning("%s %s", registry.name, skipped)
+        elif not config.evaluate.register_challenger:
+            champion_metrics, skipped = score_champion(config, registry, champion, data_dir, progress=progress)
         elif "top1" in champion.metrics:
             champion_metrics = {"top1": champion.metrics["top1"]}
+    elif registry is not None and not config.evaluate.register_challenger:
+        skipped = f"{registry.name} has no champion yet"  # a pull request's comment says so
     version: ModelVersion | None = None
 
     def register(tracker: Tracker, result: EvaluateResult) -> None:
         """Inside the evaluation's tracking run: a passing model not registered yet becomes the challenger."""
         nonlocal version
-        if registry is None or not result.passed:
+        if registry is None or not result.passed or not config.evaluate.register_challenger:
             return
         if (known := registry.find(result.report.model.key)) is not None:
             # Evaluated again (e.g. against a new champion), but the same model: not a new challenger.
@@ -95,7 +103,7 @@ def evaluate_and_register(
 
     result = evaluate(config, model_dir=model_dir, data_dir=data_dir, champion=champion_metrics,
                       champion_skipped=skipped, progress=progress, tracking=run_factory(config), on_logged=register)
-    if registry is None:
+    if registry is None or not config.evaluate.register_challenger:
         return result, None, None
     if result.reused:
         # Evaluated before; if that run stopped after registering its challenger but before deciding, decide now.
@@ -115,6 +123,24 @@ def evaluate_and_register(
     decision = promote_if_better(config, registry=registry, challenger=version, evaluation=result,
                                  model_dir=model_dir, data_dir=data_dir, progress=progress)
     return result, version, decision
+
+
+def score_champion(config: SignpostConfig, registry: Registry, champion: ModelVersion, data_dir: Path, *,
+                   progress: bool = True) -> tuple[dict[str, float] | None, str | None]:
+    """The champion's metrics on ``data_dir``'s test split, scored as the challenger is, or None and why it could
+    not be. Read-only: nothing is logged or registered, and the evaluation is written under
+    ``workdir/registry/evaluate/``, apart from the challenger's (a workflow uploads ``workdir/evaluate``)."""
+    try:
+        champion_dir = registry.download(CHAMPION)
+        aside = config.model_copy(update={"workdir": Path(config.workdir) / DOWNLOADS})
+        scored = evaluate(aside, model_dir=champion_dir, data_dir=data_dir, progress=progress)
+    except (ArtifactError, RegistryError, ValueError) as exc:
+        why = f"champion v{champion.version} cannot be scored on this data: {exc}"
+        log.warning("%s %s", registry.name, why)
+        return None, why
+    log.info("%s champion v%s scored on %s: top-1 %.4f", registry.name, champion.version, Path(data_dir).name,
+             scored.report.metrics["top1"])
+    return dict(scored.report.metrics), None
 
 
 def decide(settings: EvaluateConfig, challenger: EvaluationReport, champion: EvaluationReport) -> Decision:
