@@ -260,7 +260,7 @@ def test_mlops_runs_on_changes_to_code_configs_and_dependencies() -> None:
 def test_mlops_trains_once_on_arm_and_fans_out_per_architecture() -> None:
     jobs = _workflow("mlops.yml")["jobs"]
     assert list(jobs) == ["prepare", "train", "evaluate", "optimize", "bench", "package", "publish", "summary",
-                          "promote", "comment"]
+                          "promote", "deploy", "comment"]
     for name in ("prepare", "train", "evaluate"):
         assert jobs[name]["runs-on"] == ARM, f"{name} runs once, on the Arm runner"
     for name in ("optimize", "bench", "package"):
@@ -307,7 +307,9 @@ def test_mlops_caches_the_pinned_archives_and_passes_artifacts() -> None:
     assert names("optimize", up) == {"optimized-${{ matrix.arch }}"}
     assert names("bench", down) == {"prepared-data", "optimized-${{ matrix.arch }}"}
     assert names("package", down) == {"prepared-data", "optimized-${{ matrix.arch }}", "bench-${{ matrix.arch }}"}
-    assert names("package", up) == {"digest-${{ matrix.arch }}"} and names("publish", down) == {"digest-*"}
+    assert names("package", up) == {"package-${{ matrix.arch }}", "digest-${{ matrix.arch }}"}
+    assert names("publish", down) == {"digest-*"}
+    assert names("deploy", down) == {"prepared-data", "package-amd64"} and names("deploy", up) == {"deploy-manifests"}
 
 
 def test_mlops_gate_failure_stops_the_pipeline_and_reports_always() -> None:
@@ -428,3 +430,26 @@ def test_monitoring_watches_the_served_model_and_retrains_on_the_feedback() -> N
     restored = _uses(job, "actions/cache/restore@v5")
     saved = _uses(job, "actions/cache/save@v5")
     assert restored[0]["with"]["path"] == saved[0]["with"]["path"] == "artifacts/monitor/alerts.json"
+
+
+def test_mlops_deploys_the_promoted_index_by_digest_behind_an_environment() -> None:
+    jobs = _workflow("mlops.yml")["jobs"]
+    deploy = jobs["deploy"]
+    # After promotion, and only when promote says this run's model is the one to serve; never for a pull request.
+    assert set(deploy["needs"]) >= {"package", "publish", "promote"}
+    assert deploy["if"] == "${{ github.event_name != 'pull_request' && needs.promote.outputs.deploy == 'true' }}"
+    assert jobs["promote"]["outputs"]["deploy"] == "${{ steps.promote.outputs.deploy }}"
+    # A GitHub environment a team can put a reviewer on; the cluster's credentials are that environment's secret,
+    # given to the one step that uses them.
+    assert deploy["environment"] == "${{ vars.SIGNPOST_DEPLOY_ENVIRONMENT || 'production' }}"
+    assert "env" not in deploy and "secrets." not in str(deploy.get("with", ""))
+    step = _step_running(deploy, "signpost deploy")
+    assert step["env"]["KUBECONFIG_DATA"] == "${{ secrets.SIGNPOST_KUBECONFIG }}"
+    assert step["env"]["DIGEST"] == "${{ needs.publish.outputs.digest }}"
+    script = step["run"]
+    assert '--image "${IMAGE}@${DIGEST}"' in script, "the image by the multi-arch index's digest, never a tag"
+    assert '"${deploy[@]}" --apply "${smoke[@]}"' in script and "umask 077" in script
+    # Without the secret: render, say so, and the manifests are the artifact (uploaded whatever happened).
+    assert 'if [ -z "$KUBECONFIG_DATA" ]' in script and "not applied" in script
+    (upload,) = _uses(deploy, "actions/upload-artifact@v7")
+    assert upload["with"]["name"] == "deploy-manifests" and upload["if"] == "${{ !cancelled() }}"

@@ -410,6 +410,10 @@ class DeployConfig(StrictModel):
     api_key_secret: str | None = Field(
         "signpost-api-key", max_length=253, description="Secret whose key `api-key` becomes SIGNPOST_API_KEY "
         "(created by the operator, never rendered); none: the prediction routes are open")
+    prediction_log_secret: str | None = Field(
+        None, max_length=253, description="Secret whose key `url` becomes SIGNPOST_PREDICTION_LOG: the shared "
+        "prediction log (postgresql://...) every pod writes to, which --promote-canary reads; none: each pod logs "
+        "to SQLite in its own emptyDir")
     pre_stop_s: int = Field(5, ge=0, le=60, description="a stopping pod waits this long before SIGTERM, so the "
                             "endpoints drop it first")
     rollout_timeout_s: int = Field(300, ge=10, description="`--apply`: longest wait for `kubectl rollout status`")

@@ -107,10 +107,10 @@ def test_the_pipeline_runs_on_demo_data_and_promotes_last(tmp_path: Path) -> Non
     failures = [path.read_text() for path in (tmp_path / "run" / "jobs").glob("*/failure.txt")]
     assert set(results.values()) <= {"success", "skipped"}, (results, failures)
     legs = ("prepare", "train", "evaluate", "optimize (amd64)", "optimize (arm64)", "bench (amd64)",
-            "bench (arm64)", "package (amd64)", "package (arm64)", "publish", "summary", "promote")
+            "bench (arm64)", "package (amd64)", "package (arm64)", "publish", "summary", "promote", "deploy")
     assert {job: results[job] for job in legs} == dict.fromkeys(legs, "success")
     assert results["comment"] == "skipped", "a dispatch is not a pull request"
-    assert run.order[-1] == "promote" and run.order.index("publish") < run.order.index("promote")
+    assert run.order[-2:] == ["promote", "deploy"] and run.order.index("publish") < run.order.index("promote")
 
     # Promotion last: the challenger registered by evaluate became the champion only in the promote job.
     assert champion_before == {"publish": None, "promote": None} and _champion(secrets) == "1"
@@ -136,6 +136,18 @@ def test_the_pipeline_runs_on_demo_data_and_promotes_last(tmp_path: Path) -> Non
         assert "ops by self CPU time: " in section or "runs on ONNX Runtime (" in section, section
     assert "## Image" in summary
 
+    # Deploy, after promotion: no cluster secret, so the manifests of the multi-arch index (by digest) are rendered,
+    # uploaded and not applied, and the summary says so.
+    index = run.job_outputs["publish"]
+    assert index["digest"].startswith("sha256:") and index["image"] == "ghcr.io/team/signpost"
+    assert run.job_outputs["promote"] == {"deploy": "true"}
+    tree = tmp_path / "run" / "artifacts-store" / "deploy-manifests"
+    for overlay in ("plain", "canary", "kserve", "monitoring"):
+        assert (tree / "overlays" / overlay / "kustomization.yaml").is_file(), overlay
+    deployment = (tree / "base" / "deployment.yaml").read_text(encoding="utf-8")
+    assert f"ghcr.io/team/signpost@{index['digest']}" in deployment
+    assert "Not applied: no cluster credentials (secret SIGNPOST_KUBECONFIG)" in summary
+
 
 @pytest.mark.slow
 def test_a_pull_request_gets_one_comment_updated_on_each_push_and_registers_nothing(tmp_path: Path) -> None:
@@ -155,7 +167,8 @@ def test_a_pull_request_gets_one_comment_updated_on_each_push_and_registers_noth
         results = run.run()
         failures = [path.read_text() for path in (tmp_path / f"push-{number}" / "jobs").glob("*/failure.txt")]
         assert set(results.values()) <= {"success", "skipped"}, (results, failures)
-        assert results["comment"] == "success" and results["publish"] == results["promote"] == "skipped"
+        assert results["comment"] == "success"
+        assert results["publish"] == results["promote"] == results["deploy"] == "skipped"
         assert not (tmp_path / f"push-{number}" / "docker" / "pushed.jsonl").exists(), "a pull request pushes nothing"
         return run, results
 
@@ -271,7 +284,7 @@ def test_a_failing_gate_fails_the_run_and_stops_at_evaluate(tmp_path: Path) -> N
     assert results["evaluate"] == "failure", "the gate's verdict fails the evaluate job, so the run fails"
     for job in ("optimize", "bench", "package"):
         assert results[f"{job} (amd64)"] == results[f"{job} (arm64)"] == "skipped"
-    assert results["publish"] == results["promote"] == "skipped"
+    assert results["publish"] == results["promote"] == results["deploy"] == "skipped"
     assert results["summary"] == "failure", "summary always runs, and says no bench results reached it"
     assert _champion(secrets) is None
     # The evaluation report and summary outlive the failed gate.

@@ -16,15 +16,18 @@ What is stood in for, and how (the test and README "Run it on GitHub" say the sa
   is installed there in editable mode, so ``signpost`` runs this working tree's code);
 - ``actions/checkout``: the job workspace is filled with a copy of the working tree;
 - ``actions/upload-artifact`` / ``download-artifact`` (v4 and later): a store folder per artifact name, hidden files
-  left out, an artifact name uploaded once per run, a download unpacked into ``path`` (``pattern`` without
-  ``merge-multiple``: one sub-folder per artifact);
+  left out (unless ``include-hidden-files: true``), an artifact name uploaded once per run, a download unpacked into
+  ``path`` (``pattern`` without ``merge-multiple``: one sub-folder per artifact);
 - ``actions/cache``: nothing (a cold cache every run, which the workflow must survive anyway);
 - ``docker/setup-buildx-action`` and ``docker/login-action``: nothing; ``docker/build-push-action``: the build context
   is recorded under its tag (and given a digest, the sha256 of its files, when pushed); the ``docker`` command on
   PATH is :func:`docker_standin`: ``docker run`` serves the recorded context's model with ``signpost serve`` on the
   published loopback port (the same config and model the image would run; tests/integration/test_container.py proves
   the image itself builds, starts and answers), ``docker logs``/``rm`` read and stop it, and ``docker buildx
-  imagetools`` records the tags it would create;
+  imagetools`` records the tags it would create (``inspect --format`` answers a digest for that index);
+- GitHub environments (a job's ``environment:``, where a team requires a reviewer): nothing, the job runs at once;
+- the cluster: no ``SIGNPOST_KUBECONFIG`` secret is given, so the deploy job takes its render-only path (``--apply``
+  runs the real kubectl against a stand-in API server in tests/stages/test_deploy.py);
 - the ``gh`` command (GitHub's REST API: workflow runs, their artifacts, issue comments): the ``gh`` on PATH is
   tests/integration/gh_standin.py over the folder ``github`` (main's runs and their artifacts, a pull request's
   comments), which lives across runs when a test passes the same one;
@@ -77,6 +80,7 @@ class Status:
     event: str
     needs: dict[str, str]
     ok: bool  # job level: every need succeeded; step level: no earlier step failed
+    outputs: dict[str, dict[str, str]] = field(default_factory=dict)  # the needs' job outputs, by job
 
 
 CONDITIONS = {
@@ -88,6 +92,8 @@ CONDITIONS = {
     "github.event_name != 'pull_request'": lambda s: s.ok and s.event != "pull_request",
     "!cancelled() && github.event_name == 'pull_request'": lambda s: s.event == "pull_request",
     "needs.bench.result == 'success'": lambda s: s.ok and s.needs.get("bench") == "success",
+    "github.event_name != 'pull_request' && needs.promote.outputs.deploy == 'true'":
+        lambda s: s.ok and s.event != "pull_request" and s.outputs.get("promote", {}).get("deploy") == "true",
 }
 
 
@@ -232,6 +238,7 @@ class WorkflowRun:
     github: Path | None = None  # the gh stand-in's state (default: work/github)
     changed: dict[str, str] = field(default_factory=dict)  # files the pushed commit changes: path -> text
     order: list[str] = field(default_factory=list)  # the job names, in the order they ran (skipped ones left out)
+    job_outputs: dict[str, dict[str, str]] = field(default_factory=dict)  # each job's `outputs:`, by job id
 
     def run(self) -> dict[str, str]:
         """Run every job; the result of each (``success``, ``failure`` or ``skipped``), by job or leg name."""
@@ -252,7 +259,8 @@ class WorkflowRun:
         try:
             for job in ordered_jobs(workflow):
                 needs = {name: combined_result(legs[name]) for name in _needs(job.spec)}
-                status = Status(self.event, needs, ok=all(r == "success" for r in needs.values()))
+                status = Status(self.event, needs, ok=all(r == "success" for r in needs.values()),
+                                outputs={name: self.job_outputs.get(name, {}) for name in needs})
                 if condition(job.spec.get("if"), status):
                     if self.before_job is not None:
                         self.before_job(job.name)
@@ -291,7 +299,8 @@ class WorkflowRun:
             (bin_dir / name).chmod(0o755)
         contexts: dict[str, Any] = {
             "inputs": self.inputs, "secrets": self.secrets, "vars": self.vars, "matrix": job.matrix,
-            "needs": {name: {"result": result} for name, result in needs.items()},
+            "needs": {name: {"result": result, "outputs": self.job_outputs.get(name, {})}
+                      for name, result in needs.items()},
             "runner": {"temp": str(temp), "os": "Linux", "arch": "X64"},
             "github": {"event_name": self.event, "workflow": workflow.get("name", ""), "repository": "team/signpost",
                        "repository_owner": "team", "actor": "signpost-bot", "token": "stand-in-token",
@@ -326,9 +335,13 @@ class WorkflowRun:
                     outputs = self._script(step, contexts, env, workspace, root / f"step-{index}", summary)
             except StepFailed as exc:
                 failed = True
-                (root / "failure.txt").write_text(f"{name}: {exc}\n", encoding="utf-8")
+                with (root / "failure.txt").open("a", encoding="utf-8") as failures:  # every failed step, in order
+                    failures.write(f"{name}: {exc}\n")
             if "id" in step:
                 contexts["steps"][step["id"]] = {"outputs": outputs}
+        # The job's outputs (`needs.<job>.outputs.*` in the jobs after it), from its steps' outputs.
+        self.job_outputs[job.id] = {key: substitute(str(value), contexts)
+                                    for key, value in job.spec.get("outputs", {}).items()}
         if summary.is_file() and summary.stat().st_size:
             with self.summary.open("a", encoding="utf-8") as out:
                 out.write(f"<!-- job: {job.name} -->\n{summary.read_text(encoding='utf-8')}\n")
@@ -389,7 +402,8 @@ class WorkflowRun:
         root = source.parent if source.is_file() else source
         files = [source] if source.is_file() else sorted(p for p in source.rglob("*") if p.is_file())
         # v4.4 and later leave hidden files (and files in hidden folders) out unless include-hidden-files is true.
-        files = [p for p in files if not any(part.startswith(".") for part in p.relative_to(root).parts)]
+        if str(with_.get("include-hidden-files", "false")).lower() != "true":
+            files = [p for p in files if not any(part.startswith(".") for part in p.relative_to(root).parts)]
         if not files:
             if with_.get("if-no-files-found", "warn") == "error":
                 raise StepFailed(f"upload-artifact: no files found at {with_['path']} for {name!r}")
@@ -527,6 +541,9 @@ def docker_standin(argv: list[str]) -> int:
             log.write(json.dumps(argv[3:]) + "\n")
         return 0
     if argv[:3] == ["buildx", "imagetools", "inspect"]:
+        if "--format" in argv:  # the index the last create made: its digest stands in for the registry's
+            created = (state / "imagetools.jsonl").read_text(encoding="utf-8").splitlines()[-1]
+            print(json.dumps(f"sha256:{hashlib.sha256(created.encode()).hexdigest()}"))
         return 0
     return _refuse(argv, "run, logs, rm --force, buildx imagetools create/inspect")
 

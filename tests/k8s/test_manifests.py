@@ -132,6 +132,21 @@ def test_a_config_without_an_api_key_secret_renders_no_key(tmp_path: Path) -> No
     assert "env" not in deployment["spec"]["template"]["spec"]["containers"][0]
 
 
+def test_a_shared_prediction_log_comes_from_a_secret_to_every_pod_champion_and_canary(tmp_path: Path) -> None:
+    objects = kustomize(_tree(tmp_path, **{"deploy.prediction_log_secret": "signpost-prediction-log"})
+                        / "overlays" / "canary")
+    for obj in objects:
+        validate(obj)
+    deployments = [obj for obj in objects if obj["kind"] == "Deployment"]
+    assert len(deployments) == 2
+    for deployment in deployments:  # the champion and the canary write to one log, which --promote-canary reads
+        env = deployment["spec"]["template"]["spec"]["containers"][0]["env"]
+        assert {"name": "SIGNPOST_PREDICTION_LOG", "valueFrom": {"secretKeyRef": {
+            "name": "signpost-prediction-log", "key": "url"}}} in env
+    # The URL holds the database's credentials: never in a ConfigMap.
+    assert all("postgresql" not in str(obj.get("data", "")) for obj in objects if obj["kind"] == "ConfigMap")
+
+
 def test_labels_carry_the_release_trimmed_and_annotations_carry_it_whole(tmp_path: Path) -> None:
     long_version = "optimize/" + "t-" + "x" * 80 + "/pruned"
     release = Release(CHAMPION.image, long_version, "f" * 64, "models/m")

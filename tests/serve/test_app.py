@@ -204,3 +204,23 @@ def test_failed_prediction_requests_are_logged_for_the_error_rate(optimized: dic
         client.get("/nowhere")  # not a prediction request: not counted
     url = default_url(config.workdir)
     assert count(url) == 2 and error_count(url, 0, time.time() + 1) == 2
+
+
+def test_the_prediction_log_url_from_the_environment_overrides_the_config(optimized: dict, tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """A Deployment gives the shared log's URL (credentials in it) from a Secret as SIGNPOST_PREDICTION_LOG."""
+    from fastapi.testclient import TestClient
+
+    from signpost.serve.app import create_app
+    from signpost.serve.predlog import count, default_url
+    from tests.serve.conftest import serve_config, wait_ready
+
+    shared = f"sqlite:///{tmp_path / 'shared.db'}"
+    monkeypatch.setenv("SIGNPOST_PREDICTION_LOG", shared)
+    config = serve_config(optimized, tmp_path / "work")
+    with TestClient(create_app(config, str(optimized["model_dir"]))) as client:
+        wait_ready(client)
+        answer = client.post("/v1/predict", content=image_bytes(), headers={"Content-Type": "image/png"})
+        assert answer.status_code == 200
+    assert count(shared) == 1
+    assert not Path(default_url(config.workdir).removeprefix("sqlite:///")).exists()

@@ -197,7 +197,8 @@ def _build_parser() -> argparse.ArgumentParser:
     deploy.add_argument("--smoke-class", type=int, metavar="ID", help="its class id")
     deploy.add_argument("--promote-canary", action="store_true", help="decide on the canary of the tree in --out "
                         "from the prediction log: promote it, or delete it when worse")
-    deploy.add_argument("--log", metavar="URL", help="--promote-canary: the prediction log (default: as monitor)")
+    deploy.add_argument("--log", metavar="URL", help="--promote-canary: the prediction log (default: "
+                        "$SIGNPOST_PREDICTION_LOG, else as monitor)")
 
     monitor = _stage_parser(sub, "monitor", "check the prediction log for drift and latency; alert; exit 5 when "
                             "retraining is needed", commands.monitor_command)

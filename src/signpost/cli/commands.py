@@ -204,7 +204,8 @@ def deploy_command(args: argparse.Namespace) -> int:
 
     config = config_from_args(args)
     if args.promote_canary:
-        result = promote_canary(config, args.out, log_url=args.log, apply=args.apply)
+        result = promote_canary(config, args.out, log_url=args.log or os.environ.get("SIGNPOST_PREDICTION_LOG"),
+                                apply=args.apply)
         print(f"deploy: canary {result.decision}: {result.reason}")
         if result.decision == "wait":
             print(f"  nothing changed; run --promote-canary again later (exit {EXIT_CANARY_WAIT})")

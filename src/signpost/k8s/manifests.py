@@ -42,6 +42,8 @@ CONFIG_FILE = "config.yaml"
 MODELS_DIR = "/srv/artifacts"  # where the image holds its model (signpost package: model_path under it)
 WORKDIR = "/var/lib/signpost"  # the server's workdir in the image: the prediction log lives under it
 API_KEY_ENV = "SIGNPOST_API_KEY"  # serve.routes.API_KEY_ENV; the server reads its key from it
+PREDICTION_LOG_ENV = "SIGNPOST_PREDICTION_LOG"  # serve.app.PREDICTION_LOG_ENV: overrides serve.prediction_log
+PREDICTION_LOG_KEY = "url"  # the key in deploy.prediction_log_secret that holds the log's URL
 SECRET_KEY = "api-key"  # the key of deploy.api_key_secret that holds it
 PREDICTOR_CONTAINER = "kserve-container"  # the name KServe gives a custom predictor's container
 PREFIX = "signpost.io"
@@ -208,9 +210,17 @@ def _container(cfg: DeployConfig, release: Release, *, name: str, kserve: bool =
             {"name": "tmp", "mountPath": "/tmp"},
         ],
     }
+    env = []
     if cfg.api_key_secret:
-        container["env"] = [{"name": API_KEY_ENV, "valueFrom": {"secretKeyRef": {
-            "name": cfg.api_key_secret, "key": SECRET_KEY}}}]
+        env.append({"name": API_KEY_ENV, "valueFrom": {"secretKeyRef": {
+            "name": cfg.api_key_secret, "key": SECRET_KEY}}})
+    if cfg.prediction_log_secret:
+        # The shared prediction log (PostgreSQL) every replica and the canary write to: its URL holds credentials,
+        # so it comes from a Secret, never the ConfigMap.
+        env.append({"name": PREDICTION_LOG_ENV, "valueFrom": {"secretKeyRef": {
+            "name": cfg.prediction_log_secret, "key": PREDICTION_LOG_KEY}}})
+    if env:
+        container["env"] = env
     if not kserve:
         # The endpoints controller drops a terminating pod from the Service while this sleep runs, so no new request
         # reaches it after SIGTERM. (Knative rejects lifecycle hooks; its queue-proxy drains instead.)

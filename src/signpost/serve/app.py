@@ -35,6 +35,10 @@ from signpost.serve.predict import processor
 from signpost.serve.routes import ADMIN_KEY_ENV, API_KEY_ENV
 from signpost.serve.state import ServerState
 
+# The prediction log's URL from the environment (a Kubernetes Secret: it holds the database's credentials) overrides
+# serve.prediction_log, which a config file, and so a ConfigMap, should not hold with a password in it.
+PREDICTION_LOG_ENV = "SIGNPOST_PREDICTION_LOG"
+
 log = logging.getLogger(__name__)
 
 
@@ -68,7 +72,8 @@ def create_app(
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         cfg = config.serve
         # Every record names this config as its experiment: servers of other experiments may share the log.
-        state.log = predlog_writer.PredictionLog(cfg.prediction_log or predlog.default_url(config.workdir),
+        log_url = os.environ.get(PREDICTION_LOG_ENV) or cfg.prediction_log or predlog.default_url(config.workdir)
+        state.log = predlog_writer.PredictionLog(log_url,
                                                  batch_size=cfg.log_batch_size, interval_s=cfg.log_interval_s,
                                                  experiment=config.name)
         if cfg.batching:
