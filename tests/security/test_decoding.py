@@ -257,8 +257,9 @@ def test_feedback_photographed_sideways_is_folded_in_upright(tmp_path: Path, syn
 def test_a_prediction_log_made_before_orientation_gains_the_column(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'predictions.db'}"
     predlog.make_engine(url).dispose()
-    with sqlite3.connect(tmp_path / "predictions.db") as conn:  # as an older Signpost made it
+    with sqlite3.connect(tmp_path / "predictions.db") as conn:  # as an older Signpost made it: no migrations yet
         conn.execute("ALTER TABLE predictions DROP COLUMN orientation")
+        conn.execute(f"DROP TABLE {predlog.VERSION_TABLE}")
     log = predlog_writer.PredictionLog(url, interval_s=0.05)
     log.add({"ts": 1.0, "request_id": "r", "model_version": "m", "class_id": 0, "class_name": "c", "confidence": 0.9,
              "entropy": 0.1, "top_k": [[0, 0.9]], "latency_ms": 1.0, "width": 8, "height": 8, "orientation": 6,
