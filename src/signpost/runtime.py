@@ -11,7 +11,10 @@ autocast) and an ONNX file. A runtime loads one form:
   with ``images=True`` (as the server loads it) the compiled graph takes uint8 images and normalizes them itself;
 - ``aoti``: the AOTInductor package, compiled at optimize time with a dynamic batch dimension; with ``bf16=True``
   the bf16 package when the artifact has one (as fast as ``compile`` + bf16, with no compiler needed to load it);
-- ``onnxruntime``: the ONNX file in ONNX Runtime, all graph optimizations on.
+- ``onnxruntime``: the ONNX file in ONNX Runtime, all graph optimizations on;
+- ``executorch``: the ExecuTorch program (``.pte``, XNNPACK delegate; fp32, or int8 for int8 variants);
+- ``openvino``: the OpenVINO IR (``model.xml`` + ``model.bin``; fp32, or NNCF int8 for int8 variants) on the CPU
+  plugin, with the LATENCY hint for batch 1 and THROUGHPUT for batches, f32 or (``bf16=True``) bf16 precision.
 
 Every file is checked against the artifact's manifest before it is read, and nothing is unpickled: weights come
 from safetensors, exported programs from ``torch.export.load`` (JSON graph and raw tensor data), ONNX from protobuf.
@@ -24,7 +27,9 @@ offline, and ``register_lowering`` gives Inductor the int8 fusion passes it need
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
+import itertools
 import json
 import logging
 import os
@@ -48,11 +53,14 @@ PROGRAM = "program.pt2"  # torch.export program (ExportedProgram), used by the i
 AOTI = "model.aoti.pt2"  # AOTInductor package
 AOTI_BF16 = "model.aoti-bf16.pt2"  # AOTInductor package compiled under bf16 autocast (float variants)
 ONNX = "model.onnx"
-FORMS = {"weights": WEIGHTS, "program": PROGRAM, "aoti": AOTI, "aoti_bf16": AOTI_BF16, "onnx": ONNX}
-RUNTIMES = ("eager", "compile", "aoti", "onnxruntime")
+PTE = "model.pte"  # ExecuTorch program, XNNPACK delegate
+OV_XML, OV_BIN = "model.xml", "model.bin"  # OpenVINO IR: the graph, and its weights (always checked together)
+FORMS = {"weights": WEIGHTS, "program": PROGRAM, "aoti": AOTI, "aoti_bf16": AOTI_BF16, "onnx": ONNX,
+         "executorch": PTE, "openvino": OV_XML}
+RUNTIMES = ("eager", "compile", "aoti", "onnxruntime", "executorch", "openvino")
 # Which form each runtime reads, in order of preference.
 _RUNTIME_FORMS = {"eager": ("weights", "program"), "compile": ("weights", "program"), "aoti": ("aoti",),
-                  "onnxruntime": ("onnx",)}
+                  "onnxruntime": ("onnx",), "executorch": ("executorch",), "openvino": ("openvino",)}
 WARMUP_BATCHES = (1, 2, 16)  # one batch of each shape regime torch.compile makes a graph for
 
 
@@ -73,6 +81,8 @@ class Predictor:
     # does) gets it for free by stacking them [B, H, W, C] and permuting, instead of paying a copy on every call
     images: Callable[[torch.Tensor], torch.Tensor] | None = None  # uint8 [B, H, W, 3] -> logits, normalizing inside
     # the compiled graph (compile runtime loaded with images=True)
+    settings: dict[str, Any] = field(default_factory=dict)  # what the runtime was set to (OpenVINO's hints and
+    # precision), for a measurement to write beside its figures
     _shift: torch.Tensor = field(init=False, repr=False)  # the card's normalization, made once (not per call)
     _scale: torch.Tensor = field(init=False, repr=False)
 
@@ -109,7 +119,9 @@ def load_predictor(
     """Load the model artifact in ``folder`` for ``runtime``. Files are checked against the manifest first.
 
     ``warmup``: batch sizes the ``compile`` runtime compiles for before returning; the default covers every shape
-    regime, so no later call compiles. A caller that will only ever use some batch sizes can name just those.
+    regime, so no later call compiles. A caller that will only ever use some batch sizes can name just those. The
+    ``openvino`` runtime reads them too: a batch above 1 among them gets a THROUGHPUT-compiled model beside the
+    LATENCY one.
     ``images``: the caller will call ``from_images`` (uint8 images, as a server has them): the ``compile`` runtime
     then compiles the normalization into its graph, where it fuses with the first kernel (at batch 64 normalizing
     outside cost a third of traffic_sign_net's compiled forward), and warms up that graph instead of the float one.
@@ -126,10 +138,20 @@ def load_predictor(
     if form is None:
         wanted = " or ".join(FORMS[f] for f in _RUNTIME_FORMS[runtime])
         raise RuntimeUnavailable(f"{folder} has no {wanted}: the {runtime} runtime cannot load it")
-    verify_artifact(folder, [CARD, FORMS[form]], signed=True)
+    manifest = verify_artifact(folder, [CARD, FORMS[form]], signed=True)
     card = ModelCard.model_validate_json((folder / CARD).read_text(encoding="utf-8"))
     if threads:
         torch.set_num_threads(threads)
+    if runtime == "executorch":
+        forward = executorch_forward(_checked_bytes(folder, PTE, manifest), folder / PTE, threads)
+        return Predictor(runtime, form, card, forward)
+    if runtime == "openvino":
+        xml, weights = (_checked_bytes(folder, name, manifest) for name in (OV_XML, OV_BIN))
+        try:
+            forward, settings = openvino_forward(xml, weights, bf16=bf16, threads=threads, batches=warmup)
+        except ArtifactError as exc:
+            raise ArtifactError(f"{folder}: {exc}") from exc
+        return Predictor(runtime, form, card, forward, settings=settings)
     if runtime == "onnxruntime":
         return Predictor(runtime, form, card, _onnxruntime(folder / ONNX, threads))
     if runtime == "aoti":
@@ -380,6 +402,149 @@ def _onnxruntime(path: Path, threads: int | None) -> Callable[[torch.Tensor], to
         return torch.from_numpy(session.run(None, {name: x.contiguous().numpy()})[0])
 
     return forward
+
+
+def executorch_forward(data: bytes, path: Path, threads: int | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The ExecuTorch program ``data`` (the bytes of ``path``, already checked against the manifest: the runtime
+    parses exactly what was checked; a flatbuffer, nothing unpickled).
+
+    ``threads``: the size of ExecuTorch's own thread pool, which XNNPACK runs on; it is one pool per process, so
+    the last load sets it. The program has one method per batch range (``optimize/executorch_export.py``): a batch
+    goes to the smallest method that takes it, and a batch above the largest is split into chunks of that size.
+    """
+    try:
+        from executorch.extension.pybindings import portable_lib
+        from executorch.runtime import Runtime
+    except ImportError as exc:
+        raise RuntimeUnavailable(f"executorch is not installed ({exc}): pip install 'signpost[executorch]'") from exc
+    if threads:
+        portable_lib._unsafe_reset_threadpool(threads)  # "unsafe": only while no method of the process is running
+    try:
+        program = Runtime.get().load_program(data)
+        # (largest batch, method): ExecuTorch planned each method's memory for its largest input
+        methods = sorted(((program.metadata(name).input_tensor_meta(0).sizes()[0], program.load_method(name))
+                          for name in program.method_names), key=lambda pair: pair[0])
+        # One call of each method at its largest batch first. With executorch 1.5.1, an int8 method first called
+        # at 12 images and then at 15 returned wrong logits (XNNPACK kept buffers sized by the first call); after
+        # a first call at the largest batch every size was right (the tests call 1 to 100 images in mixed order).
+        for _, method in methods:
+            with torch.inference_mode():
+                method.execute([torch.zeros(tuple(method.metadata.input_tensor_meta(0).sizes()))])
+    except Exception as exc:
+        raise ArtifactError(f"{path}: not a loadable ExecuTorch program for this machine: {exc}") from exc
+    largest = methods[-1][0]
+
+    def run(x: torch.Tensor, _program: Any = program) -> torch.Tensor:  # the methods live only as long as it does
+        method = next(m for limit, m in methods if x.shape[0] <= limit)
+        return method.execute([x])[0]
+
+    @torch.inference_mode()
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        x = x.contiguous().float()
+        if x.shape[0] <= largest:
+            return run(x)
+        return torch.cat([run(chunk.contiguous()) for chunk in x.split(largest)])
+
+    return forward
+
+
+def _checked_bytes(folder: Path, name: str, manifest: dict[str, Any]) -> bytes:
+    """The bytes of ``folder/name``, read once and checked against the manifest's hash: a runtime handed these bytes
+    parses exactly what was checked, whatever happens to the file afterwards."""
+    if name not in manifest["files"]:
+        raise ArtifactError(f"{folder}: {name} is not listed in the manifest")
+    try:
+        data = (folder / name).read_bytes()
+    except OSError as exc:
+        raise ArtifactError(f"{folder}: {name} is listed in the manifest but cannot be read: {exc}") from exc
+    if hashlib.sha256(data).hexdigest() != manifest["files"][name]:
+        raise ArtifactError(f"{folder}: {name} does not match its manifest; the artifact was modified or corrupted")
+    return data
+
+
+@contextlib.contextmanager
+def no_openvino_telemetry() -> Iterator[None]:
+    """Inside the block, OpenVINO's and NNCF's telemetry (``openvino_telemetry``) finds consent declined, so it
+    writes no client id under ``~/intel``, and its sender drops every message, whatever an earlier user of the
+    process set. Without this, ``import openvino`` and every conversion send usage events to Google Analytics
+    unless the user opted out (only CI environments are exempt); Signpost makes no network calls beyond loopback."""
+    try:
+        from openvino_telemetry.utils.opt_in_checker import ConsentCheckResult, OptInChecker
+        from openvino_telemetry.utils.sender import TelemetrySender
+    except ImportError:  # not installed: OpenVINO and NNCF fall back to stubs that send nothing
+        yield
+        return
+    check, send = OptInChecker.check, TelemetrySender.send
+    OptInChecker.check = lambda self, *args, **kwargs: ConsentCheckResult.DECLINED  # type: ignore[method-assign]
+    TelemetrySender.send = lambda self, *args, **kwargs: None  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        OptInChecker.check, TelemetrySender.send = check, send  # type: ignore[method-assign]
+
+
+def openvino_forward(
+    xml: bytes, weights: bytes, *, bf16: bool = False, threads: int | None = None, batches: tuple[int, ...] = (1,)
+) -> tuple[Callable[[torch.Tensor], torch.Tensor], dict[str, Any]]:
+    """An OpenVINO IR (its ``model.xml`` and ``model.bin`` bytes, already checked) compiled for the CPU plugin, and
+    the settings it was compiled with.
+
+    OpenVINO's documented best settings for each job: the LATENCY hint (one stream, every thread on one request) for
+    batch 1 and any batch too small to share out, and, when ``batches`` names a batch above 1, a second model
+    compiled under THROUGHPUT (several streams), whose requests each run a slice of a large batch at the same time.
+    ``bf16``: the bf16 inference precision hint where the plugin has bf16 kernels for this CPU (AMX, AVX-512 BF16,
+    Arm BF16), else f32; without it f32, set explicitly because the plugin defaults to bf16 on such CPUs and the
+    other runtimes compute in f32 there. ``threads``: INFERENCE_NUM_THREADS, shared by the streams.
+    """
+    try:
+        with no_openvino_telemetry():  # importing openvino sends a usage event otherwise
+            import openvino as ov
+    except ImportError as exc:
+        raise RuntimeUnavailable(f"openvino is not installed ({exc}): pip install 'signpost[openvino]'") from exc
+    import numpy as np
+
+    core = ov.Core()
+    has_bf16 = "BF16" in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+    precision = "bf16" if bf16 and has_bf16 else "f32"
+    base: dict[str, Any] = {"INFERENCE_PRECISION_HINT": precision}
+    if threads:
+        base["INFERENCE_NUM_THREADS"] = threads
+    try:
+        model = core.read_model(model=xml, weights=ov.Tensor(np.frombuffer(weights, dtype=np.uint8)))
+        latency = core.compile_model(model, "CPU", base | {"PERFORMANCE_HINT": "LATENCY"})
+        throughput = (core.compile_model(model, "CPU", base | {"PERFORMANCE_HINT": "THROUGHPUT"})
+                      if any(b > 1 for b in batches) else None)
+    except Exception as exc:  # a corrupt or foreign IR fails in many ways inside the frontend or the plugin
+        raise ArtifactError(f"{OV_XML} + {OV_BIN}: not a loadable OpenVINO IR for this machine: {exc}") from exc
+    request = latency.create_infer_request()
+    classes = latency.output(0).get_partial_shape()[1].get_length()
+    streams = int(throughput.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS")) if throughput is not None else 1
+    queue = ov.AsyncInferQueue(throughput, streams) if throughput is not None else None
+    lock = threading.Lock()  # a request runs one call at a time; a server may call from several threads
+    settings = {"device": "CPU", "inference_precision": precision, "cpu_has_bf16": has_bf16,
+                "threads": threads or int(latency.get_property("INFERENCE_NUM_THREADS")),
+                "batch_1": "LATENCY", "batches": "THROUGHPUT" if throughput is not None else "LATENCY",
+                "throughput_requests": streams, "openvino": ov.get_version().split("-")[0]}
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        x = x.contiguous().float().numpy()
+        with lock:
+            if queue is None or x.shape[0] < 2 * streams:  # too small to share out: one request, every thread
+                return torch.from_numpy(request.infer({0: x}, share_outputs=False)[0].copy())
+            # One slice per request, run at once; each writes its own rows of the answer.
+            out = np.empty((x.shape[0], classes), np.float32)
+            bounds = np.linspace(0, x.shape[0], streams + 1).astype(int).tolist()
+
+            def done(job: Any, rows: tuple[int, int]) -> None:
+                out[rows[0]:rows[1]] = job.get_output_tensor(0).data
+
+            queue.set_callback(done)
+            for low, high in itertools.pairwise(bounds):
+                queue.start_async({0: x[low:high]}, (low, high))
+            queue.wait_all()
+            return torch.from_numpy(out)
+
+    return forward, settings
 
 
 @contextlib.contextmanager

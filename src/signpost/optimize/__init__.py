@@ -14,7 +14,7 @@ from signpost.contracts import VariantRow, read_variants
 # (torchvision ops the ONNX exporter would register, torchao's GPU-only kernels). torch resets its own loggers'
 # levels when it is imported, so the CLI cannot set these once up front; with debug logging on, nothing is hidden.
 _NOISY = {"torch.onnx": logging.ERROR, "torch.utils._pytree": logging.ERROR, "onnxscript": logging.WARNING,
-          "onnx_ir": logging.WARNING, "torchao": logging.ERROR}
+          "onnx_ir": logging.WARNING, "torchao": logging.ERROR, "nncf": logging.ERROR}
 
 
 @contextlib.contextmanager

@@ -7,8 +7,11 @@ accuracy budget against its parent, and write everything atomically:
     optimize/<name>-<key>/
         manifest.json           every variant's method, settings, accuracy, size and verdict
         variants.json           the same table, for the bench stage
-        fp32/                   the parent as is, plus its AOTInductor packages (fp32, bf16) and ONNX file
-        int8/                   static int8 (torchao PT2E): program.pt2 (+ AOTInductor package)
+        fp32/                   the parent as is, plus its AOTInductor packages (fp32, bf16), ONNX file,
+                                ExecuTorch program (model.pte, XNNPACK) and OpenVINO IR (model.xml + model.bin)
+        int8/                   static int8 (torchao PT2E): program.pt2 (+ AOTInductor package, and an XNNPACK
+                                int8 model.pte quantized for XNNPACK from the same calibration; an NNCF int8
+                                OpenVINO IR from the same calibration, kept only within the budget)
         dynamic-int8/           dynamic int8 on the Linear layers, when the model has any worth it
         pruned/                 channels removed, fine-tuned (+ exports)
         pruned-int8/            the pruned model, quantized to static int8
@@ -48,10 +51,12 @@ from signpost.contracts import VARIANTS_FILE, VariantRow, read_variants, variant
 from signpost.data.cache import CachedSplit, load_split
 from signpost.data.loader import BatchLoader
 from signpost.models.artifact import CARD, WEIGHTS, ModelCard, load_model, save_model
+from signpost.optimize.executorch_export import write_executorch
 from signpost.optimize.export import write_aoti, write_onnx
+from signpost.optimize.openvino_export import write_openvino
 from signpost.optimize.prune import count_parameters, prune_model
 from signpost.optimize.quantize import quantize_int8, save_program
-from signpost.runtime import AOTI, AOTI_BF16, ONNX, PROGRAM
+from signpost.runtime import AOTI, AOTI_BF16, ONNX, OV_BIN, OV_XML, PROGRAM, PTE, executorch_forward, openvino_forward
 from signpost.tracking import RunFactory, log_stage
 from signpost.training import Derived, train_derived
 
@@ -234,6 +239,8 @@ class _VariantMaker:
                 self.parent_test_acc = variant.test_acc
             if role == "candidate" and self._within_budget(variant):
                 self._exports(folder, model, variant)
+                self._executorch(folder, model, variant, card)
+                self._openvino(folder, model, variant, card)
             self._finish(folder, variant, card)
         variant.seconds = time.perf_counter() - started
         return variant
@@ -258,6 +265,50 @@ class _VariantMaker:
             except Exception as exc:
                 log.warning("%s: ONNX export failed: %s", variant.name, exc)
                 variant.settings["onnx_error"] = _short(exc)
+
+    def _executorch(self, folder: Path, model: nn.Module, variant: Variant, card: ModelCard, *,
+                    int8: str | None = None, calibration: list[torch.Tensor] | None = None) -> None:
+        """The XNNPACK ExecuTorch program, from the float ``model`` (quantized for XNNPACK when ``int8`` names a
+        scheme), scored on the program itself; a model it cannot lower, a machine without executorch, or a program
+        over the accuracy budget is noted, and the variant keeps its other forms."""
+        try:
+            settings = write_executorch(model, card.image_size, folder / PTE, int8=int8, calibration=calibration or [])
+            # XNNPACK's int8 is its own quantization of the float parent: held to the budget like the variant
+            val_acc, test_acc = self._scores(executorch_forward((folder / PTE).read_bytes(), folder / PTE))
+            settings |= {"val_acc": val_acc, "test_acc": test_acc}
+            if not self._within_budget(Variant(variant.name, variant.method, {}, test_acc=test_acc)):
+                raise ValueError(f"the program scores {100 * test_acc:.2f}% test top-1, over the accuracy budget "
+                                 "against fp32 (optimize.accuracy_budget)")
+            variant.forms.append("executorch")
+            variant.settings["executorch"] = settings
+        except Exception as exc:  # an op XNNPACK cannot take, a version mismatch, executorch not installed
+            (folder / PTE).unlink(missing_ok=True)  # a half-written program is never listed in the manifest
+            log.warning("%s: ExecuTorch export failed: %s", variant.name, exc)
+            variant.settings["executorch_error"] = _short(exc)
+
+    def _openvino(self, folder: Path, model: nn.Module, variant: Variant, card: ModelCard, *,
+                  calibration: list[torch.Tensor] | None = None) -> None:
+        """The OpenVINO IR of the float ``model`` (quantized by NNCF on ``calibration`` when given); a model it
+        cannot convert, a machine without openvino, or an int8 IR over the accuracy budget is noted, and the variant
+        keeps its other forms."""
+        try:
+            settings = write_openvino(model, card.image_size, folder, calibration=calibration)
+            if calibration is not None:
+                # NNCF's int8 is its own quantization of the float parent: held to the budget like the variant
+                forward, _ = openvino_forward((folder / OV_XML).read_bytes(), (folder / OV_BIN).read_bytes(),
+                                              batches=(_EVAL_BATCH,))
+                val_acc, test_acc = self._scores(forward)
+                settings |= {"val_acc": val_acc, "test_acc": test_acc}
+                if not self._within_budget(Variant(variant.name, variant.method, {}, test_acc=test_acc)):
+                    raise ValueError(f"NNCF int8 scores {100 * test_acc:.2f}% test top-1, over the accuracy budget "
+                                     "against fp32 (optimize.accuracy_budget)")
+            variant.forms.append("openvino")
+            variant.settings["openvino"] = settings
+        except Exception as exc:  # an op OpenVINO cannot convert, openvino or nncf not installed, over the budget
+            for name in (OV_XML, OV_BIN):  # a half-written or rejected IR is never listed in the manifest
+                (folder / name).unlink(missing_ok=True)
+            log.warning("%s: OpenVINO export failed: %s", variant.name, exc)
+            variant.settings["openvino_error"] = _short(exc)
 
     def _within_budget(self, variant: Variant) -> bool:
         """Whether ``variant`` is within the accuracy budget; over it, it gets no exported forms (it is never
@@ -286,6 +337,13 @@ class _VariantMaker:
             variant.forms.append("program")
             if self._within_budget(variant):
                 self._exports(folder, program, variant)  # before saving, which drops the example inputs AOTI needs
+                self._executorch(folder, parent, variant, card, int8="dynamic" if dynamic else "static",
+                                 calibration=calibration)
+                if dynamic:
+                    variant.settings["openvino_error"] = ("NNCF quantizes activations statically: OpenVINO has no "
+                                                          "dynamic int8 form of this variant")
+                else:
+                    self._openvino(folder, parent, variant, card, calibration=calibration)
             save_program(program, folder / PROGRAM)
             (folder / CARD).write_text(card.model_dump_json(indent=2) + "\n", encoding="utf-8")
             variant.size_bytes = (folder / PROGRAM).stat().st_size
