@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -17,6 +17,12 @@ LAYOUTS = ("auto", "gtsrb", "torchvision", "kaggle", "imagefolder")
 # An experiment's and a registered model's name: also a folder-name prefix, and inside a models:/<name>@<alias> URI
 # (MLflow refuses '/' and ':' in registered model names).
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
+# A device's id in the fleet (and the prediction log's device_id column): a name of at most 100 characters.
+DEVICE_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$"
+# What the config holds of a device's API key: its SHA-256, as 64 lowercase hex digits, never the key itself.
+KEY_HASH_PATTERN = r"^[0-9a-f]{64}$"
+DeviceId = Annotated[str, Field(pattern=DEVICE_ID_PATTERN)]
+KeyHash = Annotated[str, Field(pattern=KEY_HASH_PATTERN)]
 # The largest batch the exported model forms accept (their dynamic batch dimension runs 1 to MAX_BATCH). It lives
 # here, where torch is not imported, so that serve.max_batch_size has the same bound as runtime.MAX_BATCH.
 MAX_BATCH = 1024
@@ -364,6 +370,17 @@ class ServeConfig(StrictModel):
     canary_share: float = Field(
         0.1, gt=0.0, lt=1.0, description="canary mode (`serve --canary MODEL`): share of requests the canary answers"
     )
+    # The fleet: devices ship their prediction records to POST /v1/predictions/ingest, each with its own key.
+    device_keys: dict[DeviceId, KeyHash] = Field(
+        default_factory=dict, description="device id -> sha256 hex of its API key (never the key itself); with "
+        "device_keys_file: both"
+    )
+    device_keys_file: Path | None = Field(
+        None, description="a YAML/JSON file of device id -> sha256 hex of its key (a mounted Secret); read again "
+        "when it changes, so a device is added without a restart"
+    )
+    max_ingest_records: int = Field(5000, ge=1, description="prediction records in one ingest batch; more: 413")
+    max_ingest_bytes: int = Field(16 * 1024 * 1024, ge=1024, description="largest ingest request body; larger: 413")
 
 
 class PackageConfig(StrictModel):

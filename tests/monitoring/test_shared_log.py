@@ -31,7 +31,7 @@ from signpost.stages.simulate import _wait_for_log
 from tests.conftest import local_config
 from tests.serve.conftest import image_bytes, wait_ready
 
-NEW_COLUMNS = ("experiment", "data_key", "model_key")  # what a log made before this change lacks
+NEW_COLUMNS = ("experiment", "data_key", "model_key", "device_id")  # what a log made before this change lacks
 
 
 def _model(folder: Path, data_key: str) -> Path:

@@ -18,7 +18,7 @@ from signpost.data.stats import STAT_NAMES
 from signpost.serve import predlog
 
 # What the first prediction logs lacked: the columns added later, the request_errors table, the indexes.
-LATER = ("orientation", "experiment", "data_key", "model_key")
+LATER = ("orientation", "experiment", "data_key", "model_key", "device_id")
 ROW = {"ts": 1.0, "request_id": "old", "model_version": "v0", "class_id": 1, "class_name": "b", "confidence": 0.9,
        "entropy": 0.2, "top_k": "[]", "latency_ms": 3.0, "width": 32, "height": 32,
        **{name: 0.5 for name in (*STAT_NAMES, *predlog.EMBEDDING_COLUMNS)}}
@@ -109,3 +109,41 @@ def test_processes_opening_a_new_log_at_once_upgrade_it_once(tmp_path: Path) -> 
     assert [run.returncode for run in runs] == [0] * 4, [err for _, err in outputs]
     assert [out.strip() for out, _ in outputs] == ["0"] * 4
     assert _revision(tmp_path / "log.db") == _head()
+
+
+def _log_at(url: str, revision: str) -> None:
+    """A log made by the migrations up to ``revision`` only, as an older Signpost made it."""
+    from alembic import command
+    from alembic.config import Config
+
+    engine = create_engine(url)
+    with engine.connect() as conn:
+        config = Config()
+        config.set_main_option("script_location", str(predlog.MIGRATIONS))
+        config.set_main_option("version_table", predlog.VERSION_TABLE)
+        config.attributes["connection"] = conn
+        command.upgrade(config, revision)
+        conn.commit()
+    engine.dispose()
+
+
+def test_a_log_before_devices_gains_them_and_keeps_its_rows_as_the_servers(tmp_path: Path) -> None:
+    path = tmp_path / "log.db"
+    url = f"sqlite:///{path}"
+    _log_at(url, "0002")
+    with sqlite3.connect(path) as conn:
+        assert "device_id" not in {row[1] for row in conn.execute("PRAGMA table_info(predictions)")}
+        names = ", ".join(ROW)
+        conn.executemany(f"INSERT INTO predictions (experiment, {names}) VALUES (?, {', '.join('?' * len(ROW))})",
+                         [("t", *{**ROW, "ts": float(i)}.values()) for i in range(12)])
+
+    predlog.make_engine(url).dispose()
+    assert _revision(path) == _head() == "0003"
+    assert _schema_diff(url) == []
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("SELECT COUNT(*), MIN(id), MAX(id) FROM predictions").fetchone() == (12, 1, 12)
+        assert conn.execute("SELECT COUNT(*) FROM ingest_batches").fetchone() == (0,)
+    assert predlog.devices(url, experiment="t") == {predlog.SERVER_DEVICE: 12}
+    rows = list(predlog.read_window(url, ["ts"], experiment="t", device_id=predlog.SERVER_DEVICE))
+    assert sum(len(chunk) for chunk in rows) == 12
+    assert list(predlog.read_window(url, ["ts"], experiment="t", device_id="cam-1")) == []

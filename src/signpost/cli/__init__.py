@@ -212,6 +212,8 @@ def _build_parser() -> argparse.ArgumentParser:
     monitor.add_argument("--model", type=Path, help="model for the embedding reference and the feedback score "
                          "(default: the one the log's window names, else the newest trained)")
     monitor.add_argument("--no-alerts", action="store_true", help="report only; send no alerts")
+    monitor.add_argument("--by", choices=["device"], help="device: also judge each device's records alone (drift, "
+                         "confidence, latency) beside the fleet's")
 
     simulate = _stage_parser(sub, "simulate", "send clean then drifted traffic to a running service and monitor "
                              "each window", commands.simulate_command)

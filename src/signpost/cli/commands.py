@@ -261,7 +261,7 @@ def monitor_command(args: argparse.Namespace) -> int:
         log_url=url, last=args.last, since=since,
         evaluation_dir=given("monitor", "evaluate", args.evaluation, "--evaluation") or latest(
             config, "monitor", "evaluate", "--evaluation")[0],
-        model_dir=model, alerts=not args.no_alerts,
+        model_dir=model, alerts=not args.no_alerts, by_device=args.by == "device",
     )
     r = result.report
     verdict, checks = r.verdict, r.checks
@@ -285,6 +285,10 @@ def monitor_command(args: argparse.Namespace) -> int:
         canary = f"; {m.verdict}" if m.verdict is not None else ""  # the main model has no verdict
         print(f"  model {version} ({m.role}): {m.records} predictions ({m.share:.0%}), mean confidence "
               f"{m.mean_confidence:.3f}, p99 {m.latency_p99_ms:.1f} ms{canary}")
+    for name, d in ({"(fleet)": r.devices.fleet} | r.devices.devices if r.devices else {}).items():
+        said = d.note if not d.enough_data else (f"mean confidence {d.mean_confidence:.3f}, p99 {d.latency_p99_ms:.1f} "
+                                                 f"ms{' — ' + ', '.join(d.drift).upper() if d.drift else ''}")
+        print(f"  device {name}: {d.records:,} predictions, {said}")
     for alert in r.alerts or []:
         print(f"  alert {alert.status} {alert.incident} -> {alert.sink}: {'sent' if alert.ok else alert.error}")
     q = r.quality

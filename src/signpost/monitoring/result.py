@@ -197,6 +197,51 @@ class Canary:
 
 
 @dataclass
+class DeviceStats:
+    """One device's records of the window judged alone against the reference (``monitor --by device``), or the
+    whole fleet's; ``note`` says why not judged when it has too few records (``monitor.min_window``)."""
+
+    records: int
+    enough_data: bool
+    drift: list[str]  # what drifted: "prediction drift", "input drift", "embedding drift"
+    drifted_inputs: list[str]  # the image statistics that drifted
+    mean_confidence: float | None
+    confidence_shift: float | None  # against the reference's mean confidence, when it has one
+    latency_p50_ms: float | None
+    latency_p99_ms: float | None
+    latency_breached: bool
+    note: str | None = None
+
+    @property
+    def drifted(self) -> bool:
+        return bool(self.drift)
+
+    def to_dict(self) -> dict[str, Any]:
+        entry = dataclasses.asdict(self) | {"drifted": self.drifted}
+        return entry if self.note is not None else {k: v for k, v in entry.items() if k != "note"}
+
+
+@dataclass
+class Devices:
+    """The window by device (``monitor --by device``): the fleet as a whole and each device alone. The server's own
+    records (device id "") are listed as ``SERVER``."""
+
+    fleet: DeviceStats
+    devices: dict[str, DeviceStats]
+
+    @property
+    def drifted(self) -> list[str]:
+        return [name for name, d in self.devices.items() if d.drifted]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"fleet": self.fleet.to_dict(), "devices": {name: d.to_dict() for name, d in self.devices.items()},
+                "drifted": self.drifted}
+
+
+SERVER = "(server)"  # how the by-device result names the server's own records; no device id can be this
+
+
+@dataclass
 class Skipped:
     """The log's records of the window that the monitor passed over: other experiments', or unnamed ones."""
 
@@ -229,7 +274,7 @@ class MonitorReport:
     """What one monitor run found: the content of its ``result.json``.
 
     ``evaluate_window`` fills the window's part; the stage adds the feedback quality, the canary comparison, the
-    log, the experiment's skipped records, the reference's name and the alerts sent.
+    log, the experiment's skipped records, the reference's name, the window by device and the alerts sent.
     """
 
     rows: int  # predictions in the window
@@ -242,6 +287,7 @@ class MonitorReport:
     experiment: Skipped | None = None
     reference: str = ""  # what the window was compared with
     alerts: list[AlertSent] | None = None  # None: run without alerts
+    devices: Devices | None = None  # None: not asked for (monitor --by device)
 
     @property
     def retrain(self) -> bool:
@@ -256,6 +302,8 @@ class MonitorReport:
                    "models": None if self.models is None else self.models.to_dict(), "log": self.log,
                    "experiment": None if self.experiment is None else self.experiment.to_dict(),
                    "reference": self.reference}
+        if self.devices is not None:
+            result["devices"] = self.devices.to_dict()
         if self.alerts is not None:
             result["alerts"] = [alert.to_dict() for alert in self.alerts]
         return result

@@ -13,7 +13,9 @@ with, this decides, with the thresholds of ``monitor:`` in the config:
 - quality: live accuracy on labelled feedback, overall and per class, against the evaluation's; a drop beyond
   ``accuracy_drop`` also calls for retraining;
 - canary: with more than one model version in the window, each one's share, class mix, confidence and latency, and
-  whether each canary looks no worse than the main model.
+  whether each canary looks no worse than the main model;
+- devices (``monitor --by device``): each device's records judged alone like the window (``device_stats``), so one
+  device whose camera went dark stands out of a fleet whose mix hides it.
 
 ``incidents`` turns a report into the named conditions ``signpost.monitoring.alerts`` fires and resolves.
 """
@@ -30,6 +32,8 @@ from signpost.monitoring.alerts import Incident
 from signpost.monitoring.drift import chi_square_p, histogram, jensen_shannon, ks_test, psi, wasserstein_normed
 from signpost.monitoring.result import (
     Canary,
+    Devices,
+    DeviceStats,
     EmbeddingDrift,
     FeatureDrift,
     Health,
@@ -180,6 +184,21 @@ def compare_models(windows: dict[str, ModelWindow], total: int, cfg: MonitorConf
     return Canary(main, stats)
 
 
+def device_stats(report: MonitorReport) -> DeviceStats:
+    """A device's (or the fleet's) window, as ``evaluate_window`` judged it, in one row of the by-device table."""
+    checks = report.checks
+    if checks is None or not report.verdict.enough_data:
+        note = (f"too few records to judge: {report.rows} in the window, at least {report.settings.min_window} are "
+                "needed (monitor.min_window)")
+        return DeviceStats(report.rows, False, [], [], None, None, None, None, False, note=note)
+    p, i, h = checks.prediction_drift, checks.input_drift, checks.health
+    drift = [name for name, drifted in (("prediction drift", p.drifted), ("input drift", i.drifted),
+                                        ("embedding drift", checks.embedding_drift.drifted)) if drifted]
+    return DeviceStats(report.rows, True, drift,
+                       [name for name, f in i.features.items() if f.drifted], p.mean_confidence, p.confidence_shift,
+                       h.latency_p50_ms, h.latency_p99_ms, h.latency_breached)
+
+
 def incidents(report: MonitorReport) -> list[Incident]:
     """The report's active incidents, by the names the alert state keeps between runs."""
     found = []
@@ -208,7 +227,15 @@ def incidents(report: MonitorReport) -> list[Incident]:
     if h.errors_breached:
         found.append(Incident("errors", f"{h.error_rate:.1%} of prediction requests failed ({h.errors}); "
                               f"the limit is {h.max_error_rate:.1%}", h.to_dict()))
+    if report.devices is not None and report.devices.drifted:
+        found.append(_device_incident(report.devices))
     return found
+
+
+def _device_incident(devices: Devices) -> Incident:
+    named = "; ".join(f"{name}: {', '.join(devices.devices[name].drift)}" for name in devices.drifted)
+    return Incident("device-drift", f"{len(devices.drifted)} of {len(devices.devices)} devices drifted ({named})",
+                    {"devices": devices.drifted})
 
 
 def _quantile(counts: np.ndarray, q: float) -> float:

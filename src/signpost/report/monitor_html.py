@@ -7,7 +7,7 @@ import html
 from pathlib import Path
 
 from signpost.monitoring.drift import histogram
-from signpost.monitoring.result import Canary, MonitorReport
+from signpost.monitoring.result import Canary, Devices, DeviceStats, MonitorReport
 from signpost.monitoring.verdict import INPUTS, Reference, Window
 from signpost.report.plots import drift_png
 
@@ -65,6 +65,7 @@ td:first-child{{text-align:left}}tr.drift td{{color:#c44e52;font-weight:600}}img
 <th>reference mean</th><th>current mean</th></tr>{''.join(rows)}</table>
 <h2>Model outputs</h2><p>{html.escape(_embedding_line(report))}</p>
 {_models_table(report.models)}
+{_devices_table(report.devices)}
 <h2>Service</h2><p>latency p50 {p50:.2f} ms, p99
 {p99:.2f} ms (SLO {slo:.0f} ms);
 {errors} failed prediction requests ({error_rate:.2%})</p>
@@ -86,6 +87,32 @@ def _models_table(models: Canary | None) -> str:
     return ("<h2>Canary</h2><table><tr><th>model version</th><th>role</th><th>predictions</th><th>share</th>"
             "<th>mean confidence</th><th>p50 ms</th><th>p99 ms</th><th>class PSI vs main</th><th>verdict</th></tr>"
             f"{rows}</table>")
+
+
+def _devices_table(devices: Devices | None) -> str:
+    """``monitor --by device``: the fleet, then each device, judged alone; a drifted one in red."""
+    if devices is None:
+        return ""
+
+    def row(name: str, d: DeviceStats) -> str:
+        if not d.enough_data:
+            return (f"<tr><td>{html.escape(name)}</td><td>{d.records:,}</td>"
+                    f"<td colspan=5>{html.escape(d.note or '')}</td></tr>")
+        verdict = ", ".join(d.drift) + (f" ({', '.join(d.drifted_inputs)})" if d.drifted_inputs else "")
+        shift = "–" if d.confidence_shift is None else f"{d.confidence_shift:+.4f}"
+        return (f"<tr{' class=drift' if d.drifted or d.latency_breached else ''}><td>{html.escape(name)}</td>"
+                f"<td>{d.records:,}</td><td>{_number(d.mean_confidence):.4f}</td><td>{shift}</td>"
+                f"<td>{_number(d.latency_p50_ms):.2f}</td><td>{_number(d.latency_p99_ms):.2f}</td>"
+                f"<td>{html.escape(verdict or 'no drift')}</td></tr>")
+
+    rows = row("fleet (all devices)", devices.fleet) + "".join(row(n, d) for n, d in devices.devices.items())
+    return ("<h2>Devices</h2><table><tr><th>device</th><th>predictions</th><th>mean confidence</th>"
+            "<th>confidence shift</th><th>p50 ms</th><th>p99 ms</th><th>drift</th></tr>"
+            f"{rows}</table>")
+
+
+def _number(value: float | None) -> float:
+    return NAN if value is None else value
 
 
 def _embedding_line(report: MonitorReport) -> str:

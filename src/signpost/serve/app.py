@@ -3,8 +3,9 @@ and shut-down.
 
 It makes the server's state (``signpost.serve.state``) and an app with the metrics middleware
 (``signpost.serve.metrics``), the error handlers (``signpost.serve.errors``) and the routes
-(``signpost.serve.routes``, and the Open Inference Protocol's in ``signpost.serve.oip``). On start-up the lifespan
-opens the prediction log, starts the batchers and the decode pool, and loads the model in a background thread:
+(``signpost.serve.routes``, the Open Inference Protocol's in ``signpost.serve.oip``, the fleet's ingest in
+``signpost.serve.ingest``). On start-up the lifespan opens the prediction log, starts the batchers and the decode
+pool, and loads the model in a background thread:
 ``/healthz`` answers at once, ``/readyz`` and the prediction routes only once the model is loaded and warmed up.
 On shut-down (after uvicorn has answered the open requests) it stops the batchers and the decode pool and writes
 every queued log record.
@@ -26,7 +27,7 @@ from fastapi import FastAPI
 
 from signpost import __version__
 from signpost.config import ConfigError, SignpostConfig
-from signpost.serve import oip, predlog, predlog_writer, routes, uploads
+from signpost.serve import ingest, oip, predlog, predlog_writer, routes, uploads
 from signpost.serve.batching import Batcher
 from signpost.serve.errors import add_error_handlers
 from signpost.serve.metrics import MetricsMiddleware
@@ -108,6 +109,7 @@ def create_app(
     add_error_handlers(app)
     app.include_router(routes.router)
     app.include_router(oip.router)
+    ingest.include(app, config)  # POST /v1/predictions/ingest: the fleet's records
     if config.serve.protect_metrics:
         app.include_router(routes.protected_docs)
     return app

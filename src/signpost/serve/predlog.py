@@ -10,6 +10,10 @@ Every row names the experiment whose server made it (the config's ``name``) and 
 trained on, the model artifact's key), so several experiments can share one database, as a deployment's PostgreSQL
 is shared: readers pass ``experiment=`` and see only that experiment's rows. Rows of a log made before rows named
 their experiment read as ``UNKNOWN_EXPERIMENT``, which is no experiment's name.
+
+Every row also names the device that made it: devices in the field classify locally and ship their records to the
+server's ingest route (``signpost.serve.ingest``), which stores them with the device's id; the server's own rows
+have ``SERVER_DEVICE`` (""). Readers pass ``device_id=`` for one device's rows; ``devices`` counts them.
 """
 
 from __future__ import annotations
@@ -52,6 +56,8 @@ EMBEDDING_COLUMNS = tuple(f"emb{i}" for i in range(EMBEDDING_DIMS))
 # The experiment of the rows an older Signpost wrote, before rows named one: no config name can be this
 # (config.NAME_PATTERN), so no monitor takes them for its own.
 UNKNOWN_EXPERIMENT = "(unknown)"
+# The device_id of the server's own predictions; a device's records name the device (POST /v1/predictions/ingest).
+SERVER_DEVICE = ""
 
 metadata = MetaData()
 predictions = Table(
@@ -67,6 +73,8 @@ predictions = Table(
            doc="the model card's data_key: the prepared data the model was trained on; '' when not known"),
     Column("model_key", String(100), nullable=False, default="", server_default="",
            doc="the model artifact's manifest key; '' when not known"),
+    Column("device_id", String(100), nullable=False, default=SERVER_DEVICE, server_default=SERVER_DEVICE,
+           index=True, doc="the device that made it and shipped it to the ingest route; '' the server itself"),
     Column("class_id", Integer, nullable=False),
     Column("class_name", String(200), nullable=False),
     Column("confidence", Float, nullable=False),
@@ -79,6 +87,18 @@ predictions = Table(
            doc="the EXIF orientation the image was turned upright by: 1 none (or no EXIF), 2-8 mirrored or rotated"),
     *(Column(name, Float, nullable=False) for name in STAT_NAMES),
     *(Column(name, Float, nullable=False) for name in EMBEDDING_COLUMNS),
+)
+
+
+# One row per batch a device shipped, inserted in the transaction that stores its predictions: a retried batch
+# finds its row and is stored once (signpost.serve.ingest).
+ingest_batches = Table(
+    "ingest_batches",
+    metadata,
+    Column("device_id", String(100), primary_key=True),
+    Column("batch_id", String(100), primary_key=True, doc="the device's own id for the batch"),
+    Column("received_ts", Float, nullable=False, doc="Unix time the server stored it, seconds"),
+    Column("records", Integer, nullable=False, doc="predictions stored with it"),
 )
 
 
@@ -307,11 +327,13 @@ def read_window(
     chunk: int = 100_000,
     model_version: str | None = None,
     experiment: str | None = None,
+    device_id: str | None = None,
 ) -> Iterator[np.ndarray]:
     """The newest ``last`` records (or those since Unix time ``since``), numeric ``columns`` only, as float64
     arrays ``[rows, len(columns)]`` of at most ``chunk`` rows, oldest first: a caller that folds each chunk into
     running totals reads any window in bounded memory. ``model_version`` keeps that model's records of the window.
-    ``experiment``: that experiment's records only, and ``last`` counts only those.
+    ``experiment``: that experiment's records only, and ``last`` counts only those. ``device_id`` keeps that
+    device's records of the window (``SERVER_DEVICE``: the server's own).
 
     The rows come through the driver's own cursor: SQLAlchemy's row objects cost ~3x the time on a million rows.
     On PostgreSQL (psycopg), through a binary COPY read by numpy: the cursor's Python floats took 12 s of a 1M-row
@@ -327,6 +349,8 @@ def read_window(
             return
         if model_version is not None:
             where += f" AND model_version = {_quoted(model_version)}"
+        if device_id is not None:
+            where += f" AND device_id = {_quoted(device_id)}"
         raw = engine.raw_connection()
         try:
             if engine.dialect.driver == "psycopg":  # PostgreSQL: binary COPY, ~4x the rows per second of a cursor
@@ -396,6 +420,13 @@ def model_versions(url: str, *, last: int | None = None, since: float | None = N
     return _counts(url, "model_version", last, since, experiment)
 
 
+def devices(url: str, *, last: int | None = None, since: float | None = None,
+            experiment: str | None = None) -> dict[str, int]:
+    """The devices in the window (as ``read_window`` chooses it) and their record counts; ``SERVER_DEVICE`` ("")
+    counts the server's own records."""
+    return _counts(url, "device_id", last, since, experiment)
+
+
 def experiments(url: str, *, last: int | None = None, since: float | None = None) -> dict[str, int]:
     """The experiments in the window of the whole log (its newest ``last`` records, or those since ``since``) and
     their record counts: what a reader of one experiment passed over (UNKNOWN_EXPERIMENT: rows of an older log)."""
@@ -436,5 +467,5 @@ def _window_where(engine: Engine, last: int | None, since: float | None, experim
 
 def _quoted(value: str) -> str:
     """``value`` as an SQL string literal. Experiment names follow config.NAME_PATTERN, so they hold no ':' that
-    text() would take for a parameter."""
+    text() would take for a parameter, and device ids follow the same pattern (config.DEVICE_ID_PATTERN)."""
     return "'{}'".format(value.replace("'", "''"))

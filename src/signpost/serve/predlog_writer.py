@@ -6,6 +6,9 @@ transaction into the log ``signpost.serve.predlog`` opens (a SQLite file in WAL 
 the monitor, never block the writer, and a crash loses at most the transaction in flight). ``close`` writes
 everything still queued before it returns: the server calls it on shutdown (SIGTERM, SIGINT), so a stopped server
 has logged every prediction it answered. The image statistics are computed here too, a batch at a time.
+
+A device's batch (``store_batch``, for the ingest route) is written at once instead, in the caller's thread: the
+device is told it is stored only once it is, and the batch's id goes in with its rows in one transaction.
 """
 
 from __future__ import annotations
@@ -20,10 +23,11 @@ from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
-from sqlalchemy import insert
+from sqlalchemy import insert, select
+from sqlalchemy.exc import IntegrityError
 
 from signpost.data.stats import STAT_NAMES, image_stats
-from signpost.serve.predlog import EMBEDDING_COLUMNS, make_engine, predictions, request_errors
+from signpost.serve.predlog import EMBEDDING_COLUMNS, ingest_batches, make_engine, predictions, request_errors
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +78,36 @@ class PredictionLog:
 
     def pending(self) -> int:
         return self._queue.qsize()
+
+    def store_batch(self, device_id: str, batch_id: str, rows: list[dict[str, Any]]) -> int | None:
+        """Write a device's batch of table rows (each naming ``device_id``) now, with its ``ingest_batches`` row,
+        in one transaction: the number of rows stored, or None when the device's ``batch_id`` was stored before
+        (by an earlier try, or by a concurrent one that committed first), and nothing was written.
+
+        One transaction: a crash between the two inserts leaves neither, so the device's retry stores the batch
+        whole, once. Blocks for the write (call it from a worker thread).
+        """
+        marker = {"device_id": device_id, "batch_id": batch_id, "received_ts": time.time(), "records": len(rows)}
+        try:
+            with self._engine.connect() as conn:
+                if self._engine.dialect.name == "sqlite":
+                    # Take the write lock first: the id's check and the rows then see the same, newest database.
+                    conn.exec_driver_sql("BEGIN IMMEDIATE")
+                conn.execute(insert(ingest_batches), [marker])  # a batch id stored before: IntegrityError here
+                if rows:
+                    conn.execute(insert(predictions), rows)
+                conn.commit()
+        except IntegrityError:
+            if not self._batch_stored(device_id, batch_id):
+                raise  # not the batch id: a row the table refused, which validation should have caught
+            return None
+        return len(rows)
+
+    def _batch_stored(self, device_id: str, batch_id: str) -> bool:
+        with self._engine.connect() as conn:
+            found = conn.execute(select(ingest_batches.c.records).where(
+                ingest_batches.c.device_id == device_id, ingest_batches.c.batch_id == batch_id)).first()
+        return found is not None
 
     def close(self, timeout_s: float = 30.0) -> None:
         """Write every queued record, then stop the writer. Safe to call twice."""

@@ -6,6 +6,11 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
+# The ingest route's body: the record shape the server logs, kept beside the log (importable without FastAPI, for
+# a device agent) and named here with the service's other schemas.
+from signpost.monitoring.records import IngestBatch as IngestBatch
+from signpost.monitoring.records import PredictionRecord as PredictionRecord
+
 
 class ClassScore(BaseModel):
     class_id: int
@@ -74,3 +79,12 @@ class ModelInfo(BaseModel):
     loaded_at: float
     card: dict[str, Any]
     canary: dict[str, Any] | None = None  # canary mode: the second model's facts and its share of the requests
+
+
+class IngestResponse(BaseModel):
+    """What ``POST /v1/predictions/ingest`` answers. Its body is ``signpost.monitoring.records.IngestBatch`` (of
+    ``PredictionRecord``s), a module a device agent imports without FastAPI."""
+
+    stored: int = Field(description="records stored from this batch; 0 for a batch sent before")
+    duplicate: bool = Field(False, description="present, true, when the device sent this batch id before: nothing "
+                            "was stored again")

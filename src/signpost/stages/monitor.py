@@ -18,6 +18,10 @@ The window is compared with (the checks and the verdict are ``signpost.monitorin
   data versions), scored with the model;
 - the failed prediction requests the server logs beside the predictions.
 
+With ``by_device`` (``signpost monitor --by device``), each device's records of the window are also judged alone
+(drift, confidence, latency), beside the fleet's: the devices ship their records to the server's ingest route, and
+the log names the device of each (the server's own records are the device "", reported as ``(server)``).
+
 It writes ``result.json`` (from the typed ``signpost.monitoring.result``), a drift chart and ``report.html``
 (``signpost.report.monitor_html``) under ``monitor/<name>-<time>/``, sends alerts for incidents that started or
 cleared (``signpost.monitoring.alerts``), and says whether retraining is needed (the CLI exits 5 then).
@@ -44,7 +48,7 @@ from signpost.data.stats import STAT_NAMES
 from signpost.monitoring.alerts import AlertManager
 from signpost.monitoring.drift import histogram
 from signpost.monitoring.feedback import feedback_batches, load_batch
-from signpost.monitoring.result import AlertSent, Canary, MonitorReport, Quality, Skipped
+from signpost.monitoring.result import SERVER, AlertSent, Canary, Devices, MonitorReport, Quality, Skipped
 from signpost.monitoring.verdict import (
     EMBEDDINGS,
     INPUTS,
@@ -53,6 +57,7 @@ from signpost.monitoring.verdict import (
     Reference,
     Window,
     compare_models,
+    device_stats,
     evaluate_window,
     feedback_quality,
     incidents,
@@ -98,8 +103,10 @@ def monitor(
     evaluation_dir: Path | None = None,
     model_dir: Path | None = None,
     alerts: bool = True,
+    by_device: bool = False,
 ) -> MonitorResult:
-    """Check the prediction log's window against the reference; see the module doc."""
+    """Check the prediction log's window against the reference (and each device's records of it, with
+    ``by_device``); see the module doc."""
     cfg = config.monitor
     url = log_url or config.serve.prediction_log or predlog.default_url(config.workdir)
     # Loaded once (hash-checked, warmed up): it describes the reference and scores the feedback.
@@ -123,6 +130,9 @@ def monitor(
         report.verdict.retrain = True
         report.verdict.reasons = [*report.verdict.reasons, "accuracy drop on feedback"]
     report.models = _compare_models(url, versions, last=last, since=since, reference=reference, cfg=cfg,
+                                    experiment=experiment)
+    if by_device:
+        report.devices = _by_device(url, report, last=last, since=since, reference=reference, cfg=cfg,
                                     experiment=experiment)
     report.log = predlog.redact(url)
     report.experiment = Skipped(**skipped_records(url, experiment, last=last, since=since))
@@ -263,9 +273,10 @@ def _model_outputs(model: ServedModel, images: np.ndarray) -> Outputs:
 
 
 def _read(url: str, *, last: int | None, since: float | None, reference: Reference,
-          model_version: str | None = None, experiment: str | None = None) -> Window:
-    """Fold the window (one model's records of it, with ``model_version``; one experiment's, with ``experiment``)
-    into counts, histograms and a uniform sample (bottom-k of random keys), chunk by chunk."""
+          model_version: str | None = None, experiment: str | None = None, device_id: str | None = None) -> Window:
+    """Fold the window (one model's records of it, with ``model_version``; one experiment's, with ``experiment``;
+    one device's, with ``device_id``) into counts, histograms and a uniform sample (bottom-k of random keys), chunk
+    by chunk."""
     rng = np.random.default_rng(0)
     features = [name for name in (*INPUTS, *EMBEDDINGS) if name in reference.edges]
     index = {name: COLUMNS.index(name) for name in COLUMNS}
@@ -279,7 +290,7 @@ def _read(url: str, *, last: int | None, since: float | None, reference: Referen
     rows, confidence_sum = 0, 0.0
     first_ts, last_ts = np.inf, -np.inf
     for chunk in predlog.read_window(url, COLUMNS, last=last, since=since, model_version=model_version,
-                                     experiment=experiment):
+                                     experiment=experiment, device_id=device_id):
         rows += len(chunk)
         first_ts = min(first_ts, float(chunk[:, index["ts"]].min()))
         last_ts = max(last_ts, float(chunk[:, index["ts"]].max()))
@@ -296,7 +307,9 @@ def _read(url: str, *, last: int | None, since: float | None, reference: Referen
         pool = np.concatenate([sample, columns])
         keep = np.argpartition(keys, SAMPLE)[:SAMPLE] if len(keys) > SAMPLE else np.arange(len(keys))
         sample_keys, sample = keys[keep], pool[keep]
-    errors = predlog.error_count(url, first_ts, last_ts, experiment=experiment) if rows else 0
+    # The failed requests the server logs are its own: a device's window has none of them.
+    own = device_id in (None, predlog.SERVER_DEVICE)
+    errors = predlog.error_count(url, first_ts, last_ts, experiment=experiment) if rows and own else 0
     return Window(rows, errors, classes, confidence, mean_confidence=confidence_sum / rows if rows else None,
                   latency=latency, hist=hist, sample={name: sample[:, j] for j, name in enumerate(features)},
                   features=features)
@@ -344,6 +357,17 @@ def _compare_models(url: str, counts: dict[str, int], *, last: int | None, since
             n += len(chunk)
         windows[version] = ModelWindow(n, classes, confidence, latency)
     return compare_models(windows, sum(counts.values()), cfg)
+
+
+def _by_device(url: str, report: MonitorReport, *, last: int | None, since: float | None, reference: Reference,
+               cfg: MonitorConfig, experiment: str) -> Devices:
+    """The fleet's window (``report``) and each device's records of it, judged alone the same way."""
+    counts = predlog.devices(url, last=last, since=since, experiment=experiment)
+    devices = {}
+    for device in sorted(counts):
+        window = _read(url, last=last, since=since, reference=reference, experiment=experiment, device_id=device)
+        devices[device or SERVER] = device_stats(evaluate_window(window, reference, cfg))
+    return Devices(device_stats(report), devices)
 
 
 def skipped_records(url: str, experiment: str, *, last: int | None, since: float | None) -> dict[str, Any]:
