@@ -266,6 +266,16 @@ class _VariantMaker:
                 log.warning("%s: ONNX export failed: %s", variant.name, exc)
                 variant.settings["onnx_error"] = _short(exc)
 
+    def _held_to_budget(self, variant: Variant, forward: Callable[[torch.Tensor], torch.Tensor],
+                        what: str) -> dict[str, float]:
+        """Val and test top-1 of a form that is its own quantization of the float parent (``what``), held to the
+        accuracy budget like the variant; ``ValueError`` past it."""
+        val_acc, test_acc = self._scores(forward)
+        if not self._within_budget(Variant(variant.name, variant.method, {}, test_acc=test_acc)):
+            raise ValueError(f"{what} scores {100 * test_acc:.2f}% test top-1, over the accuracy budget against fp32 "
+                             "(optimize.accuracy_budget)")
+        return {"val_acc": val_acc, "test_acc": test_acc}
+
     def _executorch(self, folder: Path, model: nn.Module, variant: Variant, card: ModelCard, *,
                     int8: str | None = None, calibration: list[torch.Tensor] | None = None) -> None:
         """The XNNPACK ExecuTorch program, from the float ``model`` (quantized for XNNPACK when ``int8`` names a
@@ -274,11 +284,8 @@ class _VariantMaker:
         try:
             settings = write_executorch(model, card.image_size, folder / PTE, int8=int8, calibration=calibration or [])
             # XNNPACK's int8 is its own quantization of the float parent: held to the budget like the variant
-            val_acc, test_acc = self._scores(executorch_forward((folder / PTE).read_bytes(), folder / PTE))
-            settings |= {"val_acc": val_acc, "test_acc": test_acc}
-            if not self._within_budget(Variant(variant.name, variant.method, {}, test_acc=test_acc)):
-                raise ValueError(f"the program scores {100 * test_acc:.2f}% test top-1, over the accuracy budget "
-                                 "against fp32 (optimize.accuracy_budget)")
+            forward = executorch_forward((folder / PTE).read_bytes(), folder / PTE)
+            settings |= self._held_to_budget(variant, forward, "the program")
             variant.forms.append("executorch")
             variant.settings["executorch"] = settings
         except Exception as exc:  # an op XNNPACK cannot take, a version mismatch, executorch not installed
@@ -297,11 +304,7 @@ class _VariantMaker:
                 # NNCF's int8 is its own quantization of the float parent: held to the budget like the variant
                 forward, _ = openvino_forward((folder / OV_XML).read_bytes(), (folder / OV_BIN).read_bytes(),
                                               batches=(_EVAL_BATCH,))
-                val_acc, test_acc = self._scores(forward)
-                settings |= {"val_acc": val_acc, "test_acc": test_acc}
-                if not self._within_budget(Variant(variant.name, variant.method, {}, test_acc=test_acc)):
-                    raise ValueError(f"NNCF int8 scores {100 * test_acc:.2f}% test top-1, over the accuracy budget "
-                                     "against fp32 (optimize.accuracy_budget)")
+                settings |= self._held_to_budget(variant, forward, "NNCF int8")
             variant.forms.append("openvino")
             variant.settings["openvino"] = settings
         except Exception as exc:  # an op OpenVINO cannot convert, openvino or nncf not installed, over the budget
