@@ -35,9 +35,10 @@ FLOORS: list[tuple[str, ...]] = [
     (f"{PACKAGE}.data", f"{PACKAGE}.models", f"{PACKAGE}.tracking", f"{PACKAGE}.registry", f"{PACKAGE}.metrics",
      f"{PACKAGE}.client", f"{PACKAGE}.report", f"{PACKAGE}.monitoring", f"{PACKAGE}.serve.predlog",
      f"{PACKAGE}.k8s"),
-    # Engines: training, loading and running any model form, making variants, one bench cell, the HTTP service.
+    # Engines: training, loading and running any model form, making variants, one bench cell, the HTTP service, the
+    # device agent.
     (f"{PACKAGE}.training", f"{PACKAGE}.runtime", f"{PACKAGE}.optimize", f"{PACKAGE}.bench_worker",
-     f"{PACKAGE}.serve"),
+     f"{PACKAGE}.serve", f"{PACKAGE}.edge"),
     (STAGES,),
     (CLI,),
 ]

@@ -269,7 +269,7 @@ def test_mlops_trains_once_on_arm_and_fans_out_per_architecture() -> None:
         assert {row["arch"] for row in jobs[name]["strategy"]["matrix"]["include"]} == {"amd64", "arm64"}
     for name in ("prepare", "train", "evaluate", "optimize", "bench", "package", "promote"):
         _setup_python(jobs[name])
-        _installs_cpu_torch_first(jobs[name], then="pip install --quiet -c constraints.txt -e .")
+        _installs_cpu_torch_first(jobs[name], then="pip install --quiet -c constraints.txt -e '.[pipeline]'")
         assert f'signpost {name} --config "$CONFIG"' in "\n".join(_scripts(jobs[name])), f"{name} runs no stage"
 
 
@@ -418,7 +418,7 @@ def test_monitoring_watches_the_served_model_and_retrains_on_the_feedback() -> N
     job = _workflow("monitor.yml")["jobs"]["monitor"]
     assert job["permissions"] == {"contents": "read", "issues": "write", "actions": "write"}
     _setup_python(job)
-    _installs_cpu_torch_first(job, then="pip install --quiet -c constraints.txt -e .")
+    _installs_cpu_torch_first(job, then="pip install --quiet -c constraints.txt -e '.[pipeline]'")
     assert "tools/ci/fetch_model.py" in _step_running(job, "fetch_model")["run"]
     monitor = _step_running(job, "signpost monitor")
     assert '"${model[@]}"' in monitor["run"] and "kind: github" in monitor["run"]

@@ -279,6 +279,9 @@ class OptimizeConfig(StrictModel):
         True, description="with export_aoti, a second package of each float variant compiled under bf16 autocast"
     )
     export_onnx: bool = Field(True, description="an ONNX file of each float variant, dynamic batch")
+    export_executorch: bool = Field(True, description="an ExecuTorch program (.pte, XNNPACK) of each variant: fp32, "
+                                    "or int8 by the XNNPACK quantizer; what an edge bundle carries")
+    export_openvino: bool = Field(True, description="an OpenVINO IR of each variant: f32, or int8 by NNCF")
     accuracy_budget: float = Field(
         0.005, ge=0.0, le=1.0, description="largest test top-1 drop a variant may have against its parent"
     )

@@ -31,7 +31,8 @@ ROOT = Path(__file__).resolve().parents[2]
 WORKFLOW = ROOT / ".github" / "workflows" / "mlops.yml"
 REGISTERED = "signpost-wf"  # tracking.registered_model's default for name: wf
 
-# configs/demo.yaml made small enough for a 2-core machine: six classes, a few epochs, a lean optimize and a bench
+# configs/demo.yaml made small enough for a 2-core machine: six classes, a few epochs, a lean optimize (no
+# AOTInductor, ExecuTorch or OpenVINO forms: tests/optimize covers them) and a bench
 # of two variants under oneDNN and the OpenBLAS path (the comparison the job summary shows), short timings.
 SMALL = {
     "name": "wf",
@@ -39,7 +40,8 @@ SMALL = {
                            "test_tracks": 2, "max_size": 120}},
     "train": {"epochs": 15, "batch_size": 32},
     "evaluate": {"min_accuracy": 0.5, "min_class_accuracy": 0.0},
-    "optimize": {"export_aoti": False, "distill": {"enabled": False}, "prune": {"finetune_epochs": 1},
+    "optimize": {"export_aoti": False, "export_executorch": False, "export_openvino": False,
+                 "distill": {"enabled": False}, "prune": {"finetune_epochs": 1},
                  "calibration_batches": 2, "accuracy_budget": 1.0},
     "bench": {"variants": ["fp32", "int8"], "runtimes": ["eager", "onnxruntime"], "math": ["default", "no-onednn"],
               "threads": [1], "batch_sizes": [1, 8], "min_seconds": 0.05, "max_seconds": 0.2,

@@ -15,8 +15,10 @@ from signpost.config import load_config
 from signpost.registry import Registry
 
 FAST = ["train.epochs=2", "train.batch_size=16", "train.threads=1", "evaluate.max_drop=1.0", "optimize.enabled=false"]
-# optimize and bench in a run, kept small: no AOTInductor packages or students, a two-variant, two-runtime matrix.
-SMALL_OPTIMIZE = ["optimize.enabled=true", "optimize.export_aoti=false", "optimize.distill.enabled=false",
+# optimize and bench in a run, kept small: no AOTInductor, ExecuTorch or OpenVINO forms, no students, a
+# two-variant, two-runtime matrix.
+SMALL_OPTIMIZE = ["optimize.enabled=true", "optimize.export_aoti=false", "optimize.export_executorch=false",
+                  "optimize.export_openvino=false", "optimize.distill.enabled=false",
                   "optimize.prune.finetune_epochs=1", "optimize.calibration_batches=2", "bench.variants=[fp32,int8]",
                   "bench.runtimes=[eager,onnxruntime]", "bench.math=[default]", "bench.threads=[1]",
                   "bench.batch_sizes=[1,8]", "bench.min_seconds=0.05", "bench.max_seconds=0.2",

@@ -142,3 +142,27 @@ def test_a_model_executorch_cannot_lower_is_skipped_with_a_reason(optimized: dic
     verify_artifact(result.path / "fp32")  # the variant's manifest matches what is there
     assert "executorch" not in available_runtimes(result.path / "fp32")
     assert load_predictor(result.path / "fp32", "eager")(torch.zeros(1, 3, 32, 32)).shape == (1, 6)
+
+
+def test_the_export_switches_turn_the_executorch_and_openvino_forms_off(optimized: dict, tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """optimize.export_executorch=false and export_openvino=false (the workflow tests' lean optimize): neither
+    exporter runs, and the variant records no error for a form nobody asked for."""
+    import signpost.stages.optimize as stage
+
+    def must_not_run(*args: object, **kwargs: object) -> None:
+        raise AssertionError("an export that was switched off ran")
+
+    monkeypatch.setattr(stage, "write_executorch", must_not_run)
+    monkeypatch.setattr(stage, "write_openvino", must_not_run)
+    opt = optimized["config"].optimize
+    opt = opt.model_copy(update={"int8": False, "dynamic_int8": False, "export_aoti": False, "export_onnx": False,
+                                 "export_executorch": False, "export_openvino": False,
+                                 "prune": opt.prune.model_copy(update={"enabled": False}),
+                                 "distill": opt.distill.model_copy(update={"enabled": False})})
+    config = optimized["config"].model_copy(update={"workdir": tmp_path, "optimize": opt})
+    result = stage.optimize(config, model_dir=optimized["model_dir"], data_dir=optimized["data_dir"], progress=False)
+    (row,) = result.variants
+    assert row.status == "ok" and not {"executorch", "openvino"} & set(row.forms)
+    assert not {"executorch_error", "openvino_error"} & set(row.settings)
+    assert not (result.path / "fp32" / PTE).exists()

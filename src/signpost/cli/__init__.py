@@ -34,6 +34,7 @@ from signpost.cli.common import (
     EXIT_REGRESSION,
     EXIT_USAGE,
 )
+from signpost.cli.edge import add_edge_parser
 from signpost.config import ConfigError
 
 # The exit codes are the command's answer to scripts and CI: importable from here with main and entry.
@@ -75,6 +76,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted; nothing half-written was kept", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except ModuleNotFoundError as exc:
+        # A device's install (`signpost[edge]`) has no MLflow, FastAPI or ONNX: the pipeline's commands say so.
+        if exc.name is None or exc.name.split(".")[0] == "signpost":
+            raise
+        print(f"error: this command needs {exc.name}, which is not installed: pip install 'signpost[pipeline]' "
+              "installs what every pipeline command needs", file=sys.stderr)
+        return EXIT_FAILURE
     except (ArtifactError, OSError, ValueError, RuntimeError) as exc:
         # Stage errors (LayoutError, PrepareError, DownloadError, ...) subclass these and carry a full message.
         print(f"error: {exc}", file=sys.stderr)
@@ -256,6 +264,8 @@ def _build_parser() -> argparse.ArgumentParser:
     keys.add_argument("--out", type=Path, required=True, help="folder for the two files (never overwritten)")
     keys.add_argument("--name", default="signpost", help="file name stem (default %(default)s)")
     keys.set_defaults(handler=commands.keys_generate_command)
+
+    add_edge_parser(sub)
 
     report_group = sub.add_parser("report", help="markdown from a run's files: the bench's job summary, a pull "
                                   "request's comment", description="markdown from a run's files, printed to stdout")

@@ -281,6 +281,8 @@ class _VariantMaker:
         """The XNNPACK ExecuTorch program, from the float ``model`` (quantized for XNNPACK when ``int8`` names a
         scheme), scored on the program itself; a model it cannot lower, a machine without executorch, or a program
         over the accuracy budget is noted, and the variant keeps its other forms."""
+        if not self.config.optimize.export_executorch:
+            return
         try:
             settings = write_executorch(model, card.image_size, folder / PTE, int8=int8, calibration=calibration or [])
             # XNNPACK's int8 is its own quantization of the float parent: held to the budget like the variant
@@ -298,6 +300,8 @@ class _VariantMaker:
         """The OpenVINO IR of the float ``model`` (quantized by NNCF on ``calibration`` when given); a model it
         cannot convert, a machine without openvino, or an int8 IR over the accuracy budget is noted, and the variant
         keeps its other forms."""
+        if not self.config.optimize.export_openvino:
+            return
         try:
             settings = write_openvino(model, card.image_size, folder, calibration=calibration)
             if calibration is not None:
@@ -342,7 +346,7 @@ class _VariantMaker:
                 self._exports(folder, program, variant)  # before saving, which drops the example inputs AOTI needs
                 self._executorch(folder, parent, variant, card, int8="dynamic" if dynamic else "static",
                                  calibration=calibration)
-                if dynamic:
+                if dynamic and opt.export_openvino:
                     variant.settings["openvino_error"] = ("NNCF quantizes activations statically: OpenVINO has no "
                                                           "dynamic int8 form of this variant")
                 else:
