@@ -355,7 +355,8 @@ def test_mlops_benches_onednn_against_the_openblas_path_whatever_the_config() ->
 def test_mlops_profiles_the_deployed_cell_in_a_bench_of_its_own_for_the_summary() -> None:
     """The profiler's top ops for the cell each leg deploys: known only after the bench, so a one-cell bench with
     --profile follows it, in its own workdir (the bench folder stays the only one package reads), uploaded as
-    profile-<arch> and given to the summary; never for ONNX Runtime, which the torch profiler cannot see into."""
+    profile-<arch> and given to the summary; never for ONNX Runtime, ExecuTorch or OpenVINO, which the torch profiler
+    cannot see into."""
     jobs = _workflow("mlops.yml")["jobs"]
     steps = jobs["bench"]["steps"]
     (profile,) = [step for step in steps if step.get("name") == "Profile the deployed cell"]
@@ -363,7 +364,7 @@ def test_mlops_profiles_the_deployed_cell_in_a_bench_of_its_own_for_the_summary(
     assert "workdir=artifacts/profile" in run and '--profile "${variant}/${runtime}/${math}/${batch}"' in run
     for setting in ("variants", "runtimes", "math", "threads", "batch_sizes"):
         assert f'"bench.{setting}=[' in run, setting
-    assert '"$runtime" = onnxruntime' in run and "exit 0" in run
+    assert 'case "$runtime" in' in run and "onnxruntime|executorch|openvino)" in run and "exit 0" in run
     (upload,) = [step for step in steps if "profile-" in step.get("with", {}).get("name", "")]
     assert upload["with"]["path"] == "artifacts/profile/bench" and steps.index(profile) < steps.index(upload)
     summary = jobs["summary"]

@@ -296,7 +296,8 @@ class BenchConfig(StrictModel):
         False, description="also time the variants optimize rejected (over the accuracy budget); they are never the "
         "deployable choice"
     )
-    runtimes: list[Literal["eager", "compile", "aoti", "onnxruntime"]] = ["eager", "compile", "aoti", "onnxruntime"]
+    runtimes: list[Literal["eager", "compile", "aoti", "onnxruntime", "executorch", "openvino"]] = [
+        "eager", "compile", "aoti", "onnxruntime", "executorch", "openvino"]
     math: list[Literal["default", "bf16", "no-onednn"]] = Field(
         ["default", "bf16", "no-onednn"],
         description="default: fp32 with oneDNN; bf16: DNNL_DEFAULT_FPMATH_MODE=BF16 (+ bf16 autocast for compile); "
@@ -308,8 +309,9 @@ class BenchConfig(StrictModel):
     max_seconds: float = Field(6.0, gt=0.0, description="stop repeating after this long even if not stable")
     max_cv: float = Field(0.05, gt=0.0, description="stable: the median's rolling spread below this fraction")
     repeats: int = Field(
-        2, ge=0, description="passes over the cells left unstable, each cell in a fresh process, every pass in the "
-        "opposite order to the one before; 0: no repeats"
+        2, ge=0, description="passes over every cell after the first, each cell in a fresh process, every pass in "
+        "the opposite order to the one before; each row reports the median run and the min-max across runs; "
+        "0: one measurement a cell"
     )
     repeat_seconds: float = Field(
         300.0, gt=0.0, description="no repeat measurement starts after the repeats have taken this long (s)"
@@ -323,7 +325,7 @@ class ServeConfig(StrictModel):
 
     host: str = Field("127.0.0.1", description="interface to listen on; 0.0.0.0 inside a container")
     port: int = Field(8000, ge=0, le=65535)
-    runtime: Literal["auto", "eager", "compile", "aoti", "onnxruntime"] = Field(
+    runtime: Literal["auto", "eager", "compile", "aoti", "onnxruntime", "executorch", "openvino"] = Field(
         "auto", description="auto: the bench candidate's runtime, else ONNX Runtime if the model has ONNX, else eager"
     )
     threads: int | None = Field(None, ge=1, description="intra-op threads for inference; default: all cores")

@@ -29,7 +29,7 @@ VARIANTS_FILE = "variants.json"  # written by the optimize stage: its table of v
 EVALUATION_REPORT = "report.json"  # written by the evaluate stage: metrics, per-class scores and the gate
 RESULTS = "results.json"  # written by the bench stage: the measured matrix, one row per cell and batch size
 
-Runtime = Literal["eager", "compile", "aoti", "onnxruntime"]
+Runtime = Literal["eager", "compile", "aoti", "onnxruntime", "executorch", "openvino"]
 Math = Literal["default", "bf16", "no-onednn"]
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")  # a variant or artifact folder name: no separators, no ".."
 

@@ -392,6 +392,7 @@ def _onnxruntime(path: Path, threads: int | None) -> Callable[[torch.Tensor], to
     options.inter_op_num_threads = 1
     # Spinning threads steal the cores between calls from everything else in the process.
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.add_session_config_entry("session.inter_op.allow_spinning", "0")
     try:
         session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     except Exception as exc:

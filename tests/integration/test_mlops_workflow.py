@@ -45,7 +45,7 @@ SMALL = {
                  "calibration_batches": 2, "accuracy_budget": 1.0},
     "bench": {"variants": ["fp32", "int8"], "runtimes": ["eager", "onnxruntime"], "math": ["default", "no-onednn"],
               "threads": [1], "batch_sizes": [1, 8], "min_seconds": 0.05, "max_seconds": 0.2,
-              "deploy_batch_size": 8},
+              "deploy_batch_size": 8, "repeats": 0},
 }
 
 

@@ -22,7 +22,7 @@ SMALL_OPTIMIZE = ["optimize.enabled=true", "optimize.export_aoti=false", "optimi
                   "optimize.prune.finetune_epochs=1", "optimize.calibration_batches=2", "bench.variants=[fp32,int8]",
                   "bench.runtimes=[eager,onnxruntime]", "bench.math=[default]", "bench.threads=[1]",
                   "bench.batch_sizes=[1,8]", "bench.min_seconds=0.05", "bench.max_seconds=0.2",
-                  "bench.deploy_batch_size=8", "optimize.accuracy_budget=1.0"]
+                  "bench.deploy_batch_size=8", "bench.repeats=0", "optimize.accuracy_budget=1.0"]
 LAX = ["evaluate.min_accuracy=0", "evaluate.min_class_accuracy=0"]
 
 

@@ -12,7 +12,7 @@ import pytest
 from signpost.cli import EXIT_REGRESSION, main
 from signpost.cli.output import print_bench
 from signpost.contracts import BenchResults, Candidate
-from signpost.report.bench_table import choose, compare, markdown_table, small_batch_runtime
+from signpost.report.bench_table import choose, compare, markdown_table, peer_table, small_batch_runtime
 
 
 def _row(variant: str, runtime: str, rate: float, *, stable: bool = True, spread: float = 0.02,
@@ -108,6 +108,75 @@ def test_the_cli_warns_when_the_deployable_comes_from_an_unstable_cell(
     assert "warning: 2 of 2 timed rows are unstable" in err
     assert "warning: the deployable was chosen from an unstable timing" in err
     assert "UNSTABLE" in out
+
+
+def _peer_rows() -> list[dict]:
+    """fp32 on every peer runtime and Signpost's int8 on compile (batch 64) and ONNX Runtime (batch 1)."""
+    def row(variant: str, runtime: str, rate: float, batch: int, math: str = "default", top1: float = 0.95) -> dict:
+        return _row(variant, runtime, rate, batch=batch) | {"math": math, "top1": top1}
+
+    return [row("fp32", "eager", 1000, 64), row("fp32", "eager", 5000, 64, "bf16"),  # bf16: not how TorchServe runs
+            row("fp32", "onnxruntime", 2000, 64), row("fp32", "openvino", 2500, 64),
+            row("fp32", "openvino", 3000, 64, "bf16", top1=0.949), row("fp32", "executorch", 1500, 64),
+            row("int8", "compile", 9000, 64, top1=0.945), row("int8", "onnxruntime", 3000, 64, top1=0.945),
+            row("fp32", "eager", 800, 1), row("fp32", "onnxruntime", 4000, 1), row("fp32", "openvino", 2000, 1),
+            row("fp32", "executorch", 3500, 1), row("int8", "compile", 2000, 1, top1=0.945),
+            row("int8", "onnxruntime", 5000, 1, top1=0.945)]
+
+
+def test_the_peer_table_sets_the_deployable_against_each_tools_best_fp32_form(tmp_path: Path) -> None:
+    rows = _peer_rows()
+    rows[3] |= {"images_per_s_min": 2400.0, "images_per_s_max": 2600.0}  # openvino default: min-max across runs
+    candidate = choose(rows, 64, tmp_path)
+    candidate["small_batch"] = small_batch_runtime(rows, candidate)
+    assert (candidate["variant"], candidate["runtime"], candidate["small_batch"]["runtime"]) == (
+        "int8", "compile", "onnxruntime")
+    lines = peer_table(rows, candidate)
+    text = "\n".join(lines)
+    assert lines[0] == "## Signpost vs what you would do instead"
+
+    def line(batch: int, who: str) -> list[str]:
+        return next(x for x in lines if x.startswith(f"| {batch} | {who} |")).split(" | ")
+
+    # at batch 64: the deployable, each peer's best fp32 form (OpenVINO's bf16, eager's default math), the ratios
+    assert line(64, "**Signpost deployable**")[2:4] == ["int8 / compile / default", "9,000 (9,000-9,000)"]
+    assert line(64, "OpenVINO")[2:4] == ["fp32 / openvino / bf16", "3,000 (3,000-3,000)"]
+    assert line(64, "OpenVINO")[6:8] == ["3.00x", "+0.40 |"]  # 9,000 / 3,000; 94.9% against 94.5%
+    assert line(64, "eager PyTorch (as TorchServe runs it)")[2] == "fp32 / eager / default"
+    assert line(64, "ONNX Runtime")[6] == "4.50x" and line(64, "ExecuTorch")[6] == "6.00x"
+    assert line(64, "best peer: OpenVINO")[6:8] == ["**3.00x**", "+0.40 |"]
+    # at batch 1: Signpost serves single images on its small-batch runtime, p50 beside images/s
+    assert line(1, "**Signpost deployable**")[2:5] == ["int8 / onnxruntime / default", "5,000 (5,000-5,000)",
+                                                      "0.200 (0.200-0.200)"]
+    assert line(1, "best peer: ONNX Runtime")[6] == "**1.25x**"
+    assert ("Batch-1 goal (Signpost's served batch-1 p50 no worse than the best peer's): Signpost 0.200 ms "
+            "(int8 / onnxruntime / default) against 0.250 ms (ONNX Runtime, fp32 / onnxruntime / default): "
+            "holds.") in text
+    # slower single images than the best peer: the goal is missed, by how much
+    slower = [r | {"images_per_s": 2000.0, "ms_median": 0.5} if (r["variant"], r["runtime"], r["batch"]) == (
+        "int8", "onnxruntime", 1) else r for r in rows]
+    assert "MISSED by 0.250 ms (100% slower)" in "\n".join(peer_table(slower, candidate))
+
+
+def test_the_peer_table_says_when_there_is_nothing_to_compare(tmp_path: Path) -> None:
+    assert "No deployable choice in this run" in peer_table(_peer_rows(), None)[-1]
+    only64 = [r for r in _peer_rows() if r["batch"] == 64]
+    assert "Batch-1 goal: not measured in this run" in "\n".join(peer_table(only64, choose(only64, 64, tmp_path)))
+
+
+def test_results_md_has_the_peer_table_settings_and_skipped_cells(tmp_path: Path) -> None:
+    rows = _peer_rows()
+    rows[5]["settings"] = {"delegate": "XNNPACK", "threads": 2}
+    rows.append({"variant": "int8", "runtime": "openvino", "math": "bf16", "threads": 2, "status": "skipped",
+                 "reason": "not applicable: OpenVINO has no bf16 kernels for this CPU", "batch": None,
+                 "size_bytes": 4096, "mflops": 1.0, "variant_status": "ok", "variant_test_acc": 0.945})
+    candidate = choose(rows, 64, tmp_path)
+    machine = {"cpu": "test cpu", "arch": "x86_64", "physical_cores": 2, "logical_cores": 2, "isa": ["avx2"],
+               "libraries": {"torch": "x"}}
+    table = markdown_table(_table(rows, candidate, machine=machine, settings={"max_cv": 0.05}))
+    assert "## Signpost vs what you would do instead" in table and "Batch-1 goal" in table
+    assert "- executorch (default): delegate=XNNPACK, threads=2" in table  # the peer settings section
+    assert "| int8 | openvino | bf16 | 2 | - | skipped: not applicable: OpenVINO has no bf16 kernels" in table
 
 
 def _results(rate: float, *, failed: bool = False, arch: str = "x86_64", cpu: str = "test cpu") -> dict:

@@ -162,13 +162,17 @@ def _build_parser() -> argparse.ArgumentParser:
                        "or models:/<registered model>@<alias>")
     serve.add_argument("--host", help="interface to listen on (default serve.host, 127.0.0.1)")
     serve.add_argument("--port", type=int, help="port (default serve.port, 8000)")
-    serve.add_argument("--runtime", choices=("auto", "eager", "compile", "aoti", "onnxruntime"),
+    serve.add_argument("--runtime",
+                       choices=("auto", "eager", "compile", "aoti", "onnxruntime", "executorch", "openvino"),
                        help="how to run the model (default serve.runtime)")
     serve.add_argument("--canary", metavar="MODEL", help="canary mode: a second model (same forms as --model, e.g. "
                        "models:/<name>@challenger) answering serve.canary_share of the requests")
 
     package = _stage_parser(sub, "package", "write a container build context for a model; build and push the "
-                            "multi-arch image", commands.package_command)
+                            "multi-arch image; or (--target edge) a signed edge bundle", commands.package_command)
+    package.add_argument("--target", choices=("image", "edge"), default="image",
+                         help="image: a container build context (default); edge: a signed bundle of the model's "
+                         "ExecuTorch program and its tarball, for `signpost edge update` on a device")
     package.add_argument("--model", help="a model folder, a bench folder (packages its candidate) or "
                          "models:/<name>@<alias> (default: the newest bench candidate, else the newest trained model)")
     package.add_argument("--runtime", choices=("auto", "eager", "onnxruntime", "aoti", "compile"), default="auto",

@@ -113,8 +113,8 @@ def markdown_table(results: BenchResults) -> str:
     ]
     for r in results.rows:
         size = f"{r['size_bytes'] / 1024:.0f}" if r["size_bytes"] else "-"
-        if r["status"] == "failed":
-            lines.append(f"| {r['variant']} | {r['runtime']} | {r['math']} | {r['threads']} | - | failed: "
+        if r["status"] in ("failed", "skipped"):
+            lines.append(f"| {r['variant']} | {r['runtime']} | {r['math']} | {r['threads']} | - | {r['status']}: "
                          f"{r['reason'].replace('|', '/')} | - | {size} |" + " - |" * 12)
             continue
         status = "ok" if r["status"] == "ok" else "rejected (budget)"
@@ -139,7 +139,96 @@ def markdown_table(results: BenchResults) -> str:
             f"{b}: {c.variant} / {c.runtime} / {c.math} ({c.images_per_s:,.0f} images/s"
             f"{'' if c.stable is not False else ', UNSTABLE'})"  # None: a choice recorded before stability was
             for b, c in by_batch.items()) + "."]
+    candidate = results.candidate.model_dump() if results.candidate else None
+    lines += ["", *peer_table(results.rows, candidate)]
     return "\n".join(lines)
+
+
+# What a user would do instead of Signpost: each tool's best form of the fp32 parent, by the runtime that runs it.
+PEERS = (("ONNX Runtime", "onnxruntime"), ("OpenVINO", "openvino"), ("ExecuTorch", "executorch"),
+         ("eager PyTorch (as TorchServe runs it)", "eager"))
+
+
+def peer_table(rows: list[dict[str, Any]], candidate: dict[str, Any] | None) -> list[str]:
+    """The "Signpost vs what you would do instead" section of results.md, as lines: at batch 1 and at the deploy
+    batch size (the ``candidate``'s), each peer tool's best cell of the fp32 variant (OpenVINO: the best of its
+    math settings; eager: default math only, as TorchServe runs it) against Signpost's deployable (``candidate``;
+    at batch 1 the runtime its server answers single images on, ``small_batch``), top-1 beside speed, the ratio
+    of Signpost's images/s to each and the top-1 points lost; then the batch-1 goal (Signpost's served p50 no
+    worse than the best peer's) as this run measured it, and the settings each peer ran with."""
+    ok = [r for r in rows if r["status"] == "ok"]
+    lines = ["## Signpost vs what you would do instead", ""]
+    if candidate is None:
+        return [*lines, "No deployable choice in this run: nothing to compare with the peers."]
+    small = candidate.get("small_batch") or {}
+    ours = {1: (small.get("runtime", candidate["runtime"]), small.get("math", candidate["math"])),
+            candidate["batch"]: (candidate["runtime"], candidate["math"])}
+    lines += ["| batch | who | form (variant / runtime / math) | images/s (min-max) | batch p50 ms (min-max) | "
+              "top-1 | Signpost / this | points lost |", "|---|---|---|---|---|---|---|---|"]
+    best_peers: dict[int, dict[str, Any]] = {}
+    for batch in sorted(ours):
+        mine = next((r for r in ok if r["batch"] == batch and r["variant"] == candidate["variant"]
+                     and (r["runtime"], r["math"]) == ours[batch] and r["threads"] == candidate["threads"]), None)
+        peers = []
+        for tool, runtime in PEERS:
+            found = [r for r in ok if r["batch"] == batch and r["variant"] == "fp32" and r["runtime"] == runtime
+                     and (runtime != "eager" or r["math"] == "default")]
+            if found:  # a settled cell first, as the deployable choice is made
+                peers.append((tool, max([r for r in found if r.get("stable", True)] or found,
+                                        key=lambda r: r["images_per_s"])))
+        if mine is not None:
+            lines.append(_peer_line(batch, "**Signpost deployable**", mine, None))
+        for tool, r in peers:
+            lines.append(_peer_line(batch, tool, r, mine))
+        if peers:
+            tool, best = max(peers, key=lambda peer: peer[1]["images_per_s"])
+            best_peers[batch] = best | {"tool": tool}
+        if mine is not None and batch in best_peers:
+            best = best_peers[batch]
+            lines.append(f"| {batch} | best peer: {best['tool']} | - | - | - | - | "
+                         f"**{mine['images_per_s'] / best['images_per_s']:.2f}x** | "
+                         f"{100 * (best['top1'] - mine['top1']):+.2f} |")
+    lines.append("")
+    lines.append(_batch_one_goal(ok, candidate, ours[1], best_peers.get(1)))
+    lines += ["", *_peer_settings(ok)]
+    return lines
+
+
+def _peer_line(batch: int, who: str, r: dict[str, Any], mine: dict[str, Any] | None) -> str:
+    low, high = r.get("images_per_s_min", r["images_per_s"]), r.get("images_per_s_max", r["images_per_s"])
+    p_low, p_high = r.get("ms_median_min", r["ms_median"]), r.get("ms_median_max", r["ms_median"])
+    ratio = f"{mine['images_per_s'] / r['images_per_s']:.2f}x" if mine else "-"
+    lost = f"{100 * (r['top1'] - mine['top1']):+.2f}" if mine else "-"
+    return (f"| {batch} | {who} | {r['variant']} / {r['runtime']} / {r['math']} | {r['images_per_s']:,.0f} "
+            f"({low:,.0f}-{high:,.0f}) | {r['ms_median']:.3f} ({p_low:.3f}-{p_high:.3f}) | {r['top1']:.4f} | "
+            f"{ratio} | {lost} |")
+
+
+def _batch_one_goal(ok: list[dict[str, Any]], candidate: dict[str, Any], served: tuple[str, str],
+                    best: dict[str, Any] | None) -> str:
+    """The issue's batch-1 goal, computed from this run: Signpost's served batch-1 p50 against the best peer's."""
+    mine = next((r for r in ok if r["batch"] == 1 and r["variant"] == candidate["variant"]
+                 and (r["runtime"], r["math"]) == served and r["threads"] == candidate["threads"]), None)
+    if mine is None or best is None:
+        return "Batch-1 goal: not measured in this run (bench.batch_sizes needs 1, with a peer and the deployable)."
+    holds = mine["ms_median"] <= best["ms_median"]
+    verdict = "holds" if holds else (f"MISSED by {mine['ms_median'] - best['ms_median']:.3f} ms "
+                                     f"({100 * (mine['ms_median'] / best['ms_median'] - 1):.0f}% slower)")
+    return (f"Batch-1 goal (Signpost's served batch-1 p50 no worse than the best peer's): Signpost "
+            f"{mine['ms_median']:.3f} ms ({mine['variant']} / {mine['runtime']} / {mine['math']}) against "
+            f"{best['ms_median']:.3f} ms ({best['tool']}, fp32 / {best['runtime']} / {best['math']}): {verdict}.")
+
+
+def _peer_settings(ok: list[dict[str, Any]]) -> list[str]:
+    """What each peer's fp32 cells ran with, as their loaders reported it (one line per runtime and math)."""
+    seen: dict[tuple[str, str], dict[str, Any]] = {}
+    for r in ok:
+        if r["variant"] == "fp32" and r["runtime"] in dict((rt, t) for t, rt in PEERS) and r.get("settings"):
+            seen.setdefault((r["runtime"], r["math"]), r["settings"])
+    if not seen:
+        return []
+    return ["Peer settings:", *(f"- {runtime} ({math}): " + ", ".join(f"{k}={v}" for k, v in settings.items())
+                                for (runtime, math), settings in sorted(seen.items()))]
 
 
 def compare(a_path: Path, b_path: Path, *, threshold: float = 0.10) -> tuple[str, bool]:

@@ -199,8 +199,8 @@ def _bench(bench_dir: Path) -> str:
             "speedup", "GFLOP/s", "% bf16 peak")
     rows = []
     for r in results.rows:
-        if r["status"] == "failed":
-            cells = [r["variant"], r["runtime"], r["math"], r["threads"], "–", f"failed: {r['reason']}"]
+        if r["status"] in ("failed", "skipped"):
+            cells = [r["variant"], r["runtime"], r["math"], r["threads"], "–", f"{r['status']}: {r['reason']}"]
             rows.append("<tr>" + "".join(f"<td>{_e(str(c))}</td>" for c in cells) + "<td></td>" * 7 + "</tr>")
             continue
         cells = [r["variant"], r["runtime"], r["math"], r["threads"], r["batch"], r["status"], f"{r['top1']:.4f}",

@@ -74,7 +74,7 @@ def backend_table(results: BenchResults, c: Candidate) -> list[str]:
     onednn = "oneDNN + ACL" if arch == "Arm64" else "oneDNN"
     cells: dict[tuple[str, str], dict[int, dict[str, Any]]] = {}
     for r in results.rows:
-        if r["status"] != "failed" and r["variant"] == c.variant and r["threads"] == c.threads:
+        if r["batch"] is not None and r["variant"] == c.variant and r["threads"] == c.threads:  # timed rows only
             cells.setdefault((r["runtime"], r["math"]), {})[r["batch"]] = r
     both = [rt for rt in dict.fromkeys([c.runtime, "compile", "eager", *(rt for rt, _ in cells)])
             if (rt, ONEDNN) in cells and (rt, NO_ONEDNN) in cells]

@@ -1,12 +1,14 @@
 """bench: the optimized variants → one accuracy + speed table across runtimes, CPU math settings and batch sizes.
 
 Read top to bottom: describe the machine and measure its matmul peaks, plan the matrix (variants × runtimes × math
-settings × threads; every batch size is measured inside each process), run each setting in a fresh subprocess
-(``signpost.bench_worker``) with a timeout, measure the cells whose timing did not settle again (fresh processes,
-each pass in the opposite order to the one before, within ``bench.repeat_seconds``), then turn the results into a
-table (JSON and markdown) with speedups against eager fp32 measured in the same run and the spread beside every
-ratio, achieved GFLOP/s against the peak, a chart, and the deployable choice: the fastest stable cell of a variant
-within the accuracy budget at the stated batch size (an unstable one only when nothing else is left, and marked so).
+settings × threads; every batch size is measured inside each process; the runtimes are Signpost's own and every
+peer a user would pick instead: ONNX Runtime, OpenVINO, ExecuTorch), run each setting in a fresh subprocess
+(``signpost.bench_worker``) with a timeout, measure every cell again ``bench.repeats`` times (fresh processes, each
+pass in the opposite order to the one before, within ``bench.repeat_seconds``), then turn the results into a table
+(JSON and markdown) with the median run and the min-max across runs, speedups against eager fp32 measured in the
+same run and the spread beside every ratio, achieved GFLOP/s against the peak, a chart, the deployable choice (the
+fastest stable cell of a variant within the accuracy budget at the stated batch size; an unstable one only when
+nothing else is left, and marked so) and the deployable against each peer's best form of the fp32 parent.
 Variants optimize rejected are not timed unless ``bench.include_rejected`` asks for them.
 
 The variants come from optimize's ``variants.json`` and the results go to ``results.json``, both typed contracts
@@ -68,9 +70,15 @@ TABLE, CHART = "results.md", "chart.png"  # beside RESULTS, results.json
 BASELINE = ("fp32", "eager", "default")  # variant, runtime, math of the speedup baseline
 # Math settings each runtime can honour: ONNX Runtime uses its own kernels (MLAS), not oneDNN's settings; an
 # AOTInductor package has its kernels compiled in: bf16 runs the variant's bf16 package when it has one (float
-# variants), else the fp32 package with oneDNN's fpmath mode, the one setting that still reaches it.
+# variants), else the fp32 package with oneDNN's fpmath mode, the one setting that still reaches it. OpenVINO's CPU
+# plugin has its own precision hint: bf16 is its INFERENCE_PRECISION_HINT (the worker records the cell as not
+# applicable on a CPU without bf16 kernels rather than time f32 under that name); ExecuTorch's XNNPACK has no switch.
 _RUNTIME_MATH = {"eager": ("default", "bf16", "no-onednn"), "compile": ("default", "bf16", "no-onednn"),
-                 "aoti": ("default", "bf16"), "onnxruntime": ("default",)}
+                 "aoti": ("default", "bf16"), "onnxruntime": ("default",), "executorch": ("default",),
+                 "openvino": ("default", "bf16")}
+# The runtime → the key optimize records in a variant's settings when it could not make that runtime's form.
+_FORM_ERRORS = {"aoti": "aoti_error", "onnxruntime": "onnx_error", "executorch": "executorch_error",
+                "openvino": "openvino_error"}
 
 
 @dataclass
@@ -84,8 +92,9 @@ class BenchResult:
 
 
 def plan(variants: list[tuple[VariantRow, Path]], cfg: BenchConfig) -> list[dict[str, Any]]:
-    """Every (variant, runtime, math, threads) the matrix holds; runtimes a variant has no form for are left out, and
-    so are variants over the accuracy budget unless ``bench.include_rejected``: they can never be the choice."""
+    """Every (variant, runtime, math, threads) the matrix holds; runtimes a variant has no form for are left out (a
+    cell with ``skip``, the reason, when optimize recorded why it could not make the form), and so are variants over
+    the accuracy budget unless ``bench.include_rejected``: they can never be the choice."""
     timed = ("ok", "rejected") if cfg.include_rejected else ("ok",)
     cells = []
     for row, folder in variants:
@@ -95,14 +104,18 @@ def plan(variants: list[tuple[VariantRow, Path]], cfg: BenchConfig) -> list[dict
             continue
         available = available_runtimes(folder)
         for runtime in cfg.runtimes:
-            if runtime not in available:
+            error = row.settings.get(_FORM_ERRORS.get(runtime, ""))
+            if runtime not in available and not error:
                 continue
             for math in cfg.math:
                 if math not in _RUNTIME_MATH[runtime]:
                     continue
                 for threads in cfg.threads:
-                    cells.append({"variant": row.name, "folder": folder, "runtime": runtime, "math": math,
-                                  "threads": threads})
+                    cell = {"variant": row.name, "folder": folder, "runtime": runtime, "math": math,
+                            "threads": threads}
+                    if runtime not in available:
+                        cell["skip"] = f"optimize could not make its {runtime} form: {error}"
+                    cells.append(cell)
     return cells
 
 
@@ -170,10 +183,10 @@ def bench(
             measured.append(_measure(cell, out, data_dir, cfg, profile_cell["batch"] if is_profiled else 0))
             done = measured[-1]
             summary = (", ".join(f"batch {b['batch']}: {b['images_per_s']:,.0f}/s" for b in done["batches"])
-                       if done["status"] == "ok" else f"failed: {done['reason']}")
+                       if done["status"] == "ok" else f"{done['status']}: {done['reason']}")
             log.info("cell %d/%d %s/%s/%s/%dt: %s", i + 1, len(cells), cell["variant"], cell["runtime"],
                      cell["math"], cell["threads"], summary)
-        stability = repeat_unstable(cells, measured, tmp / "cells", data_dir, cfg, progress)
+        stability = repeat_cells(cells, measured, tmp / "cells", data_dir, cfg, progress)
         if stability["unstable"]:
             log.warning("%d of %d timed rows are unstable (%d before repeating; %s): their figures and ratios swing "
                         "from run to run", stability["unstable"], stability["rows"],
@@ -232,7 +245,7 @@ def _parse_profile(profile: str | None, cells: list[dict[str, Any]], cfg: BenchC
     if len(parts) != 4 or not parts[3].isdigit():
         raise ValueError(f"--profile {profile!r}: expected variant/runtime/math/batch, e.g. int8/compile/default/64")
     wanted = {"variant": parts[0], "runtime": parts[1], "math": parts[2]}
-    if parts[1] == "onnxruntime":
+    if parts[1] in ("onnxruntime", "executorch", "openvino"):
         raise ValueError("--profile: the torch profiler sees into the torch runtimes only (eager, compile, aoti)")
     if not any(all(c[k] == v for k, v in wanted.items()) for c in cells):
         options = sorted({f"{c['variant']}/{c['runtime']}/{c['math']}" for c in cells})
@@ -255,6 +268,8 @@ def _measure(cell: dict[str, Any], out: Path, data_dir: Path, cfg: BenchConfig, 
                "--min-seconds", str(cfg.min_seconds), "--max-seconds", str(cfg.max_seconds),
                "--max-cv", str(cfg.max_cv), "--profile-batch", str(profile_batch), "--out", str(out)]
     base = {k: cell[k] for k in ("variant", "runtime", "math", "threads")}
+    if "skip" in cell:
+        return base | {"status": "skipped", "reason": cell["skip"]}
     try:
         done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=cfg.timeout)
     except subprocess.TimeoutExpired:
@@ -265,12 +280,15 @@ def _measure(cell: dict[str, Any], out: Path, data_dir: Path, cfg: BenchConfig, 
     return base | json.loads(out.read_text(encoding="utf-8"))
 
 
-def repeat_unstable(cells: list[dict[str, Any]], measured: list[dict[str, Any]], folder: Path, data_dir: Path,
-                     cfg: BenchConfig, progress: bool) -> dict[str, Any]:
-    """Measure again, each in a fresh process, the cells with a batch size whose timing did not settle, and merge
-    every batch size's runs into one (``merge_runs``, in ``measured`` in place): pass after pass while unstable cells
-    are left, at most ``bench.repeats`` passes, no new measurement after ``bench.repeat_seconds``. A repeat times
-    only the batch sizes still unstable. Returns the counts of unstable rows before and after, and why it stopped."""
+def repeat_cells(cells: list[dict[str, Any]], measured: list[dict[str, Any]], folder: Path, data_dir: Path,
+                 cfg: BenchConfig, progress: bool) -> dict[str, Any]:
+    """Measure every cell that ran again, each in a fresh process, ``bench.repeats`` passes after the first, each
+    pass in the opposite order to the one before (``repeat_order``), no new measurement after
+    ``bench.repeat_seconds``; then merge every batch size's runs into one (``merge_runs``, in ``measured`` in
+    place): the median run with the min-max across runs. Thread pools of two runtimes in one process starve each
+    other, and a slow stretch of the machine would land on whichever cells ran in it: fresh processes and
+    alternating passes spread both over every cell. Returns the counts of unstable rows after the first pass and
+    after all, and why it stopped."""
     runs = [{b["batch"]: [b] for b in m["batches"]} if m["status"] == "ok" else {} for m in measured]
 
     def unstable_rows() -> int:
@@ -279,7 +297,7 @@ def repeat_unstable(cells: list[dict[str, Any]], measured: list[dict[str, Any]],
     first, started, last, passes, repeated = unstable_rows(), time.perf_counter(), len(cells) - 1, 0, 0
     stopped, out_of_time = f"bench.repeats={cfg.repeats} passes done", False
     for number in range(1, cfg.repeats + 1):
-        todo = [i for i, m in enumerate(measured) if _unstable_batches(m)]
+        todo = [i for i, m in enumerate(measured) if m["status"] == "ok"]  # a failed cell is not timed again
         if not todo:
             break
         bar = tqdm(repeat_order(todo, number, last), desc=f"bench repeat {number}", unit="cell",
@@ -288,12 +306,12 @@ def repeat_unstable(cells: list[dict[str, Any]], measured: list[dict[str, Any]],
             if time.perf_counter() - started >= cfg.repeat_seconds:
                 out_of_time = True
                 break
-            cell, batches = cells[i], _unstable_batches(measured[i])
+            cell = cells[i]
             name = f"{cell['variant']}/{cell['runtime']}/{cell['math']}/{cell['threads']}t"
             bar.set_postfix_str(name)
             out = folder / (f"{i:03d}-{cell['variant']}-{cell['runtime']}-{cell['math']}-{cell['threads']}t"
                             f"-repeat{number}.json")
-            again = _measure(cell, out, data_dir, cfg, 0, batches)
+            again = _measure(cell, out, data_dir, cfg, 0)
             last, repeated, passes = i, repeated + 1, number
             if again["status"] != "ok":  # a repeat that fails leaves the cell's earlier runs as they were
                 log.warning("repeat %d of %s failed (%s): its earlier runs stand", number, name, again["reason"])
@@ -307,20 +325,12 @@ def repeat_unstable(cells: list[dict[str, Any]], measured: list[dict[str, Any]],
         if out_of_time:
             stopped = f"bench.repeat_seconds={cfg.repeat_seconds:g} spent"
             break
-    if not unstable_rows():
-        stopped = "every row settled"
     for i, m in enumerate(measured):  # every row, repeated or not, carries its runs
         if m["status"] == "ok":
             m["batches"] = [merge_runs(found, cfg.max_cv) for found in runs[i].values()]
     return {"rows": sum(len(r) for r in runs), "unstable_first_pass": first, "unstable": unstable_rows(),
             "repeat_passes": passes, "repeat_measurements": repeated, "repeat_seconds": time.perf_counter() - started,
             "stopped": stopped}
-
-
-def _unstable_batches(measurement: dict[str, Any]) -> list[int]:
-    if measurement["status"] != "ok":
-        return []  # a failed cell is reported failed, not timed again
-    return [b["batch"] for b in measurement["batches"] if not b["stable"]]
 
 
 def repeat_order(cells: list[int], pass_number: int, last: int) -> list[int]:
@@ -337,7 +347,8 @@ def repeat_order(cells: list[int], pass_number: int, last: int) -> list[int]:
 def merge_runs(runs: list[dict[str, Any]], max_cv: float) -> dict[str, Any]:
     """One batch size's measurements of a cell (the worker's batch dicts, first run first) as one row: the median
     run among those that settled (among all, when none did), its spread widened to the spread between those runs,
-    and stable only when some run settled and the settled runs agree within ``max_cv``."""
+    the min-max of images/s and p50 (ms) across every run, and stable only when some run settled and the settled
+    runs agree within ``max_cv``."""
     settled = [r for r in runs if r["stable"]]
     pool = sorted(settled or runs, key=lambda r: r["images_per_s"])
     chosen = pool[(len(pool) - 1) // 2]  # the lower median: of two runs the slower, the figure less likely flattered
@@ -349,6 +360,11 @@ def merge_runs(runs: list[dict[str, Any]], max_cv: float) -> dict[str, Any]:
         "stable": bool(settled) and between <= max_cv,
         "stable_first_run": runs[0]["stable"],
         "runs": [r["images_per_s"] for r in runs],  # images/s of every run, first run first
+        "p50_runs": [r["ms_median"] for r in runs],  # p50 (ms) of every run, first run first
+        "images_per_s_min": min(r["images_per_s"] for r in runs),
+        "images_per_s_max": max(r["images_per_s"] for r in runs),
+        "ms_median_min": min(r["ms_median"] for r in runs),
+        "ms_median_max": max(r["ms_median"] for r in runs),
     }
 
 
@@ -363,8 +379,8 @@ def _table_rows(measured: list[dict[str, Any]], variants: dict[str, VariantRow],
         common = {"variant": m["variant"], "runtime": m["runtime"], "math": m["math"], "threads": m["threads"],
                   "size_bytes": variant.size_bytes, "mflops": variant.mflops,
                   "variant_status": variant.status, "variant_test_acc": variant.test_acc}
-        if m["status"] != "ok":
-            rows.append(common | {"status": "failed", "reason": m.get("reason", ""), "batch": None})
+        if m["status"] != "ok":  # failed, or skipped: not applicable here (the reason says why)
+            rows.append(common | {"status": m["status"], "reason": m.get("reason", ""), "batch": None})
             continue
         status = "rejected" if variant.status == "rejected" else "ok"
         reason = variant.reason if status == "rejected" else ""
@@ -381,6 +397,7 @@ def _table_rows(measured: list[dict[str, Any]], variants: dict[str, VariantRow],
                 "gflops": gflops, "bf16_peak_fraction": gflops / peak if peak else None,
                 "cpu_cores_mean": m["resources"]["cpu_cores_mean"], "rss_mib_peak": m["resources"]["rss_mib_peak"],
                 "load_seconds": m["load_seconds"], "profile": m.get("profile"),
+                "settings": m.get("settings", {}),  # what the runtime ran with: its peer's documented best settings
             })
     return rows
 
