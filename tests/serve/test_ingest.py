@@ -102,6 +102,21 @@ def test_a_batch_is_stored_under_its_device_and_a_retry_stores_nothing(client: T
     assert predlog.count(url, experiment="t") == 5
 
 
+def test_a_devices_dropped_count_reaches_the_metrics_and_the_log(client: TestClient,
+                                                                  caplog: pytest.LogCaptureFixture) -> None:
+    """A device that dropped records past its local buffer bound says so in every batch; the server shows the
+    latest count per device on /metrics and logs a warning each time it grows. A negative count is a 400."""
+    assert _post(client, _batch("cam-1", "d-1", 1)).status_code == 200
+    with caplog.at_level("WARNING", logger="signpost.serve.ingest"):
+        assert _post(client, {**_batch("cam-1", "d-2", 1, start=1), "dropped": 40}).status_code == 200
+        assert _post(client, {**_batch("cam-1", "d-3", 1, start=2), "dropped": 40}).status_code == 200
+    assert [r.getMessage() for r in caplog.records if "dropped" in r.getMessage()] == [
+        "device cam-1 has dropped 40 records past its local buffer bound (its server was away too long)"]
+    assert 'signpost_device_dropped_records{device="cam-1"} 40.0' in client.get("/metrics").text
+    bad = _post(client, {**_batch("cam-1", "d-4", 1, start=3), "dropped": -1})
+    assert bad.status_code == 400 and "dropped" in bad.text
+
+
 def test_keys_a_wrong_one_is_401_and_another_devices_is_403(client: TestClient, tmp_path: Path) -> None:
     assert _post(client, _batch("cam-1", "b1", 1), key=None).status_code == 401
     wrong = _post(client, _batch("cam-1", "b1", 1), key="not-a-device-key")

@@ -86,6 +86,15 @@ def test_runtimes_that_cannot_run_everywhere_fall_back_with_a_reason(optimized: 
         "runtime_reason"]
     with pytest.raises(PackageError, match="cannot be served on onnxruntime"):
         package(config, model=str(optimized["model_dir"]), runtime="onnxruntime")  # trained folder: no ONNX
+    # ExecuTorch and OpenVINO pick their CPU kernels at run time: the multi-arch image serves them as asked, and its
+    # lock carries the runtime's package
+    for runtime in ("executorch", "openvino"):
+        peer = package(config, model=str(variant), runtime=runtime)
+        assert (peer.manifest["image"]["runtime"], peer.manifest["image"]["runtime_reason"]) == (runtime, "as asked")
+        assert f"\n{runtime}==" in (peer.context / "requirements.lock").read_text()
+        assert load_config(peer.context / "signpost.yaml").serve.runtime == runtime
+    with pytest.raises(PackageError, match="cannot be served on openvino"):
+        package(config, model=str(optimized["model_dir"]), runtime="openvino")  # trained folder: no IR
     int8 = package(config, model=str(optimized["result"].path / "int8"))
     assert int8.manifest["image"]["runtime"] == "eager"
     assert "torchao==" in (int8.context / "requirements.lock").read_text()

@@ -175,7 +175,8 @@ def _build_parser() -> argparse.ArgumentParser:
                          "ExecuTorch program and its tarball, for `signpost edge update` on a device")
     package.add_argument("--model", help="a model folder, a bench folder (packages its candidate) or "
                          "models:/<name>@<alias> (default: the newest bench candidate, else the newest trained model)")
-    package.add_argument("--runtime", choices=("auto", "eager", "onnxruntime", "aoti", "compile"), default="auto",
+    package.add_argument("--runtime", choices=("auto", "eager", "onnxruntime", "executorch", "openvino", "aoti",
+                                               "compile"), default="auto",
                          help="how the image runs the model (default: the candidate's if portable, else ONNX Runtime "
                          "when the model has ONNX, else eager)")
     package.add_argument("--build", action="store_true", help="build the image (docker buildx, buildah or podman)")

@@ -178,6 +178,10 @@ def package_command(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     model = (given("package", "train", args.model, "--model") or latest(config, "package", "bench", "--model")[0]
              or newest(config, "package", "train", "signpost train", "--model"))
+    if args.target == "edge":
+        if args.build or args.push:
+            raise ConfigError("--build and --push make a container image; --target edge writes a bundle (drop them)")
+        return _package_edge(config, model)
     build_args = {}
     for item in args.build_arg:
         key, sep, value = item.partition("=")
@@ -196,6 +200,23 @@ def package_command(args: argparse.Namespace) -> int:
     else:
         print(f"  build it: docker buildx build --platform {','.join(image['platforms'])} -t "
               f"{image['name']}:{image['tags'][0]} {result.context}   (or signpost package --build)")
+    return 0
+
+
+def _package_edge(config: SignpostConfig, model: str | Path) -> int:
+    from signpost.stages.package import package_edge
+
+    result = package_edge(config, model=str(model))
+    size = result.tarball.stat().st_size
+    print(f"package: {'reused' if result.reused else 'wrote'} the edge bundle {result.path}")
+    print(f"  {result.manifest['bundle']['model_version']} on ExecuTorch (XNNPACK); tarball {result.tarball} "
+          f"({size / 1024:.0f} KiB)")
+    if result.signed:
+        print(f"  signed; install it on a device: signpost edge update --home DIR --source {result.tarball} "
+              "--public-key PUB")
+    else:
+        print("  UNSIGNED (no signing key configured): devices refuse it unless run with --allow-unsigned; set "
+              "SIGNPOST_SIGNING_KEY or security.signing_key and package again")
     return 0
 
 

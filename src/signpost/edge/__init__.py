@@ -5,7 +5,9 @@
   before anything in it is read;
 - ``update``: ``signpost edge update``: fetch a newer bundle, verify it, swap it in atomically, self-test, roll back;
 - ``agent``: ``signpost edge run``: classify images from a watched folder or a loopback HTTP endpoint, keep every
-  prediction in a local SQLite log, and ship them in batches to the central server's ingest route.
+  prediction in a local SQLite log, and ship them in batches to the central server's ingest route;
+- ``locallog``: the agent's SQLite log (WAL): records, their batch ids and shipped state, the bounded buffer;
+- ``shipper``: batches to ``POST /v1/predictions/ingest`` with the device's key, backoff with jitter.
 
 Nothing here imports FastAPI, MLflow, SQLAlchemy or the training code: ``pip install 'signpost[edge]'`` is enough.
 """

@@ -73,4 +73,7 @@ class IngestBatch(BaseModel):
     device_id: str = Field(pattern=DEVICE_ID_PATTERN, description="the device whose API key signs the request")
     batch_id: str = Field(pattern=BATCH_ID_PATTERN, description="unique per batch of this device, e.g. a UUID")
     records: list[PredictionRecord]
+    # Never silent: a device whose local buffer overflowed (its server away too long) says how many it lost.
+    dropped: int = Field(0, ge=0, description="records this device has dropped past its local buffer bound, all told, "
+                         "when it formed this batch")
 

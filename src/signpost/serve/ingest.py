@@ -142,6 +142,7 @@ def _read_keys(path: Path) -> dict[str, str]:
 def include(app: FastAPI, config: SignpostConfig) -> None:
     """Add the ingest route to ``app`` with ``config``'s device keys (a bad keys file fails here, at start-up)."""
     app.state.device_keys = DeviceKeys(config.serve)
+    app.state.device_dropped = {}  # device id -> the dropped count its latest batch reported
     app.include_router(router)
 
 
@@ -190,6 +191,12 @@ async def _ingest(request: Request, state: State) -> JSONResponse:
                        f"{batch.device_id!r}")
     if state.log is None:
         raise ApiError(503, "not_ready", "the prediction log is not open yet; try again", {"Retry-After": "1"})
+    counts: dict[str, int] = request.app.state.device_dropped
+    if batch.dropped > counts.get(device, 0):  # the count only grows: said each time it does
+        log.warning("device %s has dropped %d records past its local buffer bound (its server was away too long)",
+                    device, batch.dropped)
+    counts[device] = batch.dropped
+    state.metrics.device_dropped.labels(device=device).set(batch.dropped)
     rows = [_row(record, batch.device_id, state.config.name) for record in batch.records]
     stored = await asyncio.to_thread(state.log.store_batch, batch.device_id, batch.batch_id, rows)
     if stored is None:

@@ -41,6 +41,8 @@ class Metrics:
                                     registry=r)
         self.log_pending = Gauge("signpost_prediction_log_pending", "records not yet written", registry=r)
         self.log_dropped = Gauge("signpost_prediction_log_dropped", "records the log could not keep", registry=r)
+        self.device_dropped = Gauge("signpost_device_dropped_records", "records a device dropped past its local "
+                                    "buffer bound, all told, as its latest batch said", ["device"], registry=r)
         self.model_info = Gauge("signpost_model_info", "the models being served (value 1); role main or canary",
                                 ["model_version", "runtime", "role"], registry=r)
         # Clients, not server errors: each is also in signpost_requests (an abort as status 499, as nginx logs it).

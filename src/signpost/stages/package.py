@@ -22,6 +22,9 @@ bench candidate on those is packaged on ONNX Runtime (or eager) instead, and the
 
 ``build_image`` builds with docker buildx when a Docker engine answers, else buildah, else podman, for every
 platform in ``package.platforms`` as one manifest list; ``push_image`` pushes it.
+
+``package_edge`` (``signpost package --target edge``) writes the other deployable: a signed edge bundle of the
+model's ExecuTorch program (``edge/<name>-<hash>/`` and its ``.tar.gz``; the layout is ``signpost.edge.bundle``'s).
 """
 
 from __future__ import annotations
@@ -52,7 +55,7 @@ from signpost.artifacts import (
 )
 from signpost.config import SecurityConfig, SignpostConfig, config_to_dict, save_config
 from signpost.models.artifact import CARD, ModelCard
-from signpost.runtime import FORMS
+from signpost.runtime import FORMS, available_runtimes
 from signpost.serve.model import resolve
 
 log = logging.getLogger(__name__)
@@ -61,12 +64,19 @@ STAGE = "package"
 CONTEXT = "context"
 PORT = 8000
 ENGINES = ("docker", "buildah", "podman")
-PORTABLE_RUNTIMES = ("eager", "onnxruntime")  # run on every platform, need no compiler in the image
+# Run on every platform and need no compiler in the image: each has wheels for x86-64 and aarch64 Linux, and
+# ExecuTorch's XNNPACK and OpenVINO's CPU plugin pick their kernels for the CPU at run time.
+PORTABLE_RUNTIMES = ("eager", "onnxruntime", "executorch", "openvino")
+# The runtime → the package the image needs for it beyond the server's own requirements.
+RUNTIME_REQUIREMENTS = {"onnxruntime": "onnxruntime", "executorch": "executorch", "openvino": "openvino"}
 # What the server imports; the lock is these and everything they depend on.
 SERVE_REQUIREMENTS = ("torch", "numpy", "pillow", "pydantic", "pyyaml", "safetensors", "tqdm", "fastapi", "uvicorn",
                       "uvloop", "httptools", "prometheus-client", "python-multipart", "sqlalchemy",
                       "cryptography", "alembic")  # signatures (signpost.signing); the log's migrations (predlog)
 _CODE = ("signpost",)  # the whole package is copied into the image
+EDGE_STAGE = "edge"  # edge bundles live in workdir/edge/, apart from build contexts (deploy reads package/)
+EDGE_SAMPLES = 6  # self-test images in a bundle: enough classes to catch a wrong program, a few KiB each
+EDGE_SAMPLE_POOL = 2048  # test images the samples are picked from (a few seconds on ExecuTorch)
 
 DOCKERFILE = """\
 # syntax=docker/dockerfile:1
@@ -229,6 +239,93 @@ def package(config: SignpostConfig, *, model: str | Path, runtime: str = "auto")
     return PackageResult(path, False, manifest)
 
 
+@dataclass
+class EdgeBundleResult:
+    """The signed edge bundle folder and its tarball (``signpost.edge.bundle``)."""
+
+    path: Path
+    tarball: Path
+    reused: bool
+    manifest: dict[str, Any]
+    signed: bool
+
+
+def package_edge(config: SignpostConfig, *, model: str | Path, samples: int = EDGE_SAMPLES) -> EdgeBundleResult:
+    """Write the edge bundle of ``model`` (a variant with a ``model.pte``, a bench folder or ``models:/name@alias``)
+    under ``workdir/edge/`` with its tarball beside it, signed with this process's key; reused when it exists.
+
+    The self-test samples are test-split images of different classes on which the program is most sure (the
+    largest gap between its first and second logit), so a device's other CPU does not flip them.
+    """
+    from signpost.edge import bundle as edge
+
+    source = resolve(model, config, "executorch")
+    model_manifest = verify_artifact(source.folder, signed=True)
+    if edge.PTE not in model_manifest["files"]:
+        why = model_manifest.get("config", {}).get("executorch_error") or "it was not exported to ExecuTorch"
+        raise PackageError(f"{source.folder} has no {edge.PTE} ({why}); package a variant that has one, e.g. "
+                           "optimize/<name>/fp32 with optimize.export_executorch=true")
+    card = ModelCard.model_validate_json((source.folder / CARD).read_text(encoding="utf-8"))
+    signer = signing.current().signer
+    key = hash_json({"model": model_manifest["key"], "target": "edge", "samples": samples, "data": card.data_key,
+                     "code": code_version("signpost.edge.bundle", "signpost.stages.package"),
+                     "signer": signing.key_id(signer.public_key()) if signer else None})
+    path = artifact_path(config.workdir, EDGE_STAGE, config.name, key)
+    tarball = path.with_name(path.name + edge.TARBALL_SUFFIX)
+    if is_complete(path):
+        log.info("an edge bundle of this model, settings and code exists: reusing %s", path)
+        if not tarball.is_file():
+            edge.write_tarball(path, tarball)
+        return EdgeBundleResult(path, tarball, True, verify_artifact(path), signer is not None)
+    if signer is None:
+        log.warning("NO SIGNING KEY: the edge bundle is UNSIGNED; devices refuse it unless run with "
+                    "--allow-unsigned (set SIGNPOST_SIGNING_KEY or security.signing_key)")
+    images, labels = _edge_samples(config.workdir / "data" / card.data_artifact, source.folder, samples)
+    with atomic_dir(path) as tmp:
+        for name in (edge.PTE, CARD):
+            shutil.copy2(source.folder / name, tmp / name)  # checked against the model's manifest above
+        info = edge.bundle_info(model_version=source.version, class_names=card.class_names,
+                                image_size=card.image_size, source_key=model_manifest["key"], mean=card.mean,
+                                std=card.std)
+        (tmp / edge.BUNDLE_JSON).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+        edge.write_samples(tmp, images, labels)
+        manifest = write_manifest(
+            tmp, stage=STAGE, key=key, experiment=config.name,
+            inputs={"model": source.folder.name, "model_key": model_manifest["key"], "origin": source.origin,
+                    "data": card.data_artifact},
+            config={"target": "edge", "samples": samples}, code=code_version("signpost.edge.bundle", *_CODE),
+            extra={"bundle": {"format": edge.FORMAT, "model_version": source.version, "runtime": "executorch"}},
+        )
+    edge.write_tarball(path, tarball)
+    log.info("wrote the edge bundle of %s to %s and %s", source.version, path, tarball)
+    return EdgeBundleResult(path, tarball, False, manifest, signer is not None)
+
+
+def _edge_samples(data_dir: Path, model_folder: Path, count: int) -> tuple[list[Any], list[int]]:
+    """Up to ``count`` test images (uint8 HWC) of different classes, each with the class the program gives it."""
+    from signpost.data.cache import load_split
+    from signpost.runtime import load_predictor
+
+    split_file = data_dir / "test.safetensors"
+    if not split_file.is_file():
+        raise PackageError(f"{split_file} is missing: the bundle's self-test samples come from the test split the "
+                           "model was made from; run `signpost prepare` with the model's data settings")
+    verify_artifact(data_dir, [split_file.name])
+    split = load_split(split_file)
+    images = split.images[:EDGE_SAMPLE_POOL].permute(0, 2, 3, 1).contiguous()  # [N, S, S, 3], as decoding gives
+    logits = load_predictor(model_folder, "executorch", warmup=(1,)).from_images(images)
+    top2 = logits.topk(2, dim=1)
+    margin, predicted = (top2.values[:, 0] - top2.values[:, 1]).tolist(), top2.indices[:, 0].tolist()
+    best: dict[int, int] = {}  # class -> the index of its most certain image
+    for index, cls in enumerate(predicted):
+        if cls not in best or margin[index] > margin[best[cls]]:
+            best[cls] = index
+    chosen = sorted(best.values(), key=lambda i: -margin[i])[:count]
+    if not chosen:
+        raise PackageError(f"{split_file}: no test images to make the bundle's self-test samples from")
+    return [images[i] for i in chosen], [predicted[i] for i in chosen]
+
+
 def _workdir_path(folder: Path) -> str:
     """``train/<name>`` or ``optimize/<name>/<variant>``: the model folder's place in a workdir."""
     folder = folder.resolve()
@@ -260,8 +357,8 @@ def image_tag(text: str) -> str:
 def requirements_lock(runtime: str, model_folder: Path) -> str:
     """The serving requirements for ``runtime`` and every package they depend on, pinned to installed versions."""
     roots = list(SERVE_REQUIREMENTS)
-    if runtime == "onnxruntime":
-        roots.append("onnxruntime")
+    if runtime in RUNTIME_REQUIREMENTS:
+        roots.append(RUNTIME_REQUIREMENTS[runtime])
     if (model_folder / FORMS["program"]).is_file():
         roots.append("torchao")  # the int8 program's quantized ops are registered by torchao
     pins = _closure(roots)
@@ -304,8 +401,8 @@ def _portable_runtime(folder: Path, runtime: str, platforms: list[str]) -> tuple
     if runtime == "auto":
         return fallback, "auto: ONNX Runtime when the model has an ONNX file, else eager"
     if runtime in PORTABLE_RUNTIMES:
-        if runtime == "onnxruntime" and not has_onnx:
-            raise PackageError(f"{folder} has no {FORMS['onnx']}: it cannot be served on onnxruntime")
+        if runtime not in available_runtimes(folder):
+            raise PackageError(f"{folder} has no form the {runtime} runtime loads: it cannot be served on {runtime}")
         return runtime, "as asked"
     if runtime == "aoti" and len(platforms) == 1:
         return runtime, f"an AOTInductor package, built for this machine; the image is {platforms[0]} only"
