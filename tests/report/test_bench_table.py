@@ -149,6 +149,9 @@ def test_the_peer_table_sets_the_deployable_against_each_tools_best_fp32_form(tm
     assert line(1, "**Signpost deployable**")[2:5] == ["int8 / onnxruntime / default", "5,000 (5,000-5,000)",
                                                       "0.200 (0.200-0.200)"]
     assert line(1, "best peer: ONNX Runtime")[6] == "**1.25x**"
+    assert ("Deploy-batch goal (at batch 64, at least 2x the best peer's fp32 form, at most 0.5 points of top-1 "
+            "lost): Signpost 9,000 images/s (int8 / compile / default) against 3,000 (OpenVINO, fp32 / openvino / "
+            "bf16): 3.00x, +0.40 points: holds.") in text
     assert ("Batch-1 goal (Signpost's served batch-1 p50 no worse than the best peer's): Signpost 0.200 ms "
             "(int8 / onnxruntime / default) against 0.250 ms (ONNX Runtime, fp32 / onnxruntime / default): "
             "holds.") in text
@@ -156,12 +159,20 @@ def test_the_peer_table_sets_the_deployable_against_each_tools_best_fp32_form(tm
     slower = [r | {"images_per_s": 2000.0, "ms_median": 0.5} if (r["variant"], r["runtime"], r["batch"]) == (
         "int8", "onnxruntime", 1) else r for r in rows]
     assert "MISSED by 0.250 ms (100% slower)" in "\n".join(peer_table(slower, candidate))
+    # a deployable only 1.5x the best peer and a point less accurate misses the deploy-batch goal on both counts
+    weaker = [r | {"images_per_s": 4500.0, "top1": r["top1"] - 0.006} if (r["variant"], r["runtime"], r["batch"])
+              == ("int8", "compile", 64) else r for r in rows]
+    assert "1.50x, +1.00 points: MISSED: 1.50x is short of 2x; 1.00 points lost is over 0.5." in "\n".join(
+        peer_table(weaker, candidate))
 
 
 def test_the_peer_table_says_when_there_is_nothing_to_compare(tmp_path: Path) -> None:
     assert "No deployable choice in this run" in peer_table(_peer_rows(), None)[-1]
     only64 = [r for r in _peer_rows() if r["batch"] == 64]
     assert "Batch-1 goal: not measured in this run" in "\n".join(peer_table(only64, choose(only64, 64, tmp_path)))
+    no_peer_at_64 = [r for r in _peer_rows() if (r["variant"], r["batch"]) != ("fp32", 64)]
+    assert "Deploy-batch goal: not measured in this run (no deployable or no peer cell at batch 64)" in "\n".join(
+        peer_table(no_peer_at_64, choose(no_peer_at_64, 64, tmp_path)))
 
 
 def test_results_md_has_the_peer_table_settings_and_skipped_cells(tmp_path: Path) -> None:

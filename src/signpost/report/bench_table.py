@@ -166,6 +166,7 @@ def peer_table(rows: list[dict[str, Any]], candidate: dict[str, Any] | None) -> 
     lines += ["| batch | who | form (variant / runtime / math) | images/s (min-max) | batch p50 ms (min-max) | "
               "top-1 | Signpost / this | points lost |", "|---|---|---|---|---|---|---|---|"]
     best_peers: dict[int, dict[str, Any]] = {}
+    deployable: dict[int, dict[str, Any]] = {}
     for batch in sorted(ours):
         mine = next((r for r in ok if r["batch"] == batch and r["variant"] == candidate["variant"]
                      and (r["runtime"], r["math"]) == ours[batch] and r["threads"] == candidate["threads"]), None)
@@ -177,6 +178,7 @@ def peer_table(rows: list[dict[str, Any]], candidate: dict[str, Any] | None) -> 
                 peers.append((tool, max([r for r in found if r.get("stable", True)] or found,
                                         key=lambda r: r["images_per_s"])))
         if mine is not None:
+            deployable[batch] = mine
             lines.append(_peer_line(batch, "**Signpost deployable**", mine, None))
         for tool, r in peers:
             lines.append(_peer_line(batch, tool, r, mine))
@@ -189,6 +191,8 @@ def peer_table(rows: list[dict[str, Any]], candidate: dict[str, Any] | None) -> 
                          f"**{mine['images_per_s'] / best['images_per_s']:.2f}x** | "
                          f"{100 * (best['top1'] - mine['top1']):+.2f} |")
     lines.append("")
+    lines.append(_deploy_goal(candidate["batch"], deployable.get(candidate["batch"]),
+                              best_peers.get(candidate["batch"])) + "  ")  # two spaces: a markdown line break
     lines.append(_batch_one_goal(ok, candidate, ours[1], best_peers.get(1)))
     lines += ["", *_peer_settings(ok)]
     return lines
@@ -202,6 +206,26 @@ def _peer_line(batch: int, who: str, r: dict[str, Any], mine: dict[str, Any] | N
     return (f"| {batch} | {who} | {r['variant']} / {r['runtime']} / {r['math']} | {r['images_per_s']:,.0f} "
             f"({low:,.0f}-{high:,.0f}) | {r['ms_median']:.3f} ({p_low:.3f}-{p_high:.3f}) | {r['top1']:.4f} | "
             f"{ratio} | {lost} |")
+
+
+# The issue's goal at the deploy batch size: the deployable at least this many times the best peer's fp32 form ...
+DEPLOY_GOAL_RATIO = 2.0
+DEPLOY_GOAL_POINTS = 0.5  # ... losing at most this many points of test top-1 against it
+
+
+def _deploy_goal(batch: int, mine: dict[str, Any] | None, best: dict[str, Any] | None) -> str:
+    """The deploy-batch goal, computed from this run: Signpost's deployable against the best peer's fp32 form."""
+    if mine is None or best is None:
+        return f"Deploy-batch goal: not measured in this run (no deployable or no peer cell at batch {batch})."
+    ratio, lost = mine["images_per_s"] / best["images_per_s"], 100 * (best["top1"] - mine["top1"])
+    misses = [f"{ratio:.2f}x is short of {DEPLOY_GOAL_RATIO:.0f}x"] if ratio < DEPLOY_GOAL_RATIO else []
+    misses += [f"{lost:.2f} points lost is over {DEPLOY_GOAL_POINTS}"] if lost > DEPLOY_GOAL_POINTS else []
+    verdict = "holds" if not misses else "MISSED: " + "; ".join(misses)
+    return (f"Deploy-batch goal (at batch {batch}, at least {DEPLOY_GOAL_RATIO:.0f}x the best peer's fp32 form, at "
+            f"most {DEPLOY_GOAL_POINTS} points of top-1 lost): Signpost {mine['images_per_s']:,.0f} images/s "
+            f"({mine['variant']} / {mine['runtime']} / {mine['math']}) against {best['images_per_s']:,.0f} "
+            f"({best['tool']}, fp32 / {best['runtime']} / {best['math']}): {ratio:.2f}x, {lost:+.2f} points: "
+            f"{verdict}.")
 
 
 def _batch_one_goal(ok: list[dict[str, Any]], candidate: dict[str, Any], served: tuple[str, str],
