@@ -66,7 +66,10 @@ def small_batch_runtime(rows: list[dict[str, Any]], candidate: dict[str, Any]) -
     # As in choose, a stable cell first (a row with no stability record, made by hand, counts as stable).
     best = max([r for r in at_smallest if r.get("stable", True)] or at_smallest, key=lambda r: r["images_per_s"])
     ours, theirs = (candidate["runtime"], candidate["math"]), (best["runtime"], best["math"])
-    if theirs == ours:
+    own = cells.get((*ours, smallest))
+    # None when the candidate's runtime answers the smallest batch itself at least as fast: a settled slower cell
+    # is no reason to move small batches off an unsettled faster one (each figure's spread is in the table).
+    if theirs == ours or (own is not None and own["images_per_s"] >= best["images_per_s"]):
         return None
 
     def speed(runtime_math: tuple[str, str], batch: int) -> float:
@@ -76,7 +79,7 @@ def small_batch_runtime(rows: list[dict[str, Any]], candidate: dict[str, Any]) -
     sizes = sorted({batch for _, _, batch in cells})
     below = next((b for b in sizes if speed(ours, b) >= speed(theirs, b) > 0), candidate["batch"])
     reason = f"p50 {best['ms_median']:.3f} ms at batch {smallest}"
-    if (own := cells.get((*ours, smallest))) is not None:
+    if own is not None:
         reason += f" against {own['ms_median']:.3f} ms on {ours[0]} ({ours[1]})"
     if not best.get("stable", True):
         reason += f" (UNSTABLE: no cell at batch {smallest} settled; spread {_pm(best['spread'])})"
@@ -161,6 +164,8 @@ def peer_table(rows: list[dict[str, Any]], candidate: dict[str, Any] | None) -> 
     if candidate is None:
         return [*lines, "No deployable choice in this run: nothing to compare with the peers."]
     small = candidate.get("small_batch") or {}
+    if small.get("below", 2) <= 1:  # the server runs batch 1 on the candidate's own runtime
+        small = {}
     ours = {1: (small.get("runtime", candidate["runtime"]), small.get("math", candidate["math"])),
             candidate["batch"]: (candidate["runtime"], candidate["math"])}
     lines += ["| batch | who | form (variant / runtime / math) | images/s (min-max) | batch p50 ms (min-max) | "
