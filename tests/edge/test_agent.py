@@ -12,6 +12,7 @@ import shutil
 import signal
 import socket
 import sqlite3
+import struct
 import subprocess
 import sys
 import textwrap
@@ -94,6 +95,30 @@ def test_a_log_belongs_to_one_device(tmp_path: Path) -> None:
     (tmp_path / "bad.sqlite").write_bytes(b"not a database at all, just bytes" * 100)
     with pytest.raises(LocalLogError, match="cannot open it as the agent's SQLite log"):
         LocalLog(tmp_path / "bad.sqlite", "cam-1", max_buffer=5)
+
+
+def test_shipped_rows_past_the_retention_bound_are_deleted_but_never_unshipped_or_unmoved_ones(
+        tmp_path: Path) -> None:
+    path = tmp_path / "log.sqlite"
+    log = LocalLog(path, "cam-1", max_buffer=100, keep_shipped=2)
+    log.add(record(0), "a.png:1:1")  # its file is not moved yet: the row guards it, shipped or not
+    for n in range(1, 5):
+        log.add(record(n))
+    batch = log.next_batch(5, flush_s=60)
+    assert batch is not None and log.mark_shipped(batch.batch_id) == 5
+    log.add(record(5))
+    log.add(record(6))
+    assert [r["request_id"] for _, r in logged(path)] == ["r0", "r4", "r5", "r6"]  # r1-r3: the oldest shipped
+    assert log.status() == type(log.status())(2, 5, 0)  # shipped counts every record shipped, deleted or not
+    assert log.seen("a.png:1:1")
+    log.moved("a.png:1:1")  # out of the folder now
+    assert not log.seen("a.png:1:1")
+    batch = log.next_batch(1, flush_s=60)
+    assert batch is not None and log.mark_shipped(batch.batch_id) == 1
+    assert [r["request_id"] for _, r in logged(path)] == ["r4", "r5", "r6"]
+    log.close()
+    log = LocalLog(path, "cam-1", max_buffer=100, keep_shipped=2)
+    assert log.status() == type(log.status())(1, 6, 0)  # the counter is in the file
 
 
 # --- shipping ---------------------------------------------------------------------------------------------------------
@@ -232,6 +257,74 @@ def test_a_missing_key_file_fails_at_start(tmp_path: Path) -> None:
         Shipper(log, "http://127.0.0.1:9", tmp_path / "missing.key")
 
 
+class Stub:
+    """A server that answers every request with ``status``, ``body`` and ``headers``, and notes each request's
+    method and X-API-Key."""
+
+    def __init__(self, status: int, body: bytes, headers: dict[str, str] | None = None) -> None:
+        self.status, self.body, self.headers = status, body, headers or {}
+        self.requests: list[tuple[str, str | None]] = []
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def _answer(self) -> None:
+                outer.requests.append((self.command, self.headers.get("X-API-Key")))
+                self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                self.send_response(outer.status)
+                for name, value in outer.headers.items():
+                    self.send_header(name, value)
+                self.send_header("Content-Length", str(len(outer.body)))
+                self.end_headers()
+                self.wfile.write(outer.body)
+
+            do_GET = do_POST = _answer
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_a_redirect_is_not_followed_and_a_2xx_that_is_not_the_ingest_answer_is_a_failure(
+        tmp_path: Path, caplog) -> None:
+    log = LocalLog(tmp_path / "log.sqlite", "cam-1", max_buffer=100)
+    log.add(record(0))
+    elsewhere = Stub(200, b'{"stored": 1}')  # would take anything, and answer as the ingest route does
+    stubs = [elsewhere]
+    try:
+        for code in (301, 302, 303, 307):
+            redirect = Stub(code, b"moved", {"Location": f"{elsewhere.url}{INGEST_ROUTE}"})
+            stubs.append(redirect)
+            shipper = Shipper(log, redirect.url, key_file(tmp_path), backoff_s=1.0)
+            assert shipper.ship_once(force=True) > 0, code
+            assert "redirect" in shipper.status.last_error and redirect.requests == [("POST", "k1")]
+        assert elsewhere.requests == []  # no batch and no key went there
+        for body in (b"<html>Welcome to the hotel wifi</html>", b'{"stored": "1"}', b'{"stored": true}', b"[1]",
+                     b'{"duplicate": 1}'):
+            portal = Stub(200, body)
+            stubs.append(portal)
+            shipper = Shipper(log, portal.url, key_file(tmp_path))
+            assert shipper.ship_once(force=True) > 0, body
+            assert "not as the ingest route does" in shipper.status.last_error
+        assert log.status().unshipped == 1 and log.status().shipped == 0  # nothing marked shipped
+        with fake_ingest() as server:
+            assert Shipper(log, f"http://127.0.0.1:{server.port}", key_file(tmp_path)).ship_once(force=True) == 0
+        assert log.status().unshipped == 0
+    finally:
+        for stub in stubs:
+            stub.close()
+    Shipper(log, "http://signpost.example.com:8000", key_file(tmp_path))
+    assert "plain http" in caplog.text
+    with pytest.raises(ValueError, match=r"--server ftp://example.com: give the server's base URL"):
+        Shipper(log, "ftp://example.com", key_file(tmp_path))
+
+
 def test_the_device_side_constants_match_the_server() -> None:
     from signpost.edge import agent
     from signpost.serve import ingest, uploads
@@ -295,9 +388,8 @@ def test_the_watched_folder_is_classified_once_each_also_across_a_restart(model,
     watch = tmp_path / "in"
     watch.mkdir()
     samples = model.bundle.samples
-    expected = {f"img{i}.png": label for i, (_, label) in enumerate(samples)}
-    for i, (path, _) in enumerate(samples):
-        drop(watch, f"img{i}.png", path.read_bytes())
+    for i, (path, _) in enumerate(samples):  # oldest first and in name order: classified in this order
+        drop(watch, f"img{i:03d}.png", path.read_bytes())
     drop(watch, "broken.png", b"\x89PNG but not really an image")
     (watch / "half.png.part").write_bytes(samples[0][0].read_bytes()[:20])  # still being written: left alone
     log_path = tmp_path / "log.sqlite"
@@ -306,24 +398,30 @@ def test_the_watched_folder_is_classified_once_each_also_across_a_restart(model,
         wait_for(lambda: len(list((watch / "done").iterdir())) == len(samples)
                  and (watch / "rejected" / "broken.png").exists(), "the folder to be classified")
     rows = logged(log_path)
-    assert sorted(source.split(":")[0] for source, _ in rows) == sorted(expected)
-    for source, r in rows:
-        assert r["class_id"] == expected[source.split(":")[0]]  # the class the model gave it when packaged
+    assert [source for source, _ in rows] == [None] * len(samples)  # moved: the key no longer guards the name
+    for (_, r), (_, label) in zip(rows, samples, strict=True):
+        assert r["class_id"] == label  # the class the model gave it when packaged
         assert r["class_name"] == model.bundle.class_names[r["class_id"]]
     assert {r["model_version"] for _, r in rows} == {model.bundle.model_version}
     assert "not an image" in (watch / "rejected" / "broken.png.reason.txt").read_text()
     assert (watch / "half.png.part").exists() and agent.rejected == 1
 
-    # A kill after logging img0 but before moving it, simulated: the same file (name, size, mtime) is back. A new
-    # agent on the same log moves it without classifying it again, and classifies the one new file.
-    os.replace(watch / "done" / "img0.png", watch / "img0.png")
+    # A kill after logging killed.png but before moving it, simulated: its record is in the log under its key (name,
+    # size, mtime), the file still in the folder. A new agent on the same log moves it without classifying it again,
+    # and classifies the one new file.
+    drop(watch, "killed.png", samples[0][0].read_bytes())
+    stat = (watch / "killed.png").stat()
+    with contextlib.closing(LocalLog(log_path, "cam-1", max_buffer=100)) as before:
+        before.add(record(99), f"killed.png:{stat.st_size}:{stat.st_mtime_ns}")
     drop(watch, "new.png", samples[0][0].read_bytes())
     agent = Agent(model, LocalLog(log_path, "cam-1", max_buffer=100), folder=watch, poll_s=0.05)
     with running(agent):
-        wait_for(lambda: not (watch / "img0.png").exists() and not (watch / "new.png").exists(), "the restart")
+        wait_for(lambda: not (watch / "killed.png").exists() and not (watch / "new.png").exists(), "the restart")
+    assert (watch / "done" / "killed.png").exists()
     rows = logged(log_path)
-    assert len(rows) == len(samples) + 1 and agent.classified == 1
-    assert rows[-1][0].startswith("new.png:") and rows[-1][1]["class_id"] == samples[0][1]
+    assert len(rows) == len(samples) + 2 and agent.classified == 1
+    assert rows[-2][0] is None and rows[-2][1]["request_id"] == "r99"  # moved now, and not classified again
+    assert rows[-1][1]["class_id"] == samples[0][1]
 
 
 def test_the_loopback_endpoint_answers_as_the_server_would_and_refuses_bad_images(model, tmp_path: Path) -> None:
@@ -500,8 +598,187 @@ def test_the_command_refuses_bad_settings_naming_them(tmp_path: Path, capsys) ->
         (["--device-id", "cam-1", "--listen", "0", "--server", "http://127.0.0.1:9"], "--server and --key-file"),
         (["--device-id", "cam-1", "--listen", "0", "--batch-size", "10", "--max-buffer", "5"],
          "--max-buffer 5 must hold at least one batch"),
+        (["--device-id", "cam-1", "--listen", "0", "--keep-shipped", "-1"], "--keep-shipped -1"),
+        (["--device-id", "cam-1", "--watch", str(tmp_path)], "is inside --watch"),
     ]
     for extra, message in cases:
         assert main([*base, *extra]) == 2, extra
         assert message in capsys.readouterr().err
     assert not (tmp_path / "log.sqlite").exists()  # refused before anything was made
+
+
+# --- the agent against hostile or failing input -----------------------------------------------------------------------
+
+def polls(agent, count: int = 2) -> None:
+    """``count`` polls of the watched folder (two take a file: its size and time must hold), in a thread, so that
+    a read that blocks fails the test instead of hanging it; what a poll raises is raised here."""
+    raised: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            for _ in range(count):
+                agent.poll()
+        except BaseException as exc:  # handed to the test's thread, raised there
+            raised.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(60)
+    assert not thread.is_alive(), "a poll blocked"
+    if raised:
+        raise raised[0]
+
+
+def test_symlinks_fifos_and_oversize_files_are_rejected_without_blocking(model, tmp_path: Path) -> None:
+    from signpost.edge.agent import MAX_BODY, Agent
+
+    watch = tmp_path / "in"
+    watch.mkdir()
+    image = model.bundle.samples[0][0].read_bytes()
+    (watch / "zero.png").symlink_to("/dev/zero")
+    (watch / "link.png").symlink_to(model.bundle.samples[0][0])
+    os.mkfifo(watch / "pipe.png")
+    with (watch / "huge.png").open("wb") as file:
+        file.write(image)
+        file.truncate(MAX_BODY + 1)  # sparse: no 20 MiB written
+    drop(watch, "fine.png", image)
+    agent = Agent(model, LocalLog(tmp_path / "log.sqlite", "cam-1", max_buffer=100), folder=watch)
+    polls(agent)
+    reasons = {path.name.removesuffix(".reason.txt"): path.read_text() for path in (watch / "rejected").iterdir()
+               if path.name.endswith(".reason.txt")}
+    assert sorted(reasons) == ["huge.png", "link.png", "pipe.png", "zero.png"]
+    assert "symbolic link" in reasons["zero.png"] and "symbolic link" in reasons["link.png"]
+    assert "not a regular file" in reasons["pipe.png"] and f"over {MAX_BODY:,} bytes" in reasons["huge.png"]
+    assert (watch / "rejected" / "zero.png").is_symlink()  # the link moved, not what it points at
+    assert (watch / "done" / "fine.png").exists() and agent.classified == 1 and agent.rejected == 4
+
+
+def test_failures_that_are_not_the_file_s_fault_do_not_stop_the_agent(model, tmp_path: Path, monkeypatch) -> None:
+    from signpost.edge import agent as agent_module
+
+    watch = tmp_path / "in"
+    watch.mkdir()
+    image = model.bundle.samples[0][0].read_bytes()
+    agent = agent_module.Agent(model, LocalLog(tmp_path / "log.sqlite", "cam-1", max_buffer=100), folder=watch)
+
+    # the producer takes the file away while it is classified: the record stands, the agent goes on
+    drop(watch, "gone.png", image)
+    classify = agent.classify
+
+    def classify_then_delete(data: bytes, source: str | None = None):
+        answer = classify(data, source)
+        (watch / "gone.png").unlink()
+        return answer
+
+    monkeypatch.setattr(agent, "classify", classify_then_delete)
+    polls(agent)
+    monkeypatch.setattr(agent, "classify", classify)
+    assert agent.classified == 1 and len(logged(tmp_path / "log.sqlite")) == 1
+
+    # the decoder raises something it does not document: that image is rejected with the reason
+    frame_pixels = agent_module.frame_pixels
+
+    def broken_once(*args: Any) -> Any:
+        monkeypatch.setattr(agent_module, "frame_pixels", frame_pixels)
+        raise struct.error("unpack requires a buffer of 4 bytes")
+
+    monkeypatch.setattr(agent_module, "frame_pixels", broken_once)
+    drop(watch, "odd.png", image)
+    polls(agent)
+    assert "error: unpack requires" in (watch / "rejected" / "odd.png.reason.txt").read_text()
+
+    # the log cannot be written (a full disk): the file stays where it is, skipped until the next start
+    add = agent.log.add
+
+    def full_disk(*args: Any) -> int:
+        raise sqlite3.OperationalError("database or disk is full")
+
+    monkeypatch.setattr(agent.log, "add", full_disk)
+    drop(watch, "stuck.png", image)
+    polls(agent)
+    monkeypatch.setattr(agent.log, "add", add)
+    drop(watch, "next.png", image)
+    polls(agent, 3)  # stuck.png is not tried again this session
+    assert (watch / "stuck.png").exists() and agent.failed == 1
+    assert (watch / "done" / "next.png").exists() and agent.classified == 2
+    assert "failed 1" in agent.status().line()
+
+
+def test_a_new_file_with_an_old_one_s_name_size_and_time_is_classified(model, tmp_path: Path) -> None:
+    from signpost.edge.agent import Agent
+
+    watch = tmp_path / "in"
+    watch.mkdir()
+    image = model.bundle.samples[0][0].read_bytes()
+    agent = Agent(model, LocalLog(tmp_path / "log.sqlite", "cam-1", max_buffer=100), folder=watch)
+    drop(watch, "a.png", image)
+    mtime = (watch / "a.png").stat().st_mtime_ns
+    polls(agent)
+    drop(watch, "a.png", image)  # the camera's next picture: same name and size, its clock reset
+    os.utime(watch / "a.png", ns=(mtime, mtime))
+    polls(agent)
+    assert agent.classified == 2 and len(logged(tmp_path / "log.sqlite")) == 2
+    assert sorted(path.name for path in (watch / "done").iterdir()) == ["a.1.png", "a.png"]
+
+
+def test_an_agent_started_during_an_update_s_self_test_runs_the_bundle_current_before_it(
+        edge_bundle, edge_keys, tmp_path: Path, caplog) -> None:
+    from signpost import signing
+    from signpost.edge.agent import Model
+    from signpost.edge.update import PENDING
+
+    home = tmp_path / "home"
+    shutil.copytree(edge_bundle.path, home / "bundles" / "a")
+    shutil.copytree(edge_bundle.path, home / "bundles" / "b")
+    (home / "current").symlink_to("bundles/b")  # switched to b; b's self-test has not finished (or was killed)
+    (home / PENDING).write_text(json.dumps({"old": str(home / "bundles" / "a"), "previous": None,
+                                            "new": str(home / "bundles" / "b")}))
+    before = signing.current()
+    edge_keys.trust()
+    try:
+        current = Model(home / "current")
+        assert current.bundle.root == (home / "bundles" / "a").resolve()
+        assert "has not finished its self-test" in caplog.text
+        current.refresh()
+        assert current.bundle.root == (home / "bundles" / "a").resolve()  # still pending: it waits
+        (home / PENDING).unlink()  # the self-test passed
+        current.refresh()
+        assert current.bundle.root == (home / "bundles" / "b").resolve()
+    finally:
+        signing.configure(before)
+
+
+def raw(port: int, request: bytes) -> tuple[int, dict[str, Any]]:
+    """Send ``request`` as it is and read the answer: its status and JSON body."""
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as connection:
+        connection.sendall(request)
+        answer = b""
+        while chunk := connection.recv(65536):
+            answer += chunk
+    head, _, body = answer.partition(b"\r\n\r\n")
+    return int(head.split()[1]), json.loads(body)
+
+
+def test_the_endpoint_refuses_web_pages_foreign_host_names_and_bad_lengths(model, tmp_path: Path) -> None:
+    from signpost.edge.agent import Agent
+
+    image = model.bundle.samples[0][0].read_bytes()
+    agent = Agent(model, LocalLog(tmp_path / "log.sqlite", "cam-1", max_buffer=100), port=0)
+    port = agent.port
+    assert port is not None
+
+    def predict(headers: str, body: bytes = image) -> tuple[int, dict[str, Any]]:
+        return raw(port, f"POST /v1/predict HTTP/1.1\r\n{headers}Connection: close\r\n\r\n".encode("latin-1")
+                   + body)
+
+    length = f"Content-Length: {len(image)}\r\n"
+    with running(agent):
+        status, body = predict(f"Host: 127.0.0.1:{port}\r\nOrigin: https://evil.example\r\n{length}")
+        assert status == 403 and "Origin" in body["message"]
+        status, body = raw(port, f"GET /status HTTP/1.1\r\nHost: rebound.example:{port}\r\nConnection: close\r\n\r\n"
+                           .encode())
+        assert status == 403 and body["error"] == "forbidden"
+        status, body = predict(f"Host: 127.0.0.1:{port}\r\nContent-Length: \xb2\r\n", b"")
+        assert status == 400 and "Content-Length" in body["message"]
+        assert predict(f"Host: localhost:{port}\r\n{length}")[0] == 200
+        assert get(f"http://127.0.0.1:{port}/status")[1]["classified"] == 1  # the refused ones reached nothing

@@ -37,6 +37,8 @@ def _add_run(actions: argparse._SubParsersAction) -> None:
                      help="ship a smaller batch once its oldest record is this old, s (default %(default)s)")
     run.add_argument("--max-buffer", type=int, default=100_000, help="unshipped records kept at most; past it the "
                      "oldest are dropped and counted (default %(default)s)")
+    run.add_argument("--keep-shipped", type=int, default=100_000, metavar="N", help="shipped records kept in the "
+                     "log as a local history; past it the oldest are deleted (default %(default)s)")
     run.add_argument("--retry-max-seconds", type=float, default=60.0,
                      help="the longest wait between shipping tries, s (default %(default)s)")
     run.add_argument("--public-key", type=Path, action="append", default=[], metavar="PEM",
@@ -73,8 +75,13 @@ def _run_command(args: argparse.Namespace) -> int:
     if args.batch_size < 1 or args.max_buffer < args.batch_size:
         return _usage(f"--max-buffer {args.max_buffer} must hold at least one batch (--batch-size "
                       f"{args.batch_size} >= 1)")
+    if args.keep_shipped < 0:
+        return _usage(f"--keep-shipped {args.keep_shipped}: give a number of shipped records to keep, 0 or more")
+    if args.watch is not None and args.log.resolve().is_relative_to(args.watch.resolve()):
+        return _usage(f"--log {args.log} is inside --watch {args.watch}: the agent would take the log's own files "
+                      "for images; put the log outside the watched folder")
     signing.configure(signing.policy_from(None, args.public_key, args.allow_unsigned))
-    local_log = LocalLog(args.log, args.device_id, args.max_buffer)
+    local_log = LocalLog(args.log, args.device_id, args.max_buffer, args.keep_shipped)
     try:
         shipper = None
         if args.server is not None:

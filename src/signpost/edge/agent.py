@@ -4,24 +4,32 @@ the local log (``signpost.edge.locallog``) and ships the log to the central serv
 Images come from a watched folder, from a loopback HTTP endpoint, or both:
 
 - the folder is polled; a file is taken once its size and modification time held still across two polls (a camera
-  that writes in place is not read half-written; one that writes a temporary name and renames is taken at once on
-  the next poll), hidden files and ``*.tmp``/``*.part`` are left alone. A classified file is logged, then moved to
-  ``done/``; the log names it (name, size, mtime), so a file the agent was killed on before moving it is moved, not
-  classified again. A file that does not decode goes to ``rejected/`` with the reason beside it and in the log;
+  that writes in place is not read half-written; one that writes a temporary name and renames is taken at the second
+  poll after the rename), hidden files and ``*.tmp``/``*.part`` are left alone. A classified file is logged, then
+  moved to ``done/``; the log names it (name, size, mtime) until it is moved, so a file the agent was killed on
+  before moving it is moved, not classified again. A file that does not decode, is over ``MAX_BODY`` bytes or is no
+  regular file (a symlink, a FIFO) goes to ``rejected/`` with the reason beside it and in the log; a file that fails
+  otherwise (taken away, a full disk) is logged and left alone until the next start;
 - ``POST /v1/predict`` with the image as the body answers the class, its name, the confidence and the model
-  version (400 naming the problem for a bad image, 413 over the size limit); ``GET /status`` says what the log
-  holds, the records dropped past the buffer bound and the shipper's last error.
+  version (400 naming the problem for a bad image, 413 over the size limit; 403 for a request from a web page,
+  with an ``Origin``, or for another host name than 127.0.0.1/localhost); ``GET /status`` says what the log holds,
+  the records dropped past the buffer bound and the shipper's last error.
 
 Images are decoded exactly as the server decodes an upload (``signpost.data.images``: the header checked first,
 turned upright, framed to the model's side) and the record carries the server's image statistics and output summary.
 The bundle is re-resolved between polls: when ``--bundle`` (the ``current`` symlink) points somewhere new, that
 bundle is opened (verified) and used from then on, each record naming the model version that made it; one that
-fails to open is logged and the old one keeps running. SIGTERM (or Ctrl-C) finishes the current image, ships what
-can be shipped within a few seconds and returns.
+fails to open is logged and the old one keeps running. An agent started while ``signpost edge update`` is
+self-testing a bundle (or after it was killed doing so: the ``.update-pending`` file is still there) runs the bundle
+that was current before. It does not fall back to ``previous`` on its own: a ``current`` that fails to open at
+start is an error. SIGTERM (or Ctrl-C) finishes the current image and returns within about 20 s more: a shipping
+request in flight may take its 10 s timeout, then shipping gets ``SHUTDOWN_FLUSH_S`` (5 s), and a request started
+just before that ends may take 5 s more.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -32,6 +40,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from stat import S_ISREG
 from typing import Any
 
 import numpy as np
@@ -54,6 +63,9 @@ MAX_BODY = 20 * 1024 * 1024  # bytes one POST may carry
 TOP_K = 5  # classes a record lists, as the server's default serve.top_k
 SKIPPED_SUFFIXES = (".tmp", ".part", ".partial", ".crdownload")  # still being written, by convention
 SHUTDOWN_FLUSH_S = 5.0  # what SIGTERM leaves for shipping before the agent exits, s
+PENDING_WARN_S = 60.0  # how often a pending update is warned about while it lasts, s (not every poll)
+MAX_REQUESTS = 4  # POSTs handled at once (each may hold MAX_BODY bytes); more get a 503
+REQUEST_TIMEOUT_S = 30.0  # a client that sends nothing for this long is dropped, s
 
 
 class BadImage(ValueError):
@@ -79,20 +91,47 @@ class Model:
     def __init__(self, spec: Path, threads: int | None = None) -> None:
         self.spec = Path(spec)
         self.threads = threads
-        self._target = self.spec.resolve()
+        self._target = self._pending_old() or self.spec.resolve()
         self.bundle = open_bundle(self._target)
         self._predictor = self.bundle.predictor(threads)
         self._lock = threading.Lock()  # one forward pass at a time: the HTTP threads and the folder share the
         # predictor, and ExecuTorch's thread pool is one per process
         self._ids = f"{secrets.token_hex(6)}-"
         self._count = 0
+        self._pending_warned = 0.0  # time.monotonic() of the last warning about a pending update
+
+    def _pending_old(self) -> Path | None:
+        """The bundle that was current before an update whose self-test has not finished (its pending file beside
+        ``--bundle``), when there is one: the new bundle is untested, and the update rolls it back if it fails."""
+        pending = self.spec.parent / PENDING
+        if not pending.exists():
+            return None
+        try:
+            old = json.loads(pending.read_text(encoding="utf-8"))["old"]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            log.warning("%s is unreadable (%s): running %s as it points", pending, exc, self.spec)
+            return None
+        if not isinstance(old, str) or not (self.spec.parent / old).is_dir():  # a relative path: from the home
+            log.warning("%s names no bundle that was current before (%r): running %s, untested", pending, old,
+                        self.spec)
+            return None
+        log.warning("an update has not finished its self-test (%s): running the bundle current before it, %s",
+                    pending, old)
+        return (self.spec.parent / old).resolve()
 
     def refresh(self) -> None:
         """Switch to the bundle ``--bundle`` points at now, if it changed; keep the old one if it fails to open.
         While ``signpost edge update`` is self-testing the new bundle (its pending file beside the link), wait: a
         bundle that fails its self-test is switched back and never answers here."""
+        if (self.spec.parent / PENDING).exists():
+            if time.monotonic() - self._pending_warned >= PENDING_WARN_S:  # a killed update leaves it for good
+                log.warning("%s: an update is self-testing a bundle (or was killed doing so; the next `signpost "
+                            "edge update` rolls it back); still running %s", self.spec.parent / PENDING,
+                            self.bundle.model_version)
+                self._pending_warned = time.monotonic()
+            return
         target = self.spec.resolve()
-        if target == self._target or (self.spec.parent / PENDING).exists():
+        if target == self._target:
             return
         self._target = target  # tried once per change of the link, not once per poll
         try:
@@ -113,9 +152,11 @@ class Model:
         try:  # decoded outside the lock: another thread's forward pass runs meanwhile
             decoded = decode_image(open_header(data, max_pixels=MAX_PIXELS, formats=IMAGE_FORMATS,
                                                min_side=full_scale_side(bundle.image_size)))
+            pixels = frame_pixels(decoded, bundle.image_size)  # uint8 [S, S, 3]
         except CorruptImageError as exc:
             raise BadImage(str(exc)) from None
-        pixels = frame_pixels(decoded, bundle.image_size)  # uint8 [S, S, 3]
+        except Exception as exc:  # as the server's decoder: Pillow raises more kinds than it documents
+            raise BadImage(f"not a decodable image ({type(exc).__name__}: {exc})") from None
         with self._lock:
             logits = predictor.from_images(torch.from_numpy(pixels[None].copy())).float()
             self._count += 1
@@ -154,28 +195,56 @@ class Folder:
         self.rejected = self.root / "rejected"
         for folder in (self.root, self.done, self.rejected):
             folder.mkdir(parents=True, exist_ok=True)
-        self._last: dict[str, tuple[int, int]] = {}  # name -> (size, mtime ns) at the previous poll
+        self._last: dict[str, tuple[int, int, int]] = {}  # name -> (size, mtime ns, inode) at the previous poll
 
-    def ready(self) -> list[tuple[Path, str]]:
-        """Files whose size and mtime held since the last poll, oldest first, each with its log key."""
-        now: dict[str, tuple[int, int]] = {}
+    def ready(self) -> list[tuple[Path, str, int]]:
+        """Entries whose size, mtime and inode held since the last poll, oldest first, each with its log key and
+        inode. Symlinks, FIFOs and other non-files are listed too, for ``read`` to refuse; folders are not."""
+        now: dict[str, tuple[int, int, int]] = {}
         with os.scandir(self.root) as entries:
             for entry in entries:
-                if entry.name.startswith(".") or entry.name.endswith(SKIPPED_SUFFIXES) or not entry.is_file(
+                if entry.name.startswith(".") or entry.name.endswith(SKIPPED_SUFFIXES) or entry.is_dir(
                         follow_symlinks=False):
                     continue
-                stat = entry.stat(follow_symlinks=False)
-                now[entry.name] = (stat.st_size, stat.st_mtime_ns)
+                try:
+                    stat = entry.stat(follow_symlinks=False)
+                except FileNotFoundError:
+                    continue  # taken away since the listing
+                now[entry.name] = (stat.st_size, stat.st_mtime_ns, stat.st_ino)
         ready = [name for name, seen in now.items() if self._last.get(name) == seen]
         self._last = now
         ready.sort(key=lambda name: (now[name][1], name))
-        return [(self.root / name, f"{name}:{now[name][0]}:{now[name][1]}") for name in ready]
+        return [(self.root / name, f"{name}:{now[name][0]}:{now[name][1]}", now[name][2]) for name in ready]
+
+    def read(self, path: Path, inode: int) -> bytes:
+        """The bytes of the regular file ``path`` that was listed with ``inode``: never through a symlink, never
+        blocking on a FIFO, never more than ``MAX_BODY`` bytes. ``BadImage`` naming why otherwise;
+        ``FileNotFoundError`` when it was taken away or replaced since the listing."""
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise BadImage("a symbolic link, which is not followed: write the image itself into the folder") \
+                    from None
+            if exc.errno in (errno.ENXIO, errno.EOPNOTSUPP):  # a socket, or a device without a driver
+                raise BadImage("not a regular file (a socket or a device): write the image as a file") from None
+            raise
+        with os.fdopen(fd, "rb") as file:
+            stat = os.fstat(file.fileno())
+            if not S_ISREG(stat.st_mode):
+                raise BadImage("not a regular file (a FIFO, a device or a socket): write the image as a file")
+            if stat.st_ino != inode:
+                raise FileNotFoundError(errno.ENOENT, "replaced since it was listed", str(path))
+            data = file.read(MAX_BODY + 1) if stat.st_size <= MAX_BODY else b""
+        if stat.st_size > MAX_BODY or len(data) > MAX_BODY:
+            raise BadImage(f"over {MAX_BODY:,} bytes: write a smaller image")
+        return data
 
     def move(self, path: Path, to: Path) -> Path:
         """Move ``path`` into ``to``, under a new name if one is taken there."""
         target = to / path.name
         n = 0
-        while target.exists():
+        while os.path.lexists(target):  # a link there counts as taken, wherever it points
             n += 1
             target = to / f"{path.stem}.{n}{path.suffix}"
         os.replace(path, target)
@@ -193,9 +262,11 @@ class Status:
     dropped: int
     model_version: str
     shipping_error: str
+    failed: int = 0  # watched files skipped until the next start (see the agent's log for why)
 
     def line(self) -> str:
-        text = (f"model {self.model_version}: classified {self.classified}, rejected {self.rejected}; log: "
+        failed = f", failed {self.failed} (see the log)" if self.failed else ""
+        text = (f"model {self.model_version}: classified {self.classified}, rejected {self.rejected}{failed}; log: "
                 f"{self.unshipped} to ship, {self.shipped} shipped, {self.dropped} dropped past --max-buffer")
         return text + (f"; shipping: {self.shipping_error}" if self.shipping_error else "")
 
@@ -215,6 +286,8 @@ class Agent:
         self.stop = threading.Event()
         self.classified = 0
         self.rejected = 0
+        self.failed = 0  # files that failed otherwise (taken away, a full disk): left alone until the next start
+        self._skipped: set[str] = set()  # their keys
         self._counts = threading.Lock()
         self.server = None if port is None else _server(self, port)
 
@@ -226,7 +299,7 @@ class Agent:
         log_status = self.log.status()
         error = "" if self.shipper is None else self.shipper.status.last_error
         return Status(self.classified, self.rejected, log_status.unshipped, log_status.shipped, log_status.dropped,
-                      self.model.bundle.model_version, error)
+                      self.model.bundle.model_version, error, self.failed)
 
     def classify(self, data: bytes, source: str | None = None) -> Answer:
         """Classify one image and keep its record (committed before this returns)."""
@@ -271,47 +344,90 @@ class Agent:
                 on_status(self.status())
 
     def poll(self) -> None:
-        """Classify the watched folder's complete new files, one at a time, until there are none or ``stop``."""
+        """Classify the watched folder's complete new files, one at a time, until there are none or ``stop``. A
+        file that fails in a way it cannot be blamed for (taken away, a full disk, a bug) is logged and skipped
+        until the next start; the agent goes on with the others."""
         assert self.folder is not None
-        for path, key in self.folder.ready():
+        for path, key, inode in self.folder.ready():
             if self.stop.is_set():
                 return  # the current image was finished; the rest wait for the next start
-            if self.log.seen(key):  # classified before a kill, not moved yet
-                self.folder.move(path, self.folder.done)
+            if key in self._skipped:
                 continue
             try:
-                self.classify(path.read_bytes(), key)
+                self._take(path, key, inode)
             except FileNotFoundError:
-                continue  # taken away between the listing and the read
-            except (BadImage, OSError) as exc:  # not an image, or unreadable: out of the way, with the reason
+                continue  # taken away (or replaced) since the listing: a replacement is listed anew
+            except Exception:
+                log.exception("%s failed; left in %s until the next start", path.name, self.folder.root)
+                self._skipped.add(key)
+                with self._counts:
+                    self.failed += 1
+
+    def _take(self, path: Path, key: str, inode: int) -> None:
+        """Classify one listed file and move it to ``done/``, or to ``rejected/`` with the reason beside it."""
+        assert self.folder is not None
+        if not self.log.seen(key):  # seen: classified before a kill, not moved yet
+            try:
+                self.classify(self.folder.read(path, inode), key)
+            except (BadImage, PermissionError) as exc:  # not an image, or unreadable: out of the way, with why
                 reason = str(exc) if isinstance(exc, BadImage) else f"cannot read it: {exc.strerror}"
                 moved = self.folder.move(path, self.folder.rejected)
                 moved.with_name(moved.name + ".reason.txt").write_text(f"{reason}\n", encoding="utf-8")
                 log.warning("rejected %s: %s", path.name, reason)
                 with self._counts:
                     self.rejected += 1
-                continue
+                return
+        try:
             self.folder.move(path, self.folder.done)
+        except FileNotFoundError:  # the producer took it away after it was classified: the record stands
+            log.warning("%s was classified but taken away before it could be moved to done/", path.name)
+        self.log.moved(key)  # out of the folder: a new file with the same name, size and time is new
 
 
 def _server(agent: Agent, port: int) -> ThreadingHTTPServer:
-    """The loopback endpoint (see the module doc); port 0 takes a free one (``Agent.port``)."""
+    """The loopback endpoint (see the module doc); port 0 takes a free one (``Agent.port``).
+
+    Loopback is not enough on its own: any web page the device's browser opens can POST to it, and a page whose name
+    is rebound to 127.0.0.1 can read it. So a request that carries an ``Origin`` (browsers send one with such a
+    POST) or names another host than 127.0.0.1/localhost is a 403; local programs send neither."""
+    busy = threading.BoundedSemaphore(MAX_REQUESTS)
 
     class Handler(BaseHTTPRequestHandler):
         server_version = "signpost-edge"
+        timeout = REQUEST_TIMEOUT_S  # the socket's: a client that stalls does not hold a thread for ever
 
         def do_POST(self) -> None:
+            if self._foreign():
+                return
             if self.path.split("?")[0] != "/v1/predict":
                 return self._send(404, {"error": "not_found", "message": "POST an image to /v1/predict"})
             length = self.headers.get("Content-Length")
-            if length is None or not length.isdigit():
+            if length is None:
                 return self._send(411, {"error": "length_required", "message": "send the image with a "
                                         "Content-Length (curl --data-binary @image.png)"})
+            if not (length.isascii() and length.isdigit()):
+                self.close_connection = True  # the body's end is unknown: the connection cannot be reused
+                return self._send(400, {"error": "bad_content_length", "message": f"Content-Length {length!r} is "
+                                        "not a number of bytes: send the image's length in decimal"})
             if int(length) > MAX_BODY:
                 self.close_connection = True
                 return self._send(413, {"error": "payload_too_large", "message": f"the image is over "
                                         f"{MAX_BODY:,} bytes: send a smaller one"})
-            data = self.rfile.read(int(length))
+            if not busy.acquire(blocking=False):
+                self.close_connection = True
+                return self._send(503, {"error": "busy", "message": f"{MAX_REQUESTS} images are being "
+                                        "classified already: send it again in a moment"})
+            try:
+                self._predict(int(length))
+            finally:
+                busy.release()
+
+        def _predict(self, length: int) -> None:
+            try:
+                data = self.rfile.read(length)
+            except OSError:  # timed out or reset mid-body: nobody is left to answer
+                self.close_connection = True
+                return
             try:
                 answer = agent.classify(data)
             except BadImage as exc:
@@ -324,12 +440,25 @@ def _server(agent: Agent, port: int) -> ThreadingHTTPServer:
             self._send(200, answer.json())
 
         def do_GET(self) -> None:
+            if self._foreign():
+                return
             path = self.path.split("?")[0]
             if path == "/status":
                 return self._send(200, agent.status().__dict__)
             if path == "/healthz":
                 return self._send(200, {"status": "ok"})
             self._send(404, {"error": "not_found", "message": "GET /status or /healthz; POST /v1/predict"})
+
+        def _foreign(self) -> bool:
+            """Answer 403 (and say so) to a request from a browser page or for another host name."""
+            host = self.headers.get("Host", "127.0.0.1")  # HTTP/1.0 may send none; a browser always does
+            name = host.rsplit(":", 1)[0] if host.count(":") == 1 else host  # without the port
+            if self.headers.get("Origin") is None and name.lower() in ("127.0.0.1", "localhost"):
+                return False
+            self.close_connection = True
+            self._send(403, {"error": "forbidden", "message": "requests from web pages (an Origin header) or for "
+                             "another host name are refused: call 127.0.0.1 from a local program"})
+            return True
 
         def _send(self, code: int, body: dict[str, Any]) -> None:
             data = json.dumps(body).encode()

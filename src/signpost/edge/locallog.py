@@ -11,6 +11,11 @@ in a formed batch are deleted and counted (the ``dropped`` counter, kept in the 
 the device sees now, so a device cut off for days keeps its newest records rather than its oldest, and it never
 stops answering. Every commit is synced (``synchronous=FULL``): a device loses power more often than a server, and a
 record the agent has logged survives a kill -9 or a power cut.
+
+Shipped rows are kept as a local history up to ``keep_shipped`` rows; past that the oldest are deleted after each
+shipped batch (their number stays in the ``shipped`` counter). An unshipped row is never deleted that way, nor one
+whose watched file is not moved out of the folder yet (its ``source`` is cleared once it is: ``moved``), so the file is
+still never classified twice.
 """
 
 from __future__ import annotations
@@ -53,7 +58,7 @@ class LocalLogError(RuntimeError):
 
 @dataclass(frozen=True)
 class LogStatus:
-    """What the log holds: records still to ship, shipped, and dropped past the buffer bound (ever)."""
+    """What the log holds: records still to ship, and those shipped and dropped past the buffer bound (ever)."""
 
     unshipped: int
     shipped: int
@@ -71,12 +76,16 @@ class Batch:
 class LocalLog:
     """The SQLite prediction log of one device (see the module doc). Safe to share between threads."""
 
-    def __init__(self, path: Path, device_id: str, max_buffer: int) -> None:
+    def __init__(self, path: Path, device_id: str, max_buffer: int, keep_shipped: int = 100_000) -> None:
         if max_buffer < 1:
             raise ValueError(f"max_buffer {max_buffer}: keep at least one unshipped record (--max-buffer >= 1)")
+        if keep_shipped < 0:
+            raise ValueError(f"keep_shipped {keep_shipped}: give a number of shipped rows to keep, 0 or more "
+                             "(--keep-shipped)")
         self.path = Path(path)
         self.device_id = device_id
         self.max_buffer = max_buffer
+        self.keep_shipped = keep_shipped
         self._lock = threading.Lock()
         self._full = False
         try:
@@ -93,6 +102,11 @@ class LocalLog:
                 raise LocalLogError(f"{self.path} is device {owner[0]!r}'s log, not {device_id!r}'s: give each "
                                     "device its own --log file")
             self._unshipped = self._db.execute("SELECT COUNT(*) FROM records WHERE shipped = 0").fetchone()[0]
+            # Counted once here, then kept up to date: status() runs on every shipped batch
+            self._kept = self._db.execute("SELECT COUNT(*) FROM records WHERE shipped = 1").fetchone()[0]
+            # A log from before the counter existed: every shipped record is still in it
+            self._db.execute("INSERT OR IGNORE INTO counters VALUES ('shipped', ?)", (self._kept,))
+            self._shipped = self._db.execute("SELECT value FROM counters WHERE name = 'shipped'").fetchone()[0]
         except sqlite3.Error as exc:
             raise LocalLogError(f"{self.path}: cannot open it as the agent's SQLite log ({exc}); give another "
                                 "--log file") from None
@@ -105,6 +119,12 @@ class LocalLog:
         """Whether a record from ``source`` (a watched file) is already in the log."""
         with self._lock:
             return self._db.execute("SELECT 1 FROM records WHERE source = ?", (source,)).fetchone() is not None
+
+    def moved(self, source: str) -> None:
+        """The watched file ``source`` is out of the folder (moved, or taken away): its row no longer guards it,
+        so a new file with the same name, size and time is classified, and the row may be deleted once shipped."""
+        with self._lock, self._transaction():
+            self._db.execute("UPDATE records SET source = NULL WHERE source = ?", (source,))
 
     def add(self, record: PredictionRecord, source: str | None = None) -> int:
         """Keep ``record`` (from the watched file ``source``, or None), committed before this returns; the
@@ -152,10 +172,20 @@ class LocalLog:
 
     def mark_shipped(self, batch_id: str) -> int:
         """The server has stored batch ``batch_id`` (or had before): its records are shipped. How many."""
-        with self._lock, self._transaction():
-            count = self._db.execute("UPDATE records SET shipped = 1 WHERE batch_id = ? AND shipped = 0",
-                                     (batch_id,)).rowcount
-            self._unshipped -= count
+        with self._lock:
+            with self._transaction():
+                count = self._db.execute("UPDATE records SET shipped = 1 WHERE batch_id = ? AND shipped = 0",
+                                         (batch_id,)).rowcount
+                self._db.execute("UPDATE counters SET value = value + ? WHERE name = 'shipped'", (count,))
+                over = self._kept + count - self.keep_shipped
+                deleted = 0
+                if over > 0:  # the oldest shipped rows whose files are out of the folder; never an unshipped one
+                    deleted = self._db.execute(
+                        "DELETE FROM records WHERE seq IN (SELECT seq FROM records WHERE shipped = 1 AND source IS "
+                        "NULL ORDER BY seq LIMIT ?)", (over,)).rowcount
+            self._unshipped -= count  # after the commit: a rolled-back transaction changes no count
+            self._shipped += count
+            self._kept += count - deleted
         return count
 
     def release(self, batch_id: str) -> None:
@@ -166,9 +196,8 @@ class LocalLog:
 
     def status(self) -> LogStatus:
         with self._lock:
-            shipped = self._db.execute("SELECT COUNT(*) FROM records WHERE shipped = 1").fetchone()[0]
             dropped = self._db.execute("SELECT value FROM counters WHERE name = 'dropped'").fetchone()
-            return LogStatus(self._unshipped, shipped, 0 if dropped is None else dropped[0])
+            return LogStatus(self._unshipped, self._shipped, 0 if dropped is None else dropped[0])
 
     def _transaction(self) -> _Transaction:
         return _Transaction(self._db)

@@ -3,10 +3,12 @@
 
 A batch's id is fixed when it is formed and stored in the log (``LocalLog.next_batch``): after a timeout, a lost
 answer or a restart the same records go again under the same id, and the server stores them once. Records are
-marked shipped only on a 2xx. A failure waits before the next try: a random time between half of ``backoff_s`` and
-a ceiling that doubles with each failure up to ``cap_s`` (the jitter keeps a fleet that lost its server together
-from coming back in step); a 4xx that a retry cannot fix (a
-bad or revoked key, a wrong device id) is logged as an error and retried only at the cap, so a key fixed in the key
+marked shipped only on a 2xx whose body is the ingest route's answer (``{"stored": N}`` or ``{"duplicate": true}``):
+a proxy's or a captive portal's 200 page is a failure. A redirect is refused, not followed: urllib would resend the
+batch as a GET, with the key, to wherever it points. A failure waits before the next try: a random time between
+half of ``backoff_s`` and a ceiling that doubles with each failure up to ``cap_s`` (the jitter keeps a fleet that
+lost its server together from coming back in step); a 4xx that a retry cannot fix (a bad or revoked key, a wrong
+device id) is logged as an error and retried only at the cap, so a key fixed in the key
 file is picked up without a restart and the device never hammers the server. A batch the server finds too large
 (413: nothing of it was stored) is formed again, in halves, under new ids.
 """
@@ -19,9 +21,11 @@ import random
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from signpost.edge.locallog import Batch, LocalLog
 
@@ -62,8 +66,14 @@ class Shipper:
         self._rng = rng or random.Random()
         # No proxy from the environment: the server is named by the operator, and a proxy variable meant for a
         # browser must not reroute (or leak) a device's key.
-        self._opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        self._opener = urllib.request.build_opener(urllib.request.ProxyHandler({}), _NoRedirects)
         read_key(self.key_file)  # a missing or empty key file fails at start, not at the first batch
+        parts = urllib.parse.urlsplit(self.url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"--server {server}: give the server's base URL, http(s)://host:port")
+        if parts.scheme == "http" and parts.hostname not in ("127.0.0.1", "localhost", "::1"):
+            log.warning("--server %s is plain http: the device's key and its predictions cross the network "
+                        "unencrypted; use https", server)
 
     def ship_once(self, *, force: bool = False) -> float:
         """Form or resume one batch and send it: the seconds to wait before the next call (0: more to send now)."""
@@ -74,12 +84,17 @@ class Shipper:
             status, body = self._post(batch)
         except (OSError, urllib.error.URLError) as exc:  # refused, reset, timed out, DNS: the server may come back
             return self._failed(f"cannot reach {self.url}: {getattr(exc, 'reason', exc)}")
+        if 200 <= status < 300 and not _stored(body):
+            return self._failed(f"{self.url} answered {status} but not as the ingest route does ({body[:200]!r}); "
+                                "check --server")
         if 200 <= status < 300:
             shipped = self.log.mark_shipped(batch.batch_id)
             self.status = ShipperStatus(self.status.batches + 1, 0, "")
             log.info("shipped batch %s: %d records (%s)", batch.batch_id, shipped, body[:200])
             return 0.0
         message = f"{self.url} answered {status}: {body[:300]}"
+        if 300 <= status < 400:
+            message = f"{self.url} answered {status}, a redirect, which is not followed: give the final URL as --server"
         if status == 413 and len(batch.records) > 1:  # over the server's serve.max_ingest_records or _bytes
             self.batch_size = max(1, len(batch.records) // 2)
             self.log.release(batch.batch_id)  # a 413 stores nothing: the records may go again under new ids
@@ -138,6 +153,28 @@ class Shipper:
         wait = self._rng.uniform(self.backoff_s / 2, ceiling)
         log.warning("%s; try %d failed, next in %.1f s", message, self.status.failures, wait)
         return wait
+
+
+class _NoRedirects(urllib.request.HTTPRedirectHandler):
+    """A redirect is an answer (a failure), not followed: urllib would send the batch on to wherever it points as a
+    GET, with the device's key, and a 2xx there would mark records shipped that no server stored."""
+
+    def redirect_request(self, req: urllib.request.Request, fp: Any, code: int, msg: str, headers: Any,
+                         newurl: str) -> None:
+        raise urllib.error.HTTPError(req.full_url, code, f"redirected to {newurl}, which is not followed: give the "
+                                     "server's final URL as --server", headers, fp)
+
+
+def _stored(body: str) -> bool:
+    """Whether ``body`` is the ingest route's 2xx answer: ``{"stored": N}`` or ``{"duplicate": true}``."""
+    try:
+        answer = json.loads(body)
+    except ValueError:
+        return False
+    if not isinstance(answer, dict):
+        return False
+    stored = answer.get("stored")
+    return (isinstance(stored, int) and not isinstance(stored, bool)) or answer.get("duplicate") is True
 
 
 def read_key(path: Path) -> str:
