@@ -5,6 +5,12 @@ server calls it (decoding excluded). Like ``signpost serve``, it runs with glibc
 starts again once with ``GLIBC_TUNABLES`` set): without them every batch's fresh tensors are mmapped and faulted in
 again, which cost the compile path at batch 64 ~0.7 ms of its ~1.8 ms here.
 
+With ``--bench`` on a run that has peer runtimes, it also serves the fp32 parent on each peer's runtime (ONNX Runtime,
+OpenVINO, ExecuTorch, eager) and says whether the served p50 is no worse than the best peer's. Caveat: every model
+lives in this one process, and OpenVINO's and ExecuTorch's thread pools starve each other and torch's there (a
+served OpenVINO deployable read 26 ms at batch 64 here against 1.1-1.4 ms in a process of its own): trust figures of
+those runtimes only from runs that load one of them.
+
     python benchmarks/served_latency.py                         # the newest bench folder under artifacts/
     python benchmarks/served_latency.py --bench artifacts/bench/demo-... --calls 2000
 """
@@ -23,9 +29,11 @@ import numpy as np
 
 from signpost import GLIBC_TUNABLES
 from signpost.config import SignpostConfig
+from signpost.runtime import available_runtimes
 from signpost.serve.model import ServedModel, load, resolve
 
 BLOCK, SETTLE = 25, 5  # calls per block, and the first ones of each not timed
+PEERS = ("onnxruntime", "openvino", "executorch", "eager")  # the runtimes a user would serve the fp32 parent on
 
 
 def main() -> None:
@@ -45,9 +53,15 @@ def main() -> None:
     deploy = int(candidate["batch"])
     served = resolve(bench, config)
     models = {"served (bench choice)": served}
-    if candidate["runtime"] != "onnxruntime":
+    if candidate["runtime"] != "onnxruntime" and "onnxruntime" in available_runtimes(served.folder):
         models["onnxruntime only"] = resolve(served.folder, config, "onnxruntime")
     models[f"{candidate['runtime']} only"] = resolve(bench, config, candidate["runtime"])
+    # What a user would serve instead: the fp32 parent on each peer's runtime, served the same way (issue 18's
+    # batch-1 goal: Signpost's served p50 no worse than the best peer's)
+    parent = served.folder.parent / "fp32"
+    for runtime in PEERS:
+        if parent != served.folder and runtime in available_runtimes(parent):
+            models[f"peer: fp32 {runtime}"] = resolve(parent, config, runtime)
     loaded: dict[str, ServedModel] = {name: load(source, threads=args.threads, max_batch=deploy)
                                       for name, source in models.items()}
     size = next(iter(loaded.values())).card.image_size
@@ -70,10 +84,18 @@ def main() -> None:
                     if call >= SETTLE:
                         times[name].append(time.perf_counter() - started)
         onnx = np.median(times.get("onnxruntime only", times["served (bench choice)"]))
+        onnx_name = "ONNX Runtime's" if "onnxruntime only" in times else "the served"
         for name, seconds in times.items():
             p50 = float(np.median(seconds))
-            print(f"  batch {batch:>3} {name:<22} {model_runtime(loaded[name], batch):<12} p50 {1000 * p50:8.3f} ms  "
-                  f"{batch / p50:>9,.0f} images/s  {onnx / p50:5.2f}x ONNX Runtime's speed")
+            print(f"  batch {batch:>3} {name:<24} {model_runtime(loaded[name], batch):<12} p50 {1000 * p50:8.3f} ms  "
+                  f"{batch / p50:>9,.0f} images/s  {onnx / p50:5.2f}x {onnx_name} speed")
+        peers = {name: float(np.median(t)) for name, t in times.items() if name.startswith("peer: ")}
+        if peers:
+            best = min(peers, key=peers.get)
+            ours = float(np.median(times["served (bench choice)"]))
+            verdict = "no worse" if ours <= peers[best] else f"{100 * (ours / peers[best] - 1):.0f}% slower"
+            print(f"  batch {batch:>3} served p50 {1000 * ours:.3f} ms against the best peer ({best[6:]}) "
+                  f"{1000 * peers[best]:.3f} ms: {verdict}")
 
 
 def model_runtime(model: ServedModel, batch: int) -> str:
