@@ -131,6 +131,50 @@ def test_unpack_refuses_members_that_reach_outside_or_are_not_plain(tmp_path: Pa
     assert not (tmp_path / "escaped").exists() and not Path("/tmp/escaped-absolute").exists()
 
 
+@pytest.mark.parametrize("declared", [1 << 20, 1 << 70])  # bytes: a real 1 MiB pax header, and a forged size
+def test_unpack_refuses_a_huge_header_extension_before_reading_it(tmp_path: Path, declared: int) -> None:
+    import gzip
+    import io
+    import tarfile
+
+    from signpost.edge.bundle import unpack
+
+    out = tmp_path / "evil.tar.gz"
+    if declared == 1 << 20:  # a pax header holding a 1 MiB path: tarfile would read it whole into memory
+        with tarfile.open(out, "w:gz", format=tarfile.PAX_FORMAT) as tar:
+            info = tarfile.TarInfo("b/" + "a" * (declared - 2))
+            info.size = 1
+            tar.addfile(info, io.BytesIO(b"x"))
+    else:  # a lone extension header declaring 2**70 bytes (base-256 size field), then nothing
+        header = tarfile.TarInfo("././@PaxHeader")
+        header.type, header.size = tarfile.XHDTYPE, declared
+        out.write_bytes(gzip.compress(header.tobuf(tarfile.GNU_FORMAT) + bytes(1024)))
+    dest = tmp_path / "dest"
+    with pytest.raises(BundleError, match=r"evil\.tar\.gz: not a readable tarball \(a header extension declares "
+                                          r"1,\d{3},\d{3}\S* bytes, more than 65,536; not a bundle, refused\)"):
+        unpack(out, dest)
+    assert not dest.exists()
+
+
+def test_unpack_fsyncs_every_file_and_folder_before_the_rename(edge_bundle, tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    from signpost.edge.bundle import unpack
+
+    synced, real_fsync = [], os.fsync
+
+    def fsync(fd: int) -> None:  # the path of each fd synced, as the kernel names it (Linux)
+        synced.append(Path(os.readlink(f"/proc/self/fd/{fd}")).name)
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    folder = unpack(edge_bundle.tarball, tmp_path / "dest")
+    files = {p.name for p in folder.rglob("*") if p.is_file()}
+    assert files <= set(synced) and "samples" in synced and "dest" in synced  # files, a subfolder, the parent
+    assert synced[-1] == "dest"  # the rename last, after everything it makes visible
+
+
 def test_unpack_bounds_the_size(edge_bundle, tmp_path: Path) -> None:
     from signpost.edge.bundle import unpack
 

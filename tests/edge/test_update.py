@@ -25,10 +25,11 @@ from signpost.edge.update import UpdateError, update
 
 
 def _variant(edge_bundle, edge_keys, tmp_path: Path, suffix: str, *, version: str | None = None,
-             wrong_samples: bool = False, signer: Path | None = None) -> Path:
-    """The session's bundle as another bundle (``<name>-<suffix>``), edited and validly signed again by ``signer``
-    (default: the trusted key); returns its tarball."""
-    folder = Path(shutil.copytree(edge_bundle.path, tmp_path / "made" / f"{edge_bundle.path.name}-{suffix}"))
+             wrong_samples: bool = False, signer: Path | None = None, same_name: bool = False) -> Path:
+    """The session's bundle as another bundle (``<name>-<suffix>``, or ``<name>`` when ``same_name``: repackaged),
+    edited and validly signed again by ``signer`` (default: the trusted key); returns its tarball."""
+    name = edge_bundle.path.name if same_name else f"{edge_bundle.path.name}-{suffix}"
+    folder = Path(shutil.copytree(edge_bundle.path, tmp_path / "made" / name))
     info = json.loads((folder / BUNDLE_JSON).read_text())
     info["model_version"] = version or f"{info['model_version']}-{suffix}"
     (folder / BUNDLE_JSON).write_text(json.dumps(info))
@@ -253,3 +254,126 @@ def test_an_update_killed_at_any_moment_leaves_current_on_a_verified_bundle(home
     assert result.outcome in ("installed", "already current")
     assert os.readlink(home / "current") == new
     assert not [p for p in home.iterdir() if p.name.startswith(".")]
+
+
+@pytest.mark.parametrize("how", ["relative", "through a symlink"])
+def test_a_home_given_relative_or_through_a_symlink_keeps_the_live_bundle(home: Path, edge_bundle, edge_keys,
+                                                                          tmp_path: Path, how: str,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    # The same folder name repackaged (another version): the installed one must not be deleted to make room.
+    tarball = _variant(edge_bundle, edge_keys, tmp_path, "repack", same_name=True)
+    old_version = open_bundle(home / "current").model_version
+    if how == "relative":
+        monkeypatch.chdir(home.parent)
+        given = Path(home.name)
+    else:
+        given = tmp_path / "home-link"
+        given.symlink_to(home)
+    result = update(given, str(tarball))
+    assert result.outcome == "installed" and result.model_version.endswith("-repack")
+    assert open_bundle(home / "current").model_version.endswith("-repack")
+    assert open_bundle(home / "previous").model_version == old_version  # still there, whole and verified
+    assert not (home / "current").samefile(home / "previous")
+
+
+def test_a_second_update_while_one_runs_is_refused_and_changes_nothing(home: Path, edge_bundle, edge_keys,
+                                                                       tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    import signpost.edge.update as edge_update
+
+    first, second = (_variant(edge_bundle, edge_keys, tmp_path, name) for name in ("first", "second"))
+    real, seen = edge_update._self_test_process, []
+
+    def self_test_during_which_another_update_starts(link: Path, timeout: float) -> str | None:
+        before = _snapshot(home)
+        with pytest.raises(UpdateError, match="another update is running; wait for it to finish"):
+            update(home, str(second))
+        seen.append(_snapshot(home) == before)  # not even the first one's incoming files touched
+        return real(link, timeout)
+
+    monkeypatch.setattr(edge_update, "_self_test_process", self_test_during_which_another_update_starts)
+    assert update(home, str(first)).model_version.endswith("-first")
+    assert seen == [True]
+    assert os.readlink(home / "current") == f"bundles/{edge_bundle.path.name}-first"
+    monkeypatch.setattr(edge_update, "_self_test_process", real)
+    assert update(home, str(second)).outcome == "installed"  # the lock was released
+
+
+def test_an_update_syncs_what_it_writes_before_it_counts(home: Path, edge_bundle, edge_keys, tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    tarball = _variant(edge_bundle, edge_keys, tmp_path, "v2")
+    synced, real_fsync = [], os.fsync
+
+    def fsync(fd: int) -> None:  # the path of each fd synced, as the kernel names it (Linux)
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    update(home, str(tarball))
+    names = [Path(p).name for p in synced]
+    assert {"model.pte", "manifest.json", "samples"} <= set(names)  # the unpacked files and folders
+    assert str(home / "bundles") in synced  # the move into bundles/
+    assert any(name.startswith(".tmp-.update-pending") for name in names)  # the pending file's content
+    assert synced.count(str(home)) >= 4  # pending written, previous and current switched, pending removed
+
+
+def test_a_key_of_more_than_one_line_is_refused_without_showing_it(home: Path, edge_bundle, edge_keys,
+                                                                   tmp_path: Path, bundle_server: tuple[str, Path],
+                                                                   capsys: pytest.CaptureFixture) -> None:
+    from signpost.cli import main
+
+    url, _ = bundle_server
+    tarball = _variant(edge_bundle, edge_keys, tmp_path, "v2")
+    key_file = tmp_path / "device.key"
+    key_file.write_text("sekrit\nsekrit-two\n")
+    before = _snapshot(home)
+    assert main(["edge", "update", "--home", str(home), "--source", f"{url}/{tarball.name}", "--key-file",
+                 str(key_file), "--public-key", str(edge_keys.public)]) == 2
+    err = capsys.readouterr().err
+    assert "expected the key on one line" in err and "sekrit" not in err
+    for key in ("sekrit\r\nX-Evil: 1", "sekrit\x00"):  # the library refuses too, naming the fix, not the key
+        with pytest.raises(UpdateError, match="not one line of printable ASCII; check --key-file") as caught:
+            update(home, f"{url}/{tarball.name}", key=key)
+        assert "sekrit" not in str(caught.value)
+    assert _snapshot(home) == before
+
+
+def test_the_download_ignores_proxy_settings(home: Path, edge_bundle, edge_keys, tmp_path: Path,
+                                             bundle_server: tuple[str, Path],
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    url, _ = bundle_server
+    tarball = _variant(edge_bundle, edge_keys, tmp_path, "v2")
+    for name in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY"):
+        monkeypatch.setenv(name, "http://127.0.0.1:9")  # nothing listens there: a proxy used is a failure
+    for name in ("no_proxy", "NO_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    assert update(home, f"{url}/{tarball.name}", key="sekrit").outcome == "installed"
+
+
+def test_a_download_that_trickles_past_its_deadline_is_cut_off(tmp_path: Path) -> None:
+    import time
+
+    from signpost.edge.update import _copy_bounded
+
+    calls = []
+
+    def trickle(size: int) -> bytes:  # a byte per read, for ever (bounded here so that a failure ends)
+        calls.append(size)
+        return b"x" if len(calls) < 100_000 else b""
+
+    with pytest.raises(UpdateError, match=r"http://h/b\.tar\.gz: not downloaded within \d+ s \(1 bytes so far\)"):
+        _copy_bounded(trickle, tmp_path / "out", "http://h/b.tar.gz", 1 << 20, time.monotonic() - 1.0)
+    assert len(calls) == 1
+
+
+def test_the_self_test_does_not_import_from_the_working_directory(home: Path, edge_bundle, edge_keys,
+                                                                  tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    tarball = _variant(edge_bundle, edge_keys, tmp_path, "v2")
+    cwd = tmp_path / "cwd"
+    (cwd / "signpost").mkdir(parents=True)
+    marker = tmp_path / "shadow-imported"
+    (cwd / "signpost" / "__init__.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
+    monkeypatch.chdir(cwd)
+    assert update(home, str(tarball)).outcome == "installed"
+    assert not marker.exists()

@@ -140,6 +140,8 @@ def _update_command(args: argparse.Namespace) -> int:
             key = args.key_file.read_text(encoding="utf-8").strip()
         except OSError as exc:
             return _usage(f"--key-file {args.key_file}: cannot read it ({exc.strerror or exc})")
+        if not key or "\n" in key:  # shipper.read_key's check; the key itself is never printed
+            return _usage(f"--key-file {args.key_file}: expected the key on one line")
     result = update(args.home, args.source, key=key)
     if result.outcome == "already current":
         print(f"signpost edge: {result.model_version} ({result.bundle.name}) is already current; nothing to do")

@@ -48,6 +48,7 @@ CARD = "model_card.json"  # models.artifact.CARD
 TARBALL_SUFFIX = ".tar.gz"
 MAX_BUNDLE_BYTES = 512 << 20  # 512 MiB unpacked: a bundle is a small CNN and a few images (~1 MiB for the demo)
 MAX_MEMBERS = 256  # files and folders in a tarball
+MAX_HEADER_BYTES = 64 << 10  # 64 KiB: a pax or GNU long-name header of a bundle holds a path or two
 _MAX_JSON_BYTES = 1 << 20  # bundle.json and samples.json are a few hundred bytes
 
 
@@ -223,10 +224,27 @@ def unpack(tarball: Path, dest: Path, *, max_bytes: int = MAX_BUNDLE_BYTES) -> P
     a temporary name and renamed when whole. An existing ``dest/<top>`` is refused (never overwritten).
     """
     try:
-        with tarfile.open(tarball, "r:*") as tar:
+        with tarfile.open(tarball, "r:*", tarinfo=_BoundedTarInfo) as tar:
             return _extract(tar, Path(tarball), Path(dest), max_bytes)
-    except (OSError, tarfile.TarError, EOFError) as exc:
-        raise BundleError(f"{tarball}: not a readable tarball ({exc})") from None
+    except (OSError, tarfile.TarError, EOFError, MemoryError, OverflowError) as exc:
+        # MemoryError, OverflowError: tarfile reads a header's declared size in one go; _BoundedTarInfo refuses a
+        # large one first, these are the last line for what it may miss
+        raise BundleError(f"{tarball}: not a readable tarball ({exc or type(exc).__name__})") from None
+
+
+class _BoundedTarInfo(tarfile.TarInfo):
+    """A member header whose pax or GNU long-name extension declares more than ``MAX_HEADER_BYTES`` is refused
+    before it is read: tarfile reads such an extension whole into memory, so a forged size of a few GiB (or 2**70)
+    would exhaust memory, before any signature could be checked."""
+
+    def _proc_member(self, tarfile_: tarfile.TarFile) -> tarfile.TarInfo:
+        extension = (tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK, tarfile.XHDTYPE, tarfile.XGLTYPE,
+                     tarfile.SOLARIS_XHDTYPE)
+        if self.type in extension and self.size > MAX_HEADER_BYTES:
+            # a TarError that is not a ReadError: tarfile.open does not swallow it while it tries the compressions
+            raise tarfile.TarError(f"a header extension declares {self.size:,} bytes, more than "
+                                   f"{MAX_HEADER_BYTES:,}; not a bundle, refused")
+        return super()._proc_member(tarfile_)
 
 
 def _extract(tar: tarfile.TarFile, tarball: Path, dest: Path, max_bytes: int) -> Path:
@@ -257,13 +275,28 @@ def _extract(tar: tarfile.TarFile, tarball: Path, dest: Path, max_bytes: int) ->
                     if written > max_bytes:
                         raise BundleError(f"{tarball}: more than {max_bytes:,} bytes unpacked; refused")
                     sink.write(chunk)
+                sink.flush()
+                os.fsync(sink.fileno())  # on disk before the rename below makes the folder look whole
+        for folder in sorted({p.parent for p in tmp.rglob("*")} | {tmp}, reverse=True):
+            fsync_dir(folder)  # the folders' entries too: a power cut must not leave a renamed folder half empty
         os.rename(tmp, final)
+        fsync_dir(dest)
     except (OSError, tarfile.TarError, EOFError) as exc:
         raise BundleError(f"{tarball}: cannot unpack ({exc})") from None
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return final
+
+
+def fsync_dir(path: Path) -> None:
+    """Flush ``path``'s entries (files created, renamed or removed in it) to disk: a rename is durable only once
+    its folder is synced."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _checked_members(tar: tarfile.TarFile, tarball: Path, max_bytes: int) -> tuple[list[tarfile.TarInfo], str]:
@@ -287,8 +320,8 @@ def _checked_members(tar: tarfile.TarFile, tarball: Path, max_bytes: int) -> tup
                 raise BundleError(f"{tarball}: more than {max_bytes:,} bytes unpacked; refused")
             tops.add(name.parts[0])
             members.append(member)
-    except (tarfile.TarError, EOFError, OSError, io.UnsupportedOperation) as exc:
-        raise BundleError(f"{tarball}: not a readable tarball ({exc})") from None
+    except (tarfile.TarError, EOFError, OSError, io.UnsupportedOperation, MemoryError, OverflowError) as exc:
+        raise BundleError(f"{tarball}: not a readable tarball ({exc or type(exc).__name__})") from None
     if len(tops) != 1:
         raise BundleError(f"{tarball}: expected one top folder (the bundle), found {len(tops)}")
     return members, tops.pop()

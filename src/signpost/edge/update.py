@@ -1,7 +1,8 @@
 """``signpost edge update``: fetch a bundle, verify it, swap it in atomically, self-test it, roll back on failure.
 
 A device's home folder holds ``bundles/<name>/`` (unpacked, verified bundles), ``current`` (a relative symlink to
-the one the agent runs) and ``previous`` (the one before). An update:
+the one the agent runs) and ``previous`` (the one before). An update holds an exclusive lock on H (a second one is
+refused) and:
 
 1. downloads the tarball (a path, or an http(s) URL with an optional bearer key) into ``H/.incoming-*/``, bounded
    in size;
@@ -21,12 +22,15 @@ BUNDLE``.
 
 from __future__ import annotations
 
+import fcntl
+import http.client
 import json
 import logging
 import os
 import shutil
 import subprocess
 import sys
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -37,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from signpost import signing
-from signpost.edge.bundle import BundleError, open_bundle, self_test, unpack
+from signpost.edge.bundle import BundleError, fsync_dir, open_bundle, self_test, unpack
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +49,7 @@ BUNDLES, CURRENT, PREVIOUS, REJECTED = "bundles", "current", "previous", "reject
 PENDING = ".update-pending"  # JSON: the bundles current and previous pointed at before a switch, and the new one
 MAX_DOWNLOAD_BYTES = 256 << 20  # 256 MiB compressed: the demo's bundle is well under 1 MiB
 DOWNLOAD_TIMEOUT_S = 60.0  # per socket operation
+DOWNLOAD_DEADLINE_S = 1800.0  # the whole download: 256 MiB at 150 KiB/s; a server that trickles is cut off
 SELF_TEST_TIMEOUT_S = 300.0  # loading an ExecuTorch program and classifying a few images takes seconds
 SELF_TEST_FLAG = "--self-test"
 
@@ -69,13 +74,37 @@ def update(home: Path, source: str, *, key: str | None = None, max_bytes: int = 
     """Install the bundle at ``source`` (a tarball path or an http(s) URL) as ``home/current`` (see the module doc).
 
     The signature policy is this process's (``signing.current()``); the self-test's process is given the same.
-    Raises ``UpdateError`` (refused, or rolled back) with ``current`` unchanged.
+    Raises ``UpdateError`` (refused, or rolled back) with ``current`` unchanged. One update at a time per home: a
+    second one while another runs is refused and changes nothing.
     """
-    home = Path(home)
+    # Resolved once: the links' targets are compared with paths made from home, and a relative home or one
+    # reached through a symlink would make the live bundle look like a leftover to delete.
+    home = Path(home).resolve()
     for link in (CURRENT, PREVIOUS):
         if (home / link).exists() and not (home / link).is_symlink():
             raise UpdateError(f"{home / link} is not a symlink; move it away (updates keep {link} a link to a bundle)")
     (home / BUNDLES).mkdir(parents=True, exist_ok=True)
+    lock = _lock(home)
+    try:
+        return _update_locked(home, source, key=key, max_bytes=max_bytes, self_test_timeout=self_test_timeout)
+    finally:
+        os.close(lock)  # releases the lock
+
+
+def _lock(home: Path) -> int:
+    """An exclusive lock on the home folder itself, held for the whole update (released when its fd is closed,
+    also when the process dies). The folder, not a lock file: nothing is left behind in home."""
+    fd = os.open(home, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise UpdateError(f"{home}: another update is running; wait for it to finish, then try again") from None
+    return fd
+
+
+def _update_locked(home: Path, source: str, *, key: str | None, max_bytes: int,
+                   self_test_timeout: float) -> UpdateResult:
     _clean_leftovers(home)
     incoming = home / f".incoming-{uuid.uuid4().hex[:8]}"
     incoming.mkdir()
@@ -90,11 +119,12 @@ def update(home: Path, source: str, *, key: str | None = None, max_bytes: int = 
             log.info("%s is already the current bundle", old)
             return UpdateResult("already current", old, bundle.model_version, _target(home, PREVIOUS))
         final = home / BUNDLES / bundle.root.name
-        if final.exists() and final in (old, _target(home, PREVIOUS)):  # the same name repackaged: never touch
-            final = final.with_name(f"{final.name}-{uuid.uuid4().hex[:6]}")  # what a link points at
+        if _linked(final, old, _target(home, PREVIOUS)):  # the same name repackaged: never touch what a link
+            final = final.with_name(f"{final.name}-{uuid.uuid4().hex[:6]}")  # points at
         elif final.exists():  # a copy left by an update killed before its swap: the verified one replaces it
             shutil.rmtree(final)
         os.rename(bundle.root, final)
+        fsync_dir(final.parent)
     finally:
         shutil.rmtree(incoming, ignore_errors=True)
     old_previous = _target(home, PREVIOUS)
@@ -109,12 +139,25 @@ def update(home: Path, source: str, *, key: str | None = None, max_bytes: int = 
     failure = _self_test_process(home / CURRENT, self_test_timeout)
     if failure is None:
         (home / PENDING).unlink()
+        fsync_dir(home)  # a pending file back after a power cut would roll back an update that passed
         _prune(home, keep={final.name, old.name if old is not None else ""})
         return UpdateResult("installed", final, bundle.model_version, old)
     _roll_back(home, old, old_previous, final)
     (home / PENDING).unlink()
+    fsync_dir(home)
     now = f"current is {old.name} again" if old is not None else "no bundle is current"
     raise UpdateError(f"{final.name} failed its self-test and was rolled back ({now}): {failure}")
+
+
+def _linked(path: Path, *targets: Path | None) -> bool:
+    """Whether ``path`` is (the same folder as) one of the links' targets: never removed or replaced."""
+    for target in targets:
+        try:
+            if target is not None and path.exists() and path.samefile(target):
+                return True
+        except OSError:
+            continue
+    return False
 
 
 def _same(a: Path, b: Path) -> bool:
@@ -138,18 +181,23 @@ def _fetch(source: str, dest: Path, *, key: str | None, max_bytes: int) -> Path:
     """Copy or download ``source`` to ``dest``, refusing more than ``max_bytes``."""
     scheme = urllib.parse.urlsplit(source).scheme.lower()
     if scheme in ("http", "https"):
+        if key is not None and not (key.isascii() and key.isprintable()):
+            # checked here: http.client would refuse the header with the key itself in its message
+            raise UpdateError("the key is not one line of printable ASCII; check --key-file (one line, the key only)")
         request = urllib.request.Request(source, headers={"Authorization": f"Bearer {key}"} if key else {})
         try:
-            opener = urllib.request.build_opener(_NoRedirects)
+            # ProxyHandler({}): no http_proxy from the environment, which would see the key and the bundle
+            opener = urllib.request.build_opener(urllib.request.ProxyHandler({}), _NoRedirects)
             with opener.open(request, timeout=DOWNLOAD_TIMEOUT_S) as response:  # http(s) only, checked above
                 declared = response.headers.get("Content-Length")
-                if declared and declared.isdigit() and int(declared) > max_bytes:
+                if declared and declared.isascii() and declared.isdigit() and int(declared) > max_bytes:
                     raise UpdateError(f"{source}: more than {max_bytes:,} bytes ({int(declared):,}); refused")
-                _copy_bounded(response.read, dest, source, max_bytes)
+                # read1: what has arrived, so that the deadline is checked while a server trickles
+                _copy_bounded(response.read1, dest, source, max_bytes, time.monotonic() + DOWNLOAD_DEADLINE_S)
         except urllib.error.HTTPError as exc:
             hint = "; check --key-file" if exc.code in (401, 403) else ""
             raise UpdateError(f"{source}: HTTP {exc.code} {exc.reason}{hint}") from None
-        except (urllib.error.URLError, OSError) as exc:
+        except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
             raise UpdateError(f"{source}: cannot download ({getattr(exc, 'reason', exc)})") from None
         return dest
     if scheme not in ("", "file") and len(scheme) > 1:  # one letter: a Windows drive
@@ -157,19 +205,24 @@ def _fetch(source: str, dest: Path, *, key: str | None, max_bytes: int) -> Path:
     path = Path(urllib.parse.urlsplit(source).path if scheme == "file" else source)
     try:
         with open(path, "rb") as fh:
-            _copy_bounded(fh.read, dest, source, max_bytes)
+            _copy_bounded(fh.read, dest, source, max_bytes, time.monotonic() + DOWNLOAD_DEADLINE_S)
     except OSError as exc:
         raise UpdateError(f"{source}: cannot read ({exc.strerror or exc})") from None
     return dest
 
 
-def _copy_bounded(read: Callable[[int], bytes], dest: Path, source: str, max_bytes: int) -> None:
+def _copy_bounded(read: Callable[[int], bytes], dest: Path, source: str, max_bytes: int, deadline: float) -> None:
+    """Copy ``read``'s chunks to ``dest``: at most ``max_bytes``, and no later than ``deadline``
+    (``time.monotonic()``, s): a source that trickles a byte at a time is cut off."""
     total = 0
     with open(dest, "wb") as out:
         while chunk := read(1 << 20):
             total += len(chunk)
             if total > max_bytes:
                 raise UpdateError(f"{source}: more than {max_bytes:,} bytes; refused")
+            if time.monotonic() > deadline:
+                raise UpdateError(f"{source}: not downloaded within {DOWNLOAD_DEADLINE_S:.0f} s ({total:,} bytes "
+                                  "so far); refused")
             out.write(chunk)
 
 
@@ -192,6 +245,7 @@ def _point(home: Path, link: str, target: Path) -> None:
     except OSError:
         tmp.unlink(missing_ok=True)
         raise
+    fsync_dir(home)  # the switch survives a power cut
 
 
 def _roll_back(home: Path, old: Path | None, old_previous: Path | None, bad: Path | None) -> None:
@@ -211,12 +265,14 @@ def _roll_back(home: Path, old: Path | None, old_previous: Path | None, bad: Pat
         shutil.rmtree(rejected)
     rejected.parent.mkdir(exist_ok=True)
     os.rename(bad, rejected)  # kept for a person to look at; never pointed at again
+    fsync_dir(rejected.parent)
     log.warning("rolled back: %s moved to %s", bad.name, rejected)
 
 
 def _clean_leftovers(home: Path) -> None:
     """What an update that was killed left: incoming folders and temporary links (never pointed at, removed), and
     a switch whose self-test never finished (rolled back: the old bundle is current again)."""
+    home = home.resolve()  # as in update: the pending file's paths are resolved ones
     for path in home.iterdir():
         if path.name.startswith(".incoming-"):
             shutil.rmtree(path, ignore_errors=True)
@@ -234,6 +290,7 @@ def _clean_leftovers(home: Path) -> None:
     _roll_back(home, old if old and old.is_dir() else None, previous if previous and previous.is_dir() else None,
                new if new.is_dir() else None)
     (home / PENDING).unlink()
+    fsync_dir(home)
 
 
 def _prune(home: Path, keep: set[str]) -> None:
@@ -247,8 +304,12 @@ def _prune(home: Path, keep: set[str]) -> None:
 
 def _write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(f".tmp-{path.name}-{uuid.uuid4().hex[:8]}")
-    tmp.write_text(text, encoding="utf-8")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())  # the content on disk before the name: never an empty file after a power cut
     os.replace(tmp, path)
+    fsync_dir(path.parent)
 
 
 def _self_test_process(link: Path, timeout: float) -> str | None:
@@ -260,11 +321,15 @@ def _self_test_process(link: Path, timeout: float) -> str | None:
         env[signing.PUBLIC_KEYS_ENV] = signing.public_pem(policy.trusted)
     else:
         env.pop(signing.PUBLIC_KEYS_ENV, None)
-    command = [sys.executable, "-m", "signpost.edge.update", SELF_TEST_FLAG, str(link)]
+    # -P (3.11+) and cwd=home: the working directory is not put first on sys.path, so a signpost/ or torch.py
+    # lying there is not what the self-test imports
+    safe_path = ["-P"] if sys.version_info >= (3, 11) else []
+    command = [sys.executable, *safe_path, "-m", "signpost.edge.update", SELF_TEST_FLAG, str(link)]
     if policy.allow_unsigned:
         command.append("--allow-unsigned")
     try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
+        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env,
+                              cwd=link.parent)
     except subprocess.TimeoutExpired:
         return f"the self-test took more than {timeout:.0f} s"
     if done.returncode == 0:
