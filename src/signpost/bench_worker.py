@@ -31,14 +31,6 @@ from signpost.runtime import load_predictor, math_mode
 
 _CHUNK_SECONDS = 0.05  # calls are timed in chunks about this long; each chunk gives one per-call latency sample
 _WINDOW = 10  # stability: the relative spread of the last this-many chunk latencies
-# Each peer's documented best settings as runtime.py's loaders set them, for the loaders that do not report them in
-# ``Predictor.settings`` (OpenVINO's reports its hints and precision itself): written beside every figure.
-_LOADER_SETTINGS: dict[str, dict[str, Any]] = {
-    "onnxruntime": {"provider": "CPUExecutionProvider", "graph_optimization_level": "ORT_ENABLE_ALL",
-                    "inter_op_num_threads": 1, "session.intra_op.allow_spinning": "0",
-                    "session.inter_op.allow_spinning": "0"},
-    "executorch": {"delegate": "XNNPACK"},
-}
 
 
 class _Sampler:
@@ -133,8 +125,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         predictor = load_predictor(Path(args.folder), args.runtime, bf16=args.math == "bf16", threads=args.threads,
                                    warmup=(*args.batches, 256))
         result["load_seconds"] = time.perf_counter() - t0  # includes compiling, for torch.compile
-        result["settings"] = settings | _LOADER_SETTINGS.get(args.runtime, {}) | {"threads": args.threads} | (
-            predictor.settings)
+        # what the loader set the runtime to (Predictor.settings: each peer's documented best) beside every figure
+        result["settings"] = settings | {"threads": args.threads} | predictor.settings
         if args.runtime == "openvino" and args.math == "bf16" and predictor.settings["inference_precision"] != "bf16":
             # OpenVINO fell back to f32 on a CPU without bf16 kernels: timing that as "bf16" would mislabel it
             return result | {"status": "skipped", "reason": "not applicable: OpenVINO has no bf16 kernels for this "

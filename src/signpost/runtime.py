@@ -81,8 +81,8 @@ class Predictor:
     # does) gets it for free by stacking them [B, H, W, C] and permuting, instead of paying a copy on every call
     images: Callable[[torch.Tensor], torch.Tensor] | None = None  # uint8 [B, H, W, 3] -> logits, normalizing inside
     # the compiled graph (compile runtime loaded with images=True)
-    settings: dict[str, Any] = field(default_factory=dict)  # what the runtime was set to (OpenVINO's hints and
-    # precision), for a measurement to write beside its figures
+    settings: dict[str, Any] = field(default_factory=dict)  # what the runtime was set to (ONNX Runtime, OpenVINO and
+    # ExecuTorch report their settings), for a measurement to write beside its figures
     _shift: torch.Tensor = field(init=False, repr=False)  # the card's normalization, made once (not per call)
     _scale: torch.Tensor = field(init=False, repr=False)
 
@@ -144,7 +144,7 @@ def load_predictor(
         torch.set_num_threads(threads)
     if runtime == "executorch":
         forward = executorch_forward(_checked_bytes(folder, PTE, manifest), folder / PTE, threads)
-        return Predictor(runtime, form, card, forward)
+        return Predictor(runtime, form, card, forward, settings=dict(EXECUTORCH_SETTINGS))
     if runtime == "openvino":
         xml, weights = (_checked_bytes(folder, name, manifest) for name in (OV_XML, OV_BIN))
         try:
@@ -153,7 +153,7 @@ def load_predictor(
             raise ArtifactError(f"{folder}: {exc}") from exc
         return Predictor(runtime, form, card, forward, settings=settings)
     if runtime == "onnxruntime":
-        return Predictor(runtime, form, card, _onnxruntime(folder / ONNX, threads))
+        return Predictor(runtime, form, card, _onnxruntime(folder / ONNX, threads), settings=dict(ORT_SETTINGS))
     if runtime == "aoti":
         return Predictor(runtime, form, card, _aoti(folder / FORMS[form]))
     if form == "program":
@@ -380,21 +380,28 @@ def _aoti(path: Path) -> Callable[[torch.Tensor], torch.Tensor]:
     return forward
 
 
+# ONNX Runtime's documented best CPU settings, as the session below is made (and reported in Predictor.settings).
+# Spinning threads steal the cores between calls from everything else in the process.
+ORT_SETTINGS: dict[str, Any] = {"provider": "CPUExecutionProvider", "graph_optimization_level": "ORT_ENABLE_ALL",
+                                "inter_op_num_threads": 1, "session.intra_op.allow_spinning": "0",
+                                "session.inter_op.allow_spinning": "0"}
+EXECUTORCH_SETTINGS: dict[str, Any] = {"delegate": "XNNPACK"}  # every program is lowered to it (executorch_export)
+
+
 def _onnxruntime(path: Path, threads: int | None) -> Callable[[torch.Tensor], torch.Tensor]:
     try:
         import onnxruntime as ort
     except ImportError as exc:
         raise RuntimeUnavailable(f"onnxruntime is not installed ({exc}): pip install onnxruntime") from exc
     options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, ORT_SETTINGS["graph_optimization_level"])
     if threads:
         options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    # Spinning threads steal the cores between calls from everything else in the process.
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    options.add_session_config_entry("session.inter_op.allow_spinning", "0")
+    options.inter_op_num_threads = ORT_SETTINGS["inter_op_num_threads"]
+    for key in ("session.intra_op.allow_spinning", "session.inter_op.allow_spinning"):
+        options.add_session_config_entry(key, ORT_SETTINGS[key])
     try:
-        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        session = ort.InferenceSession(str(path), options, providers=[ORT_SETTINGS["provider"]])
     except Exception as exc:
         raise ArtifactError(f"{path}: not a loadable ONNX model: {exc}") from exc
     name = session.get_inputs()[0].name
